@@ -1,0 +1,162 @@
+"""The Python API: convert checkpoints and create either framework's model by name.
+
+    converter.convert(name, src, dst, **options)
+    converter.create_paddle_model(name, params=None)
+    converter.create_torch_model(name, checkpoint=None)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+from .checkpoint import Checkpoint, atomic_write, check_output_path, read_checkpoint, torch_state_dict
+from .engine import ConversionReport, convert_state_dict, target_key
+from .errors import UserError
+from .registry import ModelSpec, get_spec
+
+
+@dataclass
+class ConvertResult:
+    model: str
+    checkpoint: Checkpoint
+    report: ConversionReport
+    state_dict: dict
+    seconds: float
+    output: Optional[Path] = None
+
+    def summary(self) -> str:
+        r = self.report
+        dropped = ", ".join(f"{n} {why.split(';')[0]}" for why, n in r.dropped.items()) or "none"
+        lines = [
+            f"model        {self.model}",
+            f"source       {self.checkpoint.path} ({self.checkpoint.describe()})",
+            f"keys         {r.converted} converted: {r.transposed} transposed (Linear), {r.renamed} renamed; "
+            f"{r.num_dropped} dropped ({dropped})",
+            f"parameters   {r.num_parameters:,}",
+        ]
+        if r.allowed_missing:
+            lines.append(f"left unset   {len(r.allowed_missing)} (allowed): {', '.join(r.allowed_missing[:4])}"
+                         + (" ..." if len(r.allowed_missing) > 4 else ""))
+        if self.output:
+            lines.append(f"written      {self.output}")
+        lines.append(f"time         {self.seconds:.2f} s")
+        return "\n".join(lines)
+
+
+def paddle_target_shapes(spec: ModelSpec, num_classes: int = 1000, img_size: Optional[int] = None) -> dict:
+    """Names and shapes of the Paddle model's state dict, without initialising its weights."""
+    import paddle
+
+    with paddle.LazyGuard():
+        model = spec.create_paddle(num_classes=num_classes, img_size=img_size)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def convert_checkpoint(spec: ModelSpec, ckpt: Checkpoint, *, allow_missing: Iterable[str] = (),
+                       num_classes: int = 1000, img_size: Optional[int] = None) -> tuple:
+    """The in-memory conversion: official state dict -> Paddle state dict (numpy arrays)."""
+    shapes = paddle_target_shapes(spec, num_classes, img_size)
+    return convert_state_dict(ckpt.state_dict, spec.rules, shapes, allow_missing)
+
+
+def save_pdparams(state_dict: dict, dst: Path) -> None:
+    import paddle
+
+    atomic_write(dst, lambda tmp: paddle.save(state_dict, str(tmp), protocol=4))
+
+
+def convert(name: str, src, dst, *, force: bool = False, ema: bool = False, key: Optional[str] = None,
+            unsafe_pickle: bool = False, keep_dtype: bool = False, allow_missing: Iterable[str] = (),
+            num_classes: int = 1000, img_size: Optional[int] = None) -> ConvertResult:
+    """Convert an official PyTorch checkpoint ``src`` into a Paddle ``.pdparams`` at ``dst``."""
+    start = time.perf_counter()
+    spec = get_spec(name)
+    dst = check_output_path(dst, force) if dst is not None else None
+    ckpt = read_checkpoint(src, spec.family.checkpoint_entries, ema=ema, key=key,
+                           unsafe_pickle=unsafe_pickle, keep_dtype=keep_dtype)
+    state_dict, report = convert_checkpoint(spec, ckpt, allow_missing=allow_missing,
+                                            num_classes=num_classes, img_size=img_size)
+    if dst is not None:
+        save_pdparams(state_dict, dst)
+    return ConvertResult(spec.name, ckpt, report, state_dict, time.perf_counter() - start, dst)
+
+
+def load_pdparams(path) -> dict:
+    import paddle
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        params = paddle.load(str(path), return_numpy=True)
+    except Exception as exc:  # paddle raises assorted types for non-pdparams input
+        raise UserError(f"{path}: not a readable .pdparams file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if not isinstance(params, dict):
+        raise UserError(f"{path}: holds a {type(params).__name__}, not a Paddle state dict")
+    params.pop("StructuredToParameterName@@", None)
+    return params
+
+
+def load_into_paddle(model, params: dict, source: str = "params") -> None:
+    """Strict load: every key present, none extra, shapes equal (Paddle itself only warns)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in params]
+    unexpected = [k for k in params if k not in expected]
+    mismatched = [f"{k} {tuple(np.shape(params[k]))} vs {expected[k]}" for k in expected
+                  if k in params and tuple(np.shape(params[k])) != expected[k]]
+    problems = [f"{len(v)} {label} (e.g. {v[0]})" for label, v in
+                (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if v]
+    if problems:
+        raise UserError(f"{source} do not fit the Paddle model: {'; '.join(problems)}")
+    model.set_state_dict(params)
+
+
+def create_paddle_model(name: str, params=None, *, num_classes: int = 1000, img_size: Optional[int] = None):
+    """An eval-mode Paddle model; ``params`` is a .pdparams path or a state dict."""
+    spec = get_spec(name)
+    model = spec.create_paddle(num_classes=num_classes, img_size=img_size)
+    if params is not None:
+        state = load_pdparams(params) if isinstance(params, (str, Path)) else params
+        load_into_paddle(model, state, str(params) if isinstance(params, (str, Path)) else "params")
+    model.eval()
+    return model
+
+
+def reference_state_dict(spec: ModelSpec, ckpt: Checkpoint, model) -> dict:
+    """The checkpoint as the torch reference loads it: only keys the mapping drops *and* the
+    reference does not have (e.g. legacy buffers) are left out; anything else stays, so a
+    strict load is a real test of the checkpoint."""
+    own = set(model.state_dict())
+    return {k: v for k, v in torch_state_dict(ckpt).items()
+            if k in own or target_key(k, spec.rules) is not None}
+
+
+def create_torch_model(name: str, checkpoint=None, *, num_classes: int = 1000, img_size: Optional[int] = None,
+                       ema: bool = False, key: Optional[str] = None, unsafe_pickle: bool = False):
+    """An eval-mode torch reference model; ``checkpoint`` is a file path or a loaded Checkpoint."""
+    spec = get_spec(name)
+    model = spec.create_torch(num_classes=num_classes, img_size=img_size)
+    if checkpoint is not None:
+        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(
+            checkpoint, spec.family.checkpoint_entries, ema=ema, key=key, unsafe_pickle=unsafe_pickle)
+        try:
+            model.load_state_dict(reference_state_dict(spec, ckpt, model), strict=True)
+        except RuntimeError as exc:
+            raise UserError(f"{ckpt.path}: does not fit the torch reference of {spec.name}: "
+                            f"{' '.join(str(exc).split())[:300]}") from None
+    model.eval()
+    return model
+
+
+def count_parameters(spec: ModelSpec) -> int:
+    """Trainable parameter count (buffers excluded, shared modules counted once), without
+    initialising weights."""
+    import paddle
+
+    with paddle.LazyGuard():
+        model = spec.create_paddle()
+    return int(sum(int(np.prod(p.shape)) for p in model.parameters()))

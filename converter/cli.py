@@ -1,0 +1,182 @@
+"""The torch2paddle command line.  Every user-facing failure is one line on stderr and a
+non-zero exit; nothing is written unless the whole job succeeded."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+
+EXIT_FAILED_GATE = 1
+EXIT_USER_ERROR = 2
+
+
+def _write_json(path, data) -> None:
+    from .checkpoint import atomic_write
+
+    def write(tmp):
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+    atomic_write(Path(path), write)
+
+
+checkpoint_options = [
+    click.option("--ema", is_flag=True, help="Use the EMA weights (state_dict_ema / model_ema)."),
+    click.option("--key", "entry_key", metavar="NAME", help="Use the state dict stored under this entry."),
+    click.option("--unsafe-pickle", is_flag=True,
+                 help="Allow arbitrary pickled objects (runs code from the file!). Only for trusted legacy files."),
+]
+
+
+def with_checkpoint_options(fn):
+    for option in reversed(checkpoint_options):
+        fn = option(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="torch2paddle")
+def cli():
+    """Convert official PyTorch checkpoints of vision backbones to PaddlePaddle, and prove parity."""
+
+
+@cli.command("list")
+def list_models():
+    """Every model, with parameter count and official eval preprocessing."""
+    from .registry import MODELS
+    from .api import count_parameters
+
+    rows = [("model", "family", "params", "eval preprocessing", "aliases")]
+    for spec in MODELS.values():
+        rows.append((spec.name, spec.family.name, f"{count_parameters(spec) / 1e6:.2f}M",
+                     spec.preprocessing.describe(), ", ".join(spec.aliases)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite DST if it exists.")
+@with_checkpoint_options
+@click.option("--keep-dtype", is_flag=True, help="Keep float16 tensors as float16 (default: float32).")
+@click.option("--allow-missing", multiple=True, metavar="PATTERN",
+              help="Glob of Paddle keys allowed to stay unfilled (e.g. 'head.*' for another class count).")
+@click.option("--num-classes", type=int, default=1000, show_default=True)
+@click.option("--img-size", type=int, default=None, help="Input size the model is built for (CrossFormer).")
+def convert(model, src, dst, force, ema, entry_key, unsafe_pickle, keep_dtype, allow_missing, num_classes, img_size):
+    """Convert an official PyTorch checkpoint SRC of MODEL into Paddle weights DST (.pdparams)."""
+    from .api import convert as run_convert
+
+    result = run_convert(model, src, dst, force=force, ema=ema, key=entry_key, unsafe_pickle=unsafe_pickle,
+                         keep_dtype=keep_dtype, allow_missing=allow_missing, num_classes=num_classes,
+                         img_size=img_size)
+    click.echo(result.summary())
+
+
+verify_options = [
+    click.option("--images", type=click.Path(file_okay=False, path_type=Path),
+                 help="Directory of images fed through the model's official eval preprocessing "
+                      "(default: a seeded random batch)."),
+    click.option("--batch-size", type=click.IntRange(1), default=2, show_default=True),
+    click.option("--input-size", type=click.IntRange(16), default=None, help="Square input size (default: official)."),
+    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--device", type=click.Choice(["cpu", "gpu", "auto"]), default="cpu", show_default=True),
+    click.option("--max-err", type=float, default=1e-4, show_default=True,
+                 help="Gate: exit 1 when the max abs logit error exceeds this."),
+    click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+                 help="Write the whole report as JSON."),
+]
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--torch-ckpt", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The official PyTorch checkpoint.")
+@click.option("--paddle-params", type=click.Path(dir_okay=False, path_type=Path),
+              help="Converted .pdparams (default: convert the checkpoint in memory).")
+@with_checkpoint_options
+def verify(model, torch_ckpt, paddle_params, ema, entry_key, unsafe_pickle, **kwargs):
+    """Run the torch reference and the Paddle model on the same batch and compare them."""
+    _verify(model, torch_ckpt, paddle_params, ema=ema, key=entry_key, unsafe_pickle=unsafe_pickle, **kwargs)
+
+
+for _option in reversed(verify_options):
+    verify = _option(verify)
+
+
+def _verify(model, torch_ckpt, paddle_params, *, json_path=None, **kwargs):
+    from .verify import run_verify
+
+    report = run_verify(model, torch_ckpt, paddle_params, **kwargs)
+    click.echo(report.format())
+    if json_path:
+        _write_json(json_path, report.to_dict())
+    if not report.passed:
+        click.echo(f"error: {report.model}: max abs logit error {report.max_abs_err:.3e} exceeds "
+                   f"--max-err {report.max_err:g}", err=True)
+        sys.exit(EXIT_FAILED_GATE)
+    return report
+
+
+@cli.command()
+@click.option("--model", default="fcvit_b12", show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where to write the example checkpoint and weights (default: a temporary directory).")
+def demo(model, workdir):
+    """The whole job on a built-in example: an official-format checkpoint with seeded RANDOM
+    weights -> convert -> verify."""
+    from .api import convert as run_convert
+    from .fixtures import make_official_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        src, dst = work / f"{model}.pth", work / f"{model}.pdparams"
+        click.echo(f"1/3 building an official-format {model} checkpoint with seeded RANDOM weights "
+                   f"(not trained weights: no download happens) -> {src}")
+        make_official_checkpoint(model, src)
+        click.echo(f"2/3 torch2paddle convert {model} {src} {dst} --force")
+        click.echo(run_convert(model, src, dst, force=True).summary())
+        click.echo(f"3/3 torch2paddle verify {model} --torch-ckpt {src} --paddle-params {dst} --max-err 1e-4")
+        _verify(model, src, dst, max_err=1e-4)
+
+
+def main(argv=None):
+    """Entry point: turns every user-facing error into one line and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="torch2paddle", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_USER_ERROR)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        for line in getattr(exc, "details", [])[:20]:
+            click.echo(f"  {line}", err=True)
+        if len(getattr(exc, "details", [])) > 20:
+            click.echo(f"  ... {len(exc.details) - 20} more", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # an internal bug: still one line, with a way to see more
+        if os.environ.get("TORCH2PADDLE_DEBUG"):
+            raise
+        click.echo(f"error: internal: {type(exc).__name__}: {exc} (set TORCH2PADDLE_DEBUG=1 for a traceback)",
+                   err=True)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The one mapping engine: applies a family's declarative rules to a state dict and proves
+coverage (every source key converted or deliberately dropped, every target key filled
+exactly once, shapes equal).  Works on numpy arrays; imports neither torch nor paddle."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Optional
+
+import numpy as np
+
+from mappings.rules import Drop, Rename, Transpose
+
+from .errors import UserError
+
+
+class MappingError(UserError):
+    """The checkpoint does not fit the model: a one-line summary plus the full lists."""
+
+    def __init__(self, summary: str, details: list):
+        super().__init__(summary)
+        self.details = details
+
+
+@dataclass
+class ConversionReport:
+    converted: int = 0
+    transposed: int = 0
+    renamed: int = 0
+    dropped: dict = field(default_factory=dict)  # reason -> count
+    allowed_missing: list = field(default_factory=list)
+    num_parameters: int = 0
+
+    @property
+    def num_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+
+def _split(rules: Iterable) -> tuple:
+    rules = tuple(rules)
+    return ([r for r in rules if isinstance(r, Drop)],
+            [r for r in rules if isinstance(r, Rename)],
+            [r for r in rules if isinstance(r, Transpose)])
+
+
+def target_key(key: str, rules: Iterable) -> Optional[str]:
+    """Where a source key goes, or None if a rule drops it (no tensor needed)."""
+    drops, renames, _ = _split(rules)
+    if any(d.matches(key) for d in drops):
+        return None
+    for rename in renames:
+        new = rename.forward(key)
+        if new is not None:
+            return new
+    return key
+
+
+def convert_state_dict(
+    source: Mapping[str, np.ndarray],
+    rules: Iterable,
+    target_shapes: Mapping[str, tuple],
+    allow_missing: Iterable[str] = (),
+) -> tuple:
+    """Apply ``rules`` to ``source``; check the result against ``target_shapes`` exactly.
+
+    ``allow_missing`` holds glob patterns of target keys that may stay unfilled, and whose
+    source tensors may then be left over or differ in shape (e.g. ``head.*`` for a head with
+    another class count).  Returns ``(state_dict, report)``; raises MappingError otherwise.
+    """
+    drops, renames, transposes = _split(rules)
+    allow = tuple(allow_missing)
+    allowed = lambda key: any(fnmatch.fnmatchcase(key, p) for p in allow)  # noqa: E731
+    report = ConversionReport()
+    out: dict = {}
+    filled_by: dict = {}
+    unexpected, mismatched, duplicated, failed_checks, bad_transpose = [], [], [], [], []
+
+    for key, value in source.items():
+        drop = next((d for d in drops if d.matches(key)), None)
+        if drop is not None:
+            problem = drop.check(key, np.asarray(value)) if drop.check else None
+            if problem:
+                failed_checks.append(f"{key}: {problem}")
+            report.dropped[drop.reason] = report.dropped.get(drop.reason, 0) + 1
+            continue
+        new_key = key
+        for rename in renames:
+            renamed = rename.forward(key)
+            if renamed is not None:
+                new_key = renamed
+                report.renamed += 1
+                break
+        if any(t.matches(key) for t in transposes):
+            if np.ndim(value) != 2:
+                bad_transpose.append(f"{key} {tuple(np.shape(value))}")
+                continue
+            value = np.ascontiguousarray(np.asarray(value).T)
+            report.transposed += 1
+        if new_key not in target_shapes:
+            if not allowed(new_key):
+                unexpected.append(key)
+            continue
+        if new_key in filled_by:
+            duplicated.append(f"{new_key} <- {filled_by[new_key]}, {key}")
+            continue
+        expected = tuple(target_shapes[new_key])
+        if tuple(np.shape(value)) != expected:
+            if not allowed(new_key):
+                mismatched.append(f"{key} {tuple(np.shape(value))} -> {new_key} expects {expected}")
+            continue
+        filled_by[new_key] = key
+        out[new_key] = value
+        report.converted += 1
+        report.num_parameters += int(np.size(value))
+
+    missing = [k for k in target_shapes if k not in out]
+    report.allowed_missing = [k for k in missing if allowed(k)]
+    missing = [k for k in missing if not allowed(k)]
+
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected),
+                         ("shape mismatch", mismatched), ("filled twice", duplicated),
+                         ("dropped-key check failed", failed_checks),
+                         ("transpose rule on a non-2-D tensor", bad_transpose)):
+        if items:
+            problems.append((label, items))
+    if problems:
+        summary = "; ".join(f"{len(items)} {label} (e.g. {items[0]})" for label, items in problems)
+        details = [f"{label}: {item}" for label, items in problems for item in items]
+        raise MappingError(f"checkpoint does not match the model: {summary}", details)
+
+    # Emit in the model's own order, so output files are deterministic and read naturally.
+    ordered = {k: out[k] for k in target_shapes if k in out}
+    return ordered, report
+
+
+def reverse_key(key: str, rules: Iterable) -> str:
+    """The official torch key for a Paddle key (renames read backwards)."""
+    _, renames, _ = _split(rules)
+    for rename in renames:
+        old = rename.backward(key)
+        if old is not None:
+            return old
+    return key

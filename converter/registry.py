@@ -1,0 +1,168 @@
+"""Every model torch2paddle knows, as data.
+
+A variant is a name (plus aliases), a family, and the official eval
+preprocessing.  A family names its torch reference module, its Paddle module,
+its mapping table, the checkpoint entries its official loader reads, and the
+input sizes its models accept.  ``list``, the CLI, the Python API and the tests
+all iterate over ``MODELS``.
+
+Importing this module imports neither torch nor paddle.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from .errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EvalPreprocessing:
+    """Official eval transform: resize shorter side to floor(size / crop_pct), center-crop size."""
+
+    crop_pct: float
+    input_size: int = 224
+    interpolation: str = "bicubic"
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+    @property
+    def resize_shorter_side(self) -> int:
+        return int(math.floor(self.input_size / self.crop_pct))
+
+    def describe(self) -> str:
+        return (f"resize {self.resize_shorter_side} {self.interpolation}, "
+                f"crop {self.input_size} (crop_pct {self.crop_pct:g})")
+
+
+def _any_size(h: int, w: int) -> Optional[str]:
+    return None
+
+
+def _multiple_of(n: int, why: str) -> Callable[[int, int], Optional[str]]:
+    def check(h: int, w: int) -> Optional[str]:
+        if h % n or w % n:
+            return f"input {h}x{w} is not a multiple of {n} ({why})"
+        return None
+    return check
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    # Container entries the official loader reads, in its order of preference.
+    checkpoint_entries: tuple
+    # Where the EMA copy lives, for --ema.
+    ema_entries: tuple = ("state_dict_ema", "model_ema")
+    # Returns an error message for an input size the models cannot take.
+    input_check: Callable[[int, int], Optional[str]] = _any_size
+    # The models are built for one input size (their factories take img_size).
+    size_dependent: bool = False
+    # Extra checkpoint keys the official loader tolerates (strict=False) and our
+    # torch reference does not have; the mapping table drops them by rule.
+    extra_key_note: str = ""
+
+    @property
+    def torch_module(self) -> str:
+        return f"reference_torch.{self.name}"
+
+    @property
+    def paddle_module(self) -> str:
+        return f"paddle_models.{self.name}"
+
+    @property
+    def mapping_module(self) -> str:
+        return f"mappings.{self.name}"
+
+
+FCVIT = Family("fcvit", checkpoint_entries=("state_dict", "model"))  # timm load_checkpoint order
+BIFORMER = Family("biformer", checkpoint_entries=("model",),
+                  input_check=_multiple_of(112, "BiFormer splits stages 1-3 into 7x7 regions at strides 4, 8, 16"))
+CROSSFORMER = Family("crossformer", checkpoint_entries=("model",), size_dependent=True)
+REGIONVIT = Family("regionvit", checkpoint_entries=("model",))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: Family
+    preprocessing: EvalPreprocessing
+    aliases: tuple = ()
+    # The factory name in the model modules when it differs from ``name``.
+    factory: str = ""
+    extra_kwargs: dict = field(default_factory=dict)
+
+    def _factory(self, module_name: str) -> Callable:
+        module = importlib.import_module(module_name)
+        return getattr(module, self.factory or self.name)
+
+    def _kwargs(self, num_classes: int, img_size: Optional[int]) -> dict:
+        kwargs = dict(self.extra_kwargs, num_classes=num_classes)
+        if self.family.size_dependent:
+            kwargs["img_size"] = img_size or self.preprocessing.input_size
+        return kwargs
+
+    def create_torch(self, num_classes: int = 1000, img_size: Optional[int] = None):
+        return self._factory(self.family.torch_module)(**self._kwargs(num_classes, img_size))
+
+    def create_paddle(self, num_classes: int = 1000, img_size: Optional[int] = None):
+        return self._factory(self.family.paddle_module)(**self._kwargs(num_classes, img_size))
+
+    @property
+    def rules(self) -> tuple:
+        return importlib.import_module(self.family.mapping_module).RULES
+
+    def check_input_size(self, h: int, w: int) -> None:
+        problem = self.family.input_check(h, w)
+        if problem:
+            raise UserError(f"{self.name}: {problem}")
+
+
+def _variants(family: Family, crop: dict, aliases: Callable[[str], tuple] = lambda n: ()) -> list:
+    return [ModelSpec(name, family, EvalPreprocessing(crop_pct=c), aliases=aliases(name))
+            for name, c in crop.items()]
+
+
+MODELS: dict = {}
+for _spec in (
+    _variants(FCVIT, {"fcvit_tiny": 0.90, "fcvit_b12": 0.90, "fcvit_b24": 0.95, "fcvit_b48": 0.95})
+    + _variants(BIFORMER, dict.fromkeys(
+        ["biformer_tiny", "biformer_small", "biformer_base", "biformer_stl", "biformer_stl_nchw"], 0.875))
+    + _variants(CROSSFORMER, dict.fromkeys(
+        ["crossformer_tiny", "crossformer_small", "crossformer_base", "crossformer_large",
+         "crossformer_pp_small", "crossformer_pp_base", "crossformer_pp_large", "crossformer_pp_huge"], 0.875))
+    + _variants(REGIONVIT, dict.fromkeys(
+        ["regionvit_tiny", "regionvit_small", "regionvit_medium", "regionvit_base", "regionvit_small_w14",
+         "regionvit_small_w14_peg", "regionvit_base_w14", "regionvit_base_w14_peg"], 0.875),
+        aliases=lambda n: (f"{n}_224",))
+):
+    MODELS[_spec.name] = _spec
+
+ALIASES = {alias: spec.name for spec in MODELS.values() for alias in spec.aliases}
+FAMILIES = {spec.family.name: spec.family for spec in MODELS.values()}
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec for a model name or alias; unknown names get close suggestions."""
+    canonical = ALIASES.get(name, name)
+    if canonical in MODELS:
+        return MODELS[canonical]
+    close = difflib.get_close_matches(name, list(MODELS) + list(ALIASES), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; run 'torch2paddle list' for all models"
+    raise UserError(f"unknown model '{name}'{hint}")
+
+
+def available_families() -> list:
+    """Families whose model and mapping modules are present in this install."""
+    found = []
+    for family in FAMILIES.values():
+        if importlib.util.find_spec(family.mapping_module) is not None:
+            found.append(family.name)
+    return found

@@ -1,0 +1,207 @@
+"""verify: run the torch reference and the Paddle model on the same float32 batch and
+measure how far apart they are — logits, per-stage features, top-1 agreement, time."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .api import convert_checkpoint, create_paddle_model, create_torch_model
+from .checkpoint import read_checkpoint
+from .errors import UserError
+from .preprocess import image_files, load_image
+from .registry import ModelSpec, get_spec
+
+
+@dataclass
+class Discrepancy:
+    max_abs_err: float
+    mean_abs_err: float
+    max_rel_err: float  # max |torch - paddle| / max |torch|
+
+    @classmethod
+    def between(cls, a: np.ndarray, b: np.ndarray) -> "Discrepancy":
+        if a.shape != b.shape:
+            raise UserError(f"torch and Paddle outputs differ in shape: {a.shape} vs {b.shape}")
+        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        scale = float(np.abs(a).max()) or 1.0
+        return cls(float(diff.max()), float(diff.mean()), float(diff.max()) / scale)
+
+
+@dataclass
+class VerifyReport:
+    model: str
+    checkpoint_entry: str
+    paddle_params: str
+    input: str
+    batch_size: int
+    input_size: int
+    device: str
+    max_err: float
+    max_abs_err: float
+    mean_abs_err: float
+    max_rel_err: float
+    top1_agreement: float
+    stages: list = field(default_factory=list)  # [{name, max_abs_err, mean_abs_err, max_rel_err}]
+    torch_seconds: float = 0.0
+    paddle_seconds: float = 0.0
+    passed: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def format(self) -> str:
+        lines = [
+            f"model           {self.model}  (torch entry '{self.checkpoint_entry}', paddle: {self.paddle_params})",
+            f"input           {self.input}, batch {self.batch_size}, {self.input_size}x{self.input_size}, {self.device} float32",
+        ]
+        for s in self.stages:
+            lines.append(f"  {s['name']:<14}max {s['max_abs_err']:.3e}  mean {s['mean_abs_err']:.3e}")
+        lines += [
+            f"logits          max abs {self.max_abs_err:.3e}  mean abs {self.mean_abs_err:.3e}  "
+            f"max rel {self.max_rel_err:.3e}",
+            f"top-1 agreement {self.top1_agreement * 100:.1f}%",
+            f"forward time    torch {self.torch_seconds:.3f} s, paddle {self.paddle_seconds:.3f} s",
+            f"result          {'PASS' if self.passed else 'FAIL'} (max abs error "
+            f"{self.max_abs_err:.3e} {'<=' if self.passed else '>'} {self.max_err:g})",
+        ]
+        return "\n".join(lines)
+
+
+def resolve_device(device: str) -> str:
+    """'cpu', or 'gpu' for both frameworks; 'auto' picks gpu only when both can use it."""
+    import paddle
+    import torch
+
+    if device == "auto":
+        device = "gpu" if torch.cuda.is_available() and paddle.is_compiled_with_cuda() else "cpu"
+    if device == "gpu":
+        if not (torch.cuda.is_available() and paddle.is_compiled_with_cuda()):
+            raise UserError("--device gpu needs CUDA in both torch and paddle (paddlepaddle-gpu); "
+                            "use --device cpu")
+        # Full float32 in both: TF32 would put ~1e-3 relative error into every matmul/conv.
+        os.environ["NVIDIA_TF32_OVERRIDE"] = "0"
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    paddle.set_device(device)
+    return device
+
+
+def make_batch(spec: ModelSpec, *, images=None, batch_size: int = 2, input_size: Optional[int] = None,
+               seed: int = 0) -> tuple:
+    """(NCHW float32 batch, description): real images through the official preprocessing,
+    or a seeded standard-normal batch."""
+    size = input_size or spec.preprocessing.input_size
+    spec.check_input_size(size, size)
+    if images is not None:
+        files = image_files(images)[:batch_size]
+        batch = np.stack([load_image(f, spec.preprocessing, size) for f in files])
+        return batch, f"{len(files)} images from {images} ({spec.preprocessing.describe()})"
+    batch = np.random.default_rng(seed).standard_normal((batch_size, 3, size, size), dtype=np.float32)
+    return batch, f"random normal batch (seed {seed})"
+
+
+class _Capture:
+    """Records the outputs of named sub-modules (forward hooks) in either framework."""
+
+    def __init__(self, model, names, framework: str):
+        self.outputs: dict = {}
+        self.handles = []
+        modules = dict(model.named_modules() if framework == "torch" else model.named_sublayers())
+        for name in names:
+            if name not in modules:
+                raise UserError(f"model has no sub-module '{name}' to compare")
+            hook = self._hook(name)
+            module = modules[name]
+            self.handles.append(module.register_forward_hook(hook) if framework == "torch"
+                                else module.register_forward_post_hook(hook))
+
+    def _hook(self, name):
+        def record(module, inputs, output):
+            self.outputs[name] = [np.asarray(t.detach().cpu().numpy() if hasattr(t, "detach") else t.numpy())
+                                  for t in (output if isinstance(output, (tuple, list)) else (output,))]
+        return record
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def run_models(torch_model, paddle_model, batch: np.ndarray, device: str, stage_names=()) -> dict:
+    """Forward both models on ``batch``; return logits, stage outputs and times."""
+    import paddle
+    import torch
+
+    t_cap = _Capture(torch_model, stage_names, "torch")
+    p_cap = _Capture(paddle_model, stage_names, "paddle")
+    try:
+        t_in = torch.from_numpy(batch).to("cuda" if device == "gpu" else "cpu")
+        with torch.no_grad():
+            t_out, t_sec = _timed(lambda: torch_model(t_in).cpu().numpy())
+        with paddle.no_grad():
+            p_out, p_sec = _timed(lambda: paddle_model(paddle.to_tensor(batch)).numpy())
+    finally:
+        t_cap.remove()
+        p_cap.remove()
+    return {"torch": t_out, "paddle": p_out, "torch_seconds": t_sec, "paddle_seconds": p_sec,
+            "torch_stages": t_cap.outputs, "paddle_stages": p_cap.outputs}
+
+
+def stage_discrepancies(torch_stages: dict, paddle_stages: dict, names) -> list:
+    rows = []
+    for name in names:
+        pairs = list(zip(torch_stages.get(name, []), paddle_stages.get(name, [])))
+        if not pairs:
+            continue
+        parts = [Discrepancy.between(a, b) for a, b in pairs]
+        rows.append({"name": name, "max_abs_err": max(p.max_abs_err for p in parts),
+                     "mean_abs_err": float(np.mean([p.mean_abs_err for p in parts])),
+                     "max_rel_err": max(p.max_rel_err for p in parts)})
+    return rows
+
+
+def run_verify(name: str, torch_ckpt, paddle_params=None, *, images=None, batch_size: int = 2,
+               input_size: Optional[int] = None, seed: int = 0, device: str = "cpu", max_err: float = 1e-4,
+               ema: bool = False, key: Optional[str] = None, unsafe_pickle: bool = False,
+               num_classes: int = 1000) -> VerifyReport:
+    """Compare the torch reference (loaded from ``torch_ckpt``) with the Paddle model (loaded from
+    ``paddle_params``, or converted in memory from the same checkpoint when None)."""
+    spec = get_spec(name)
+    batch, described = make_batch(spec, images=images, batch_size=batch_size, input_size=input_size, seed=seed)
+    size = batch.shape[-1]
+    img_size = size if spec.family.size_dependent else None
+    device = resolve_device(device)
+    ckpt = read_checkpoint(torch_ckpt, spec.family.checkpoint_entries, ema=ema, key=key,
+                           unsafe_pickle=unsafe_pickle)
+    torch_model = create_torch_model(spec.name, ckpt, num_classes=num_classes, img_size=img_size)
+    if device == "gpu":
+        torch_model = torch_model.cuda()
+    if paddle_params is None:
+        params, _ = convert_checkpoint(spec, ckpt, num_classes=num_classes, img_size=img_size)
+        params_label = "converted in memory"
+    else:
+        params, params_label = paddle_params, str(paddle_params)
+    paddle_model = create_paddle_model(spec.name, params, num_classes=num_classes, img_size=img_size)
+
+    stage_names = tuple(getattr(torch_model, "stage_names", ()))
+    run = run_models(torch_model, paddle_model, batch, device, stage_names)
+    logits = Discrepancy.between(run["torch"], run["paddle"])
+    agreement = float(np.mean(run["torch"].argmax(-1) == run["paddle"].argmax(-1)))
+    return VerifyReport(
+        model=spec.name, checkpoint_entry=ckpt.entry, paddle_params=params_label, input=described,
+        batch_size=int(batch.shape[0]), input_size=int(size), device=device, max_err=max_err,
+        max_abs_err=logits.max_abs_err, mean_abs_err=logits.mean_abs_err, max_rel_err=logits.max_rel_err,
+        top1_agreement=agreement,
+        stages=stage_discrepancies(run["torch_stages"], run["paddle_stages"], stage_names),
+        torch_seconds=run["torch_seconds"], paddle_seconds=run["paddle_seconds"],
+        passed=bool(logits.max_abs_err <= max_err),
+    )

@@ -1,0 +1,74 @@
+"""The vocabulary of mapping tables.
+
+A family's table (``mappings/<family>.py``) is a tuple of these rules; the
+engine in ``converter/engine.py`` applies them.  Rules name keys of the
+*official* PyTorch state dict.  Nothing here looks at tensor shapes to decide
+what to do: a Linear weight is transposed because a rule says it is one.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+# A check run on a dropped tensor; it returns an error message, or None when the
+# tensor holds what the model would recompute anyway.
+DropCheck = Callable[[str, np.ndarray], Optional[str]]
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Source keys matching ``pattern`` (a regex, searched) are not converted."""
+
+    pattern: str
+    reason: str
+    check: Optional[DropCheck] = field(default=None, compare=False)
+
+    def matches(self, key: str) -> bool:
+        return re.search(self.pattern, key) is not None
+
+
+@dataclass(frozen=True)
+class Rename:
+    """The last component of a key (the tensor's own name) changes: ``old`` -> ``new``."""
+
+    old: str
+    new: str
+
+    def forward(self, key: str) -> Optional[str]:
+        return _swap_leaf(key, self.old, self.new)
+
+    def backward(self, key: str) -> Optional[str]:
+        return _swap_leaf(key, self.new, self.old)
+
+
+@dataclass(frozen=True)
+class Transpose:
+    """Source keys matching ``pattern`` are ``nn.Linear`` weights: torch (out, in) -> Paddle (in, out)."""
+
+    pattern: str
+
+    def matches(self, key: str) -> bool:
+        return re.search(self.pattern, key) is not None
+
+
+def _swap_leaf(key: str, old: str, new: str) -> Optional[str]:
+    module, _, leaf = key.rpartition(".")
+    if leaf != old:
+        return None
+    return f"{module}.{new}" if module else new
+
+
+# BatchNorm: Paddle names the running statistics differently and keeps no step counter.
+BATCHNORM = (
+    Rename("running_mean", "_mean"),
+    Rename("running_var", "_variance"),
+    Drop(r"(^|\.)num_batches_tracked$", "BatchNorm step counter; Paddle has none and eval never reads it"),
+)
+
+
+def linear_weights(*module_patterns: str) -> tuple[Transpose, ...]:
+    """One Transpose rule per Linear module pattern (regex of the module path, without ``.weight``)."""
+    return tuple(Transpose(rf"{p}\.weight$") for p in module_patterns)

@@ -1,0 +1,78 @@
+"""BiFormer variants: the resolved official configuration, shared by the torch reference and the
+Paddle port (framework-free, so the Paddle side never imports torch).
+
+Official sources (rayleizhu/BiFormer @ 1697bbb): ``models/biformer.py`` (tiny/small/base),
+``models/biformer_stl.py`` and ``models/biformer_stl_nchw.py``.  Every value below is what the
+released checkpoints were built with, including the defaults the factories do not spell out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+# Model layouts.  "biformer": conv stem, conv+BN downsampling, pos_embed conv, NHWC blocks with
+# the legacy Bi-Level Routing Attention (ops/bra_legacy.py).  "stl": Swin-Tiny layout, patchify
+# stem, BN+conv merging, NHWC blocks with the same legacy BRA.  "stl_nchw": the same layout with
+# the refactored NCHW BRA (ops/bra_nchw.py): 1x1-conv projections, LayerNorm2d, unscaled routing.
+LAYOUTS = ("biformer", "stl", "stl_nchw")
+
+
+@dataclass(frozen=True)
+class BiFormerConfig:
+    layout: str
+    depth: tuple
+    embed_dim: tuple
+    mlp_ratio: int
+    # Regions kept per query region in stages 1-3.  A negative value means the stage uses global
+    # attention with LePE instead of routing (official: -2 in the NHWC models, -1 in the NCHW one).
+    topks: tuple = (1, 4, 16, -2)
+    n_win: int = 7  # regions per side: every routed stage is split into 7x7 regions
+    head_dim: int = 32  # routed-attention heads = dim // 32
+    global_heads: int = 8  # stage-4 attention takes its default 8 heads, whatever the width
+    side_dwconv: int = 5  # LePE depthwise kernel
+    pos_embed_kernel: int = 3  # "biformer" layout only: depthwise conv before each block
+    norm_eps: float = 1e-6  # block LayerNorms (nn.LayerNorm or timm LayerNorm2d)
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown BiFormer layout {self.layout!r}; expected one of {LAYOUTS}")
+
+    def stage_resolutions(self, size: int) -> tuple:
+        """Side length of the four stage feature maps for an input side of ``size``."""
+        sizes = []
+        if self.layout == "biformer":  # 3x3 stride-2 padding-1 convs: ceil(size / 2) each time
+            size = -(-size // 2)
+            for _ in range(4):
+                size = -(-size // 2)
+                sizes.append(size)
+        else:  # 4x4 stride-4 patchify, then 2x2 stride-2 merging: floor division
+            size //= 4
+            for _ in range(4):
+                sizes.append(size)
+                size //= 2
+        return tuple(sizes)
+
+    def input_size_problem(self, height: int, width: int) -> Optional[str]:
+        """Why an input of ``height`` x ``width`` cannot be run, or None if it can.
+
+        Each routed stage splits its feature map into n_win x n_win equal regions (the official
+        legacy BRA asserts it; the NCHW one would silently pad, which this port does not
+        reproduce), so every routed stage's side must be a positive multiple of n_win.
+        """
+        hs, ws = self.stage_resolutions(height), self.stage_resolutions(width)
+        for stage, (topk, h, w) in enumerate(zip(self.topks, hs, ws), start=1):
+            if topk > 0 and (h == 0 or w == 0 or h % self.n_win or w % self.n_win):
+                return (f"input {height}x{width} gives a {h}x{w} feature map at stage {stage}, which does "
+                        f"not split into {self.n_win}x{self.n_win} equal regions; use a height and width "
+                        f"that are multiples of 112 (e.g. 224)")
+        return None
+
+
+CONFIGS = {
+    "biformer_tiny": BiFormerConfig("biformer", depth=(2, 2, 8, 2), embed_dim=(64, 128, 256, 512), mlp_ratio=3),
+    "biformer_small": BiFormerConfig("biformer", depth=(4, 4, 18, 4), embed_dim=(64, 128, 256, 512), mlp_ratio=3),
+    "biformer_base": BiFormerConfig("biformer", depth=(4, 4, 18, 4), embed_dim=(96, 192, 384, 768), mlp_ratio=3),
+    "biformer_stl": BiFormerConfig("stl", depth=(2, 2, 6, 2), embed_dim=(96, 192, 384, 768), mlp_ratio=4),
+    "biformer_stl_nchw": BiFormerConfig("stl_nchw", depth=(2, 2, 6, 2), embed_dim=(96, 192, 384, 768),
+                                        mlp_ratio=4, topks=(1, 4, 16, -1)),
+}

@@ -1,0 +1,445 @@
+"""BiFormer: Vision Transformer with Bi-Level Routing Attention (Zhu et al., CVPR 2023).
+
+PyTorch reference for the ImageNet-1k models released in rayleizhu/BiFormer: biformer_tiny,
+biformer_small, biformer_base (models/biformer.py, legacy BRA from ops/bra_legacy.py) and the
+Swin-Tiny-layout ablations biformer_stl (legacy BRA) and biformer_stl_nchw (ops/bra_nchw.py).
+State-dict keys and shapes are the official ones; numerics follow the official operation order
+(region means, then scaled query @ key^T, then a hard top-k).  Inference only: no drop path.
+
+Bi-Level Routing Attention here gathers the routed key/value regions with one index_select over a
+(batch x region) axis, so the gathered tensors hold topk regions per query region, never p^2.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models import register_model
+
+from model_configs.biformer import CONFIGS, BiFormerConfig
+
+__all__ = ["BiFormer", "BiFormerSTL", "biformer_tiny", "biformer_small", "biformer_base",
+           "biformer_stl", "biformer_stl_nchw"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Region/head layout helpers.  Regions are numbered row-major (region = row * n_win + col) and
+# channels split head-major (channel = head * head_dim + j), as in the official code.  Attention
+# runs on a heads-first layout (heads, batch * regions, tokens, head_dim) so that the routed
+# gather lands directly in the layout the matmuls read.
+# ---------------------------------------------------------------------------------------------
+
+def _nhwc_to_windows(x, n_win):
+    """(N, H, W, C) -> (N, n_win^2, H/n_win, W/n_win, C)."""
+    n, hh, ww, c = x.shape
+    h, w = hh // n_win, ww // n_win
+    return x.reshape(n, n_win, h, n_win, w, c).permute(0, 1, 3, 2, 4, 5).reshape(n, n_win * n_win, h, w, c)
+
+
+def _windows_to_nchw(x, n_win):
+    """(N, n_win^2, h, w, C) -> (N, C, n_win * h, n_win * w)."""
+    n, _, h, w, c = x.shape
+    return x.reshape(n, n_win, n_win, h, w, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, n_win * h, n_win * w)
+
+
+def _windows_to_heads(x, num_heads):
+    """(N, P, h, w, C) -> (heads, N * P, h * w, C / heads)."""
+    n, p, h, w, c = x.shape
+    return x.reshape(n * p, h * w, num_heads, c // num_heads).permute(2, 0, 1, 3)
+
+
+def _heads_to_nhwc(x, n, n_win, h, w):
+    """(heads, N * P, h * w, d) -> (N, n_win * h, n_win * w, heads * d)."""
+    m, _, _, d = x.shape
+    x = x.reshape(m, n, n_win, n_win, h, w, d).permute(1, 2, 4, 3, 5, 0, 6)
+    return x.reshape(n, n_win * h, n_win * w, m * d)
+
+
+def _nchw_to_heads(x, n_win, num_heads):
+    """(N, C, H, W) -> (heads, N * P, h * w, C / heads)."""
+    n, c, hh, ww = x.shape
+    h, w = hh // n_win, ww // n_win
+    x = x.reshape(n, num_heads, c // num_heads, n_win, h, n_win, w).permute(1, 0, 3, 5, 4, 6, 2)
+    return x.reshape(num_heads, n * n_win * n_win, h * w, c // num_heads)
+
+
+def _heads_to_nchw(x, n, n_win, h, w):
+    """(heads, N * P, h * w, d) -> (N, heads * d, n_win * h, n_win * w)."""
+    m, _, _, d = x.shape
+    x = x.reshape(m, n, n_win, n_win, h, w, d).permute(1, 0, 6, 2, 4, 3, 5)
+    return x.reshape(n, m * d, n_win * h, n_win * w)
+
+
+def _check_input(cfg: BiFormerConfig, x):
+    problem = cfg.input_size_problem(x.shape[-2], x.shape[-1])
+    if problem:
+        raise ValueError(f"BiFormer: {problem}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bi-Level Routing Attention
+# ---------------------------------------------------------------------------------------------
+
+class TopkRouting(nn.Module):
+    """Region-to-region routing: a hard top-k over region-level query/key affinities.
+
+    forward(query, key), both (N, P, C) region descriptors, returns ``(logits, index)``:
+    logits (N, P, P) = (query * scale) @ key^T (scale None: unscaled, as in the NCHW BRA), and
+    index (N, P, topk) int64, the selected key regions of each query region, best first.
+    Models list every TopkRouting in ``routing_modules`` so parity checks can hook them.
+    """
+
+    def __init__(self, topk: int, scale=None):
+        super().__init__()
+        self.topk = topk
+        self.scale = scale
+
+    def forward(self, query, key):
+        if self.scale is not None:
+            query = query * self.scale
+        logits = query @ key.transpose(-2, -1)
+        index = torch.topk(logits, k=self.topk, dim=-1).indices
+        return logits, index
+
+
+class KVGather(nn.Module):
+    """Gather the routed regions' keys and values for every query region.
+
+    k, v: (heads, N * P, tokens, d); index: (N, P, topk).  Returns k, v of shape
+    (heads, N * P, topk * tokens, d).  One index_select over the (batch x region) axis: only the
+    topk selected regions are copied, nothing is expanded to P regions per query region.
+    """
+
+    def forward(self, index, k, v):
+        n, p, topk = index.shape
+        offsets = torch.arange(n, device=index.device).view(n, 1, 1) * p
+        flat = (index + offsets).reshape(-1)
+
+        def take(t):
+            m, _, tokens, d = t.shape
+            return t.index_select(1, flat).reshape(m, n * p, topk * tokens, d)
+
+        return take(k), take(v)
+
+
+def _routed_attention(q, k, v, index, scale, kv_gather):
+    """Token-to-token attention of each query region over its routed regions (heads-first)."""
+    k, v = kv_gather(index, k, v)
+    attn = (q * scale) @ k.transpose(-2, -1)
+    return attn.softmax(dim=-1) @ v
+
+
+class QKVLinear(nn.Module):
+    """One Linear producing q (qk_dim), k (qk_dim) and v (dim) channels."""
+
+    def __init__(self, dim: int, qk_dim: int):
+        super().__init__()
+        self.dim = dim
+        self.qk_dim = qk_dim
+        self.qkv = nn.Linear(dim, 2 * qk_dim + dim)
+
+    def forward(self, x):
+        return self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
+
+
+class BiLevelRoutingAttention(nn.Module):
+    """Legacy BRA (ops/bra_legacy.py) on NHWC input, as every released NHWC model uses it:
+    identity kv downsampling, hard non-differentiable routing, scale = qk_dim^-0.5 for both the
+    routing and the token attention, LePE on v, output Linear ``wo``."""
+
+    def __init__(self, dim: int, num_heads: int, n_win: int, topk: int, side_dwconv: int):
+        super().__init__()
+        self.dim = dim
+        self.qk_dim = dim
+        self.num_heads = num_heads
+        self.n_win = n_win
+        self.scale = self.qk_dim ** -0.5
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+        self.router = TopkRouting(topk, scale=self.scale)
+        self.kv_gather = KVGather()
+        self.qkv = QKVLinear(dim, self.qk_dim)
+        self.wo = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        n, hh, ww, _ = x.shape
+        s, m = self.n_win, self.num_heads
+        h, w = hh // s, ww // s
+        q, k, v = self.qkv(_nhwc_to_windows(x, s))  # each (N, P, h, w, *)
+        _, index = self.router(q.mean([2, 3]), k.mean([2, 3]))
+        lepe = self.lepe(_windows_to_nchw(v, s)).permute(0, 2, 3, 1)
+        out = _routed_attention(_windows_to_heads(q, m), _windows_to_heads(k, m), _windows_to_heads(v, m),
+                                index, self.scale, self.kv_gather)
+        return self.wo(_heads_to_nhwc(out, n, s, h, w) + lepe)
+
+
+class BiLevelRoutingAttentionNCHW(nn.Module):
+    """Refactored BRA (ops/bra_nchw.py + ops/torch/rrsda.py) on NCHW input: 1x1-conv projections,
+    region descriptors by average pooling, unscaled routing logits, token scale = dim^-0.5."""
+
+    def __init__(self, dim: int, num_heads: int, n_win: int, topk: int, side_dwconv: int):
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.n_win = n_win
+        self.scale = dim ** -0.5
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+        self.router = TopkRouting(topk, scale=None)
+        self.kv_gather = KVGather()
+        self.qkv_linear = nn.Conv2d(dim, 3 * dim, 1)
+        self.output_linear = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x):
+        n, _, hh, ww = x.shape
+        s, m = self.n_win, self.num_heads
+        h, w = hh // s, ww // s
+        q, k, v = self.qkv_linear(x).chunk(3, dim=1)
+        q_r = F.avg_pool2d(q, (h, w), ceil_mode=True, count_include_pad=False)
+        k_r = F.avg_pool2d(k, (h, w), ceil_mode=True, count_include_pad=False)
+        _, index = self.router(q_r.permute(0, 2, 3, 1).flatten(1, 2), k_r.flatten(2, 3).transpose(1, 2))
+        out = _routed_attention(_nchw_to_heads(q, s, m), _nchw_to_heads(k, s, m), _nchw_to_heads(v, s, m),
+                                index, self.scale, self.kv_gather)
+        return self.output_linear(_heads_to_nchw(out, n, s, h, w) + self.lepe(v))
+
+
+# ---------------------------------------------------------------------------------------------
+# Global attention of the last stage
+# ---------------------------------------------------------------------------------------------
+
+class AttentionLePE(nn.Module):
+    """Stage-4 attention of the NHWC models (models/_common.py): 8 heads, bias-free qkv,
+    scale = head_dim^-0.5 applied after q @ k^T, LePE on the attention input x."""
+
+    def __init__(self, dim: int, num_heads: int, side_dwconv: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.proj = nn.Linear(dim, dim)
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+
+    def forward(self, x):
+        b, h, w, c = x.shape
+        x = x.reshape(b, h * w, c)
+        q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        lepe = self.lepe(x.permute(0, 2, 1).reshape(b, c, h, w)).permute(0, 2, 3, 1).reshape(b, h * w, c)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(b, h * w, c) + lepe
+        return self.proj(out).reshape(b, h, w, c)
+
+
+class AttentionLePENCHW(nn.Module):
+    """Stage-4 attention of biformer_stl_nchw (nchwAttentionLePE): 1x1-conv qkv without bias,
+    8 heads, softmax(q^T k * scale), LePE on v, 1x1-conv ``proj``."""
+
+    def __init__(self, dim: int, num_heads: int, side_dwconv: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Conv2d(dim, dim * 3, 1, bias=False)
+        self.proj = nn.Conv2d(dim, dim, 1)
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=1)
+        heads = (b, self.num_heads, self.head_dim, h * w)
+        attn = q.reshape(heads).transpose(-1, -2) @ k.reshape(heads)
+        attn = (attn * self.scale).softmax(dim=-1)
+        out = attn @ v.reshape(heads).transpose(-1, -2)
+        out = out.permute(0, 1, 3, 2).reshape(b, c, h, w) + self.lepe(v)
+        return self.proj(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW tensor (timm's LayerNorm2d, eps 1e-6)."""
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+def _attention(cfg: BiFormerConfig, dim: int, topk: int, nchw: bool = False) -> nn.Module:
+    if topk > 0:
+        bra = BiLevelRoutingAttentionNCHW if nchw else BiLevelRoutingAttention
+        return bra(dim, dim // cfg.head_dim, cfg.n_win, topk, cfg.side_dwconv)
+    return (AttentionLePENCHW if nchw else AttentionLePE)(dim, cfg.global_heads, cfg.side_dwconv)
+
+
+class Block(nn.Module):
+    """BiFormer block (models/biformer.py): depthwise-conv position embedding, then pre-norm
+    attention and MLP on NHWC.  ``mlp.1`` is the official Identity placeholder of the unused
+    MLP DWConv, kept so the second Linear is ``mlp.3`` as in the checkpoints."""
+
+    def __init__(self, cfg: BiFormerConfig, dim: int, topk: int):
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * dim)
+        k = cfg.pos_embed_kernel
+        self.pos_embed = nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim)
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.attn = _attention(cfg, dim, topk)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.Identity(), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x):  # NCHW -> NCHW
+        x = x + self.pos_embed(x)
+        x = x.permute(0, 2, 3, 1)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return x.permute(0, 3, 1, 2)
+
+
+class BiFormerBlock(nn.Module):
+    """STL block: pre-norm attention and MLP, NHWC (LayerNorm, Linear MLP) or NCHW (LayerNorm2d,
+    1x1-conv MLP, NCHW attention)."""
+
+    def __init__(self, cfg: BiFormerConfig, dim: int, topk: int):
+        super().__init__()
+        nchw = cfg.layout == "stl_nchw"
+        hidden = int(cfg.mlp_ratio * dim)
+        norm = LayerNorm2d if nchw else nn.LayerNorm
+        self.norm1 = norm(dim, eps=cfg.norm_eps)
+        self.attn = _attention(cfg, dim, topk, nchw)
+        self.norm2 = norm(dim, eps=cfg.norm_eps)
+        if nchw:
+            self.mlp = nn.Sequential(nn.Conv2d(dim, hidden, 1), nn.GELU(), nn.Conv2d(hidden, dim, 1))
+        else:
+            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class BasicLayer(nn.Module):
+    """One STL stage: its blocks, run on NHWC (stl) or directly on NCHW (stl_nchw)."""
+
+    def __init__(self, cfg: BiFormerConfig, dim: int, depth: int, topk: int):
+        super().__init__()
+        self.channels_last = cfg.layout == "stl"
+        self.blocks = nn.ModuleList([BiFormerBlock(cfg, dim, topk) for _ in range(depth)])
+
+    def forward(self, x):  # NCHW -> NCHW
+        if self.channels_last:
+            x = x.permute(0, 2, 3, 1)
+        for blk in self.blocks:
+            x = blk(x)
+        return x.permute(0, 3, 1, 2) if self.channels_last else x
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+class _BiFormerBase(nn.Module):
+    """What both model classes share: the input check, the feature loop and the hook lists."""
+
+    # Sub-modules whose outputs are the per-stage features (NCHW).
+    stage_names = ("stages.0", "stages.1", "stages.2", "stages.3")
+
+    @property
+    def routing_modules(self) -> tuple:
+        """Paths of every TopkRouting sub-module; each one's forward returns (logits, index)."""
+        return tuple(name for name, mod in self.named_modules() if isinstance(mod, TopkRouting))
+
+    def forward_features(self, x):
+        _check_input(self.cfg, x)
+        for downsample, stage in zip(self.downsample_layers, self.stages):
+            x = stage(downsample(x))
+        return self.norm(x)
+
+
+class BiFormer(_BiFormerBase):
+    """biformer_tiny / small / base."""
+
+    def __init__(self, cfg: BiFormerConfig, num_classes: int = 1000, in_chans: int = 3):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        dims = cfg.embed_dim
+        self.num_features = dims[-1]
+        stem = nn.Sequential(
+            nn.Conv2d(in_chans, dims[0] // 2, 3, stride=2, padding=1),
+            nn.BatchNorm2d(dims[0] // 2),
+            nn.GELU(),
+            nn.Conv2d(dims[0] // 2, dims[0], 3, stride=2, padding=1),
+            nn.BatchNorm2d(dims[0]),
+        )
+        self.downsample_layers = nn.ModuleList([stem] + [
+            nn.Sequential(nn.Conv2d(dims[i], dims[i + 1], 3, stride=2, padding=1), nn.BatchNorm2d(dims[i + 1]))
+            for i in range(3)])
+        self.stages = nn.ModuleList([
+            nn.Sequential(*[Block(cfg, dims[i], cfg.topks[i]) for _ in range(cfg.depth[i])]) for i in range(4)])
+        self.norm = nn.BatchNorm2d(dims[-1])
+        self.pre_logits = nn.Identity()
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x):
+        x = self.pre_logits(self.forward_features(x))
+        return self.head(x.flatten(2).mean(-1))
+
+
+class BiFormerSTL(_BiFormerBase):
+    """biformer_stl / biformer_stl_nchw (Swin-Tiny layout ablations)."""
+
+    def __init__(self, cfg: BiFormerConfig, num_classes: int = 1000, in_chans: int = 3):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        dims = cfg.embed_dim
+        self.num_features = dims[-1]
+        stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4), nn.BatchNorm2d(dims[0]))
+        self.downsample_layers = nn.ModuleList([stem] + [
+            nn.Sequential(nn.BatchNorm2d(dims[i]), nn.Conv2d(dims[i], dims[i + 1], 2, stride=2)) for i in range(3)])
+        self.stages = nn.ModuleList([BasicLayer(cfg, dims[i], cfg.depth[i], cfg.topks[i]) for i in range(4)])
+        self.norm = nn.BatchNorm2d(dims[-1])
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x):
+        return self.head(self.forward_features(x).mean([2, 3]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Factories
+# ---------------------------------------------------------------------------------------------
+
+# Keyword arguments timm.create_model passes to every entrypoint; these models take none of them.
+_TIMM_BOOKKEEPING = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def _create(name: str, model_cls, pretrained: bool, num_classes: int, kwargs: dict):
+    for key in _TIMM_BOOKKEEPING:
+        kwargs.pop(key, None)
+    if pretrained:
+        raise ValueError(f"{name}: this reference does not download weights; load an official checkpoint "
+                         f"with model.load_state_dict(torch.load(path)['model'])")
+    return model_cls(CONFIGS[name], num_classes=num_classes, **kwargs)
+
+
+@register_model
+def biformer_tiny(pretrained=False, num_classes=1000, **kwargs):
+    return _create("biformer_tiny", BiFormer, pretrained, num_classes, kwargs)
+
+
+@register_model
+def biformer_small(pretrained=False, num_classes=1000, **kwargs):
+    return _create("biformer_small", BiFormer, pretrained, num_classes, kwargs)
+
+
+@register_model
+def biformer_base(pretrained=False, num_classes=1000, **kwargs):
+    return _create("biformer_base", BiFormer, pretrained, num_classes, kwargs)
+
+
+@register_model
+def biformer_stl(pretrained=False, num_classes=1000, **kwargs):
+    return _create("biformer_stl", BiFormerSTL, pretrained, num_classes, kwargs)
+
+
+@register_model
+def biformer_stl_nchw(pretrained=False, num_classes=1000, **kwargs):
+    return _create("biformer_stl_nchw", BiFormerSTL, pretrained, num_classes, kwargs)

@@ -1,0 +1,363 @@
+"""CrossFormer and CrossFormer++, PyTorch reference.
+
+CrossFormer ("A Versatile Vision Transformer Based on Cross-scale Attention") and
+CrossFormer++ ("... Hinging on Cross-scale Attention") share one model: the official code
+(cheerss/CrossFormer @ 7952010, ``models/crossformer.py``) builds both from YAML configs.
+This file reproduces that classification model as the checkpoints were trained: same module
+tree, parameter names and forward numerics.
+
+The pieces:
+- Cross-scale embedding (CEL): four convs of kernels 4/8/16/32, all at stride 4, concatenated on
+  channels; the stage transitions do the same with kernels 2/4 at stride 2.
+- Short/long distance attention (SDA/LDA), alternating per block: SDA attends inside G x G
+  windows of adjacent tokens, LDA inside G x G grids of tokens sampled every I positions.
+  Maps that do not divide are zero-padded bottom/right and the padded keys masked out.
+- Dynamic position bias (DPB): a small MLP turns each relative offset (dh, dw) into per-head
+  biases, recomputed every forward.
+- CrossFormer++ only: per-stage group sizes (4, 4, 14, 7; a group as large as the map means
+  whole-map attention) and the activation cooling layer (ACL), a depthwise 3x3 conv + LayerNorm
+  that *replaces* the activations after every third block.
+
+The models are built for one input size (``img_size``): group layout, padding and masks follow
+the resolution exactly as the official code derives them, so any multiple of 32 works.
+
+Inference only: dropout and drop-path (training-time regularisers) are left out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models import register_model
+
+__all__ = ["CrossFormer", "CrossFormerConfig", "CONFIGS", "check_img_size"]
+
+NEG_INF = -1000000.0  # additive mask for padded keys (the official constant, not -inf)
+SIZE_MULTIPLE = 32  # patch stride 4, then three stride-2 merges that need even maps
+
+
+@dataclass(frozen=True)
+class CrossFormerConfig:
+    embed_dim: int
+    depths: tuple
+    num_heads: tuple
+    group_size: tuple = (7, 7, 7, 7)
+    interval: tuple = (8, 4, 2, 1)  # LDA sampling interval per stage
+    use_acl: bool = False  # CrossFormer++ activation cooling layer
+    patch_size: tuple = (4, 8, 16, 32)  # cross-scale stem kernels (stride = the first)
+    merge_size: tuple = ((2, 4), (2, 4), (2, 4))  # cross-scale merge kernels (stride 2)
+    mlp_ratio: float = 4.0
+
+
+_PP = dict(group_size=(4, 4, 14, 7), interval=(4, 2, 1, 1), use_acl=True)
+CONFIGS = {
+    "crossformer_tiny": CrossFormerConfig(embed_dim=64, depths=(1, 1, 8, 6), num_heads=(2, 4, 8, 16)),
+    "crossformer_small": CrossFormerConfig(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    "crossformer_base": CrossFormerConfig(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    "crossformer_large": CrossFormerConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    "crossformer_pp_small": CrossFormerConfig(embed_dim=64, depths=(2, 2, 18, 2), num_heads=(2, 4, 8, 16), **_PP),
+    "crossformer_pp_base": CrossFormerConfig(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), **_PP),
+    "crossformer_pp_large": CrossFormerConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), **_PP),
+    "crossformer_pp_huge": CrossFormerConfig(embed_dim=128, depths=(6, 6, 18, 2), num_heads=(4, 8, 16, 32), **_PP),
+}
+
+
+def check_img_size(img_size):
+    """Raise ValueError for a size the model cannot be built for."""
+    if not isinstance(img_size, int) or img_size < SIZE_MULTIPLE or img_size % SIZE_MULTIPLE:
+        raise ValueError(
+            f"CrossFormer img_size must be a positive multiple of {SIZE_MULTIPLE} (square input; patch "
+            f"stride 4, then three stride-2 merges that need even feature maps), got {img_size!r}")
+
+
+def coordinate_table(group_size):
+    """All relative offsets (dh, dw) in [1-G, G-1]^2, dh-major: ((2G-1)^2, 2) float."""
+    r = torch.arange(1 - group_size, group_size)
+    return torch.stack(torch.meshgrid(r, r, indexing="ij"), dim=-1).reshape(-1, 2).float()
+
+
+def relative_position_index(group_size):
+    """Row of ``coordinate_table`` holding the offset from token j to token i of a group: (G^2, G^2)."""
+    g = torch.arange(group_size)
+    coords = torch.stack(torch.meshgrid(g, g, indexing="ij"), dim=-1).reshape(-1, 2)
+    rel = coords[:, None, :] - coords[None, :, :] + (group_size - 1)
+    return rel[..., 0] * (2 * group_size - 1) + rel[..., 1]
+
+
+def group_tokens(x, group_size, interval):
+    """(B, Hp, Wp, C) -> (B * nG, G*G, C). Token (r*G*I + g*I + i) along each axis goes to group
+    (r, i), slot g: interval 1 gives SDA's adjacent windows, interval I gives LDA's dilated grids."""
+    B, Hp, Wp, C = x.shape
+    G, I = group_size, interval
+    x = x.reshape(B, Hp // (G * I), G, I, Wp // (G * I), G, I, C).permute(0, 1, 4, 3, 6, 2, 5, 7)
+    return x.reshape(-1, G * G, C)
+
+
+def ungroup_tokens(x, batch, height, width, group_size, interval):
+    """Inverse of ``group_tokens``: (B * nG, G*G, C) -> (B, Hp, Wp, C)."""
+    G, I = group_size, interval
+    x = x.reshape(batch, height // (G * I), width // (G * I), I, I, G, G, -1).permute(0, 1, 5, 3, 2, 6, 4, 7)
+    return x.reshape(batch, height, width, -1)
+
+
+def padding_mask(height, width, pad_h, pad_w, group_size, interval):
+    """(nG, G*G, G*G) additive mask: NEG_INF on key columns that are padding, 0 elsewhere."""
+    rows = torch.arange(height + pad_h)[:, None] >= height
+    cols = torch.arange(width + pad_w)[None, :] >= width
+    padded = (rows | cols).float()[None, :, :, None]  # (1, Hp, Wp, 1)
+    keys = group_tokens(padded, group_size, interval).transpose(1, 2)  # (nG, 1, G*G)
+    n = group_size * group_size
+    return torch.zeros(keys.shape[0], n, n).masked_fill(keys > 0, NEG_INF)
+
+
+class Mlp(nn.Module):
+    def __init__(self, in_features, hidden_features):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _dpb_layer(in_dim, out_dim):
+    return nn.Sequential(nn.LayerNorm(in_dim), nn.ReLU(), nn.Linear(in_dim, out_dim))
+
+
+class DynamicPosBias(nn.Module):
+    """Offsets (dh, dw) -> per-head bias: Linear(2, d), then three LN -> ReLU -> Linear layers."""
+
+    def __init__(self, pos_dim, num_heads):
+        super().__init__()
+        self.pos_proj = nn.Linear(2, pos_dim)
+        self.pos1 = _dpb_layer(pos_dim, pos_dim)
+        self.pos2 = _dpb_layer(pos_dim, pos_dim)
+        self.pos3 = _dpb_layer(pos_dim, num_heads)
+
+    def forward(self, biases):
+        return self.pos3(self.pos2(self.pos1(self.pos_proj(biases))))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention inside each group, plus the dynamic position bias."""
+
+    def __init__(self, dim, group_size, num_heads):
+        super().__init__()
+        self.group_size = group_size
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.pos = DynamicPosBias(dim // 16, num_heads)  # official: DPB(dim // 4) with pos_dim = dim // 4
+        self.register_buffer("biases", coordinate_table(group_size), persistent=False)
+        self.register_buffer("relative_position_index", relative_position_index(group_size), persistent=False)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None):
+        B_, N, C = x.shape
+        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q = q * self.scale
+        attn = q @ k.transpose(-2, -1)
+        pos = self.pos(self.biases)  # ((2G-1)^2, heads)
+        bias = pos[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1)
+        attn = attn + bias.unsqueeze(0)
+        if mask is not None:
+            nG = mask.shape[0]
+            attn = attn.view(B_ // nG, nG, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        attn = attn.softmax(dim=-1)
+        x = (attn @ v).transpose(1, 2).reshape(B_, N, C)
+        return self.proj(x)
+
+
+class CrossFormerBlock(nn.Module):
+    """Pre-norm block: SDA (lsda_flag 0) or LDA (1) attention, MLP, and optionally ACL."""
+
+    def __init__(self, dim, input_resolution, num_heads, group_size, interval, lsda_flag, mlp_ratio,
+                 use_extra_conv):
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.lsda_flag = lsda_flag
+        self.group_size = group_size
+        self.interval = interval
+        self.use_extra_conv = use_extra_conv
+        if min(input_resolution) <= group_size:  # one group covers the whole map: plain global SDA
+            self.lsda_flag = 0
+            self.group_size = min(input_resolution)
+        H, W = input_resolution
+        size_div = self.group_size * (self.interval if self.lsda_flag else 1)
+        self.pad_h = (size_div - H % size_div) % size_div
+        self.pad_w = (size_div - W % size_div) % size_div
+
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, self.group_size, num_heads)
+        if use_extra_conv:
+            self.ex_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+            self.ex_ln = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+        mask = None
+        if self.pad_h or self.pad_w:
+            mask = padding_mask(H, W, self.pad_h, self.pad_w, self.group_size, self.group_interval)
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    @property
+    def group_interval(self):
+        """Stride between the tokens of a group: the LDA interval, or 1 for SDA."""
+        return self.interval if self.lsda_flag else 1
+
+    def forward(self, x):
+        H, W = self.input_resolution
+        B, L, C = x.shape
+        shortcut = x
+        x = self.norm1(x).view(B, H, W, C)
+        x = F.pad(x, (0, 0, 0, self.pad_w, 0, self.pad_h))  # zeros after norm1, bottom/right
+        Hp, Wp = H + self.pad_h, W + self.pad_w
+        x = group_tokens(x, self.group_size, self.group_interval)
+        x = self.attn(x, mask=self.attn_mask)
+        x = ungroup_tokens(x, B, Hp, Wp, self.group_size, self.group_interval)
+        x = x[:, :H, :W, :].reshape(B, H * W, C)
+        x = shortcut + x
+        x = x + self.mlp(self.norm2(x))
+        if self.use_extra_conv:  # ACL: no residual, its output replaces x
+            x = self.ex_conv(x.view(B, H, W, C).permute(0, 3, 1, 2).contiguous())
+            x = self.ex_ln(x.permute(0, 2, 3, 1).reshape(B, H * W, C).contiguous())
+        return x
+
+
+class PatchMerging(nn.Module):
+    """Cross-scale merge: LayerNorm, then stride-2 convs of several kernels, concatenated on channels."""
+
+    def __init__(self, input_resolution, dim, patch_size):
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.reductions = nn.ModuleList()  # registered before norm, as in the official key order
+        self.norm = nn.LayerNorm(dim)
+        for i, ps in enumerate(patch_size):
+            out_dim = 2 * dim // 2 ** (i if i == len(patch_size) - 1 else i + 1)
+            self.reductions.append(nn.Conv2d(dim, out_dim, ps, stride=2, padding=(ps - 2) // 2))
+
+    def forward(self, x):
+        H, W = self.input_resolution
+        B, L, C = x.shape
+        x = self.norm(x).view(B, H, W, C).permute(0, 3, 1, 2)
+        return torch.cat([r(x).flatten(2).transpose(1, 2) for r in self.reductions], dim=2)
+
+
+class Stage(nn.Module):
+    """Blocks alternating SDA/LDA; ACL after every third block but the last; then the merge."""
+
+    def __init__(self, dim, input_resolution, depth, num_heads, group_size, interval, mlp_ratio, use_acl,
+                 merge_size=None):
+        super().__init__()
+        self.blocks = nn.ModuleList([
+            CrossFormerBlock(dim, input_resolution, num_heads, group_size, interval, lsda_flag=i % 2,
+                             mlp_ratio=mlp_ratio, use_extra_conv=use_acl and (i + 1) % 3 == 0 and i < depth - 1)
+            for i in range(depth)])
+        self.downsample = PatchMerging(input_resolution, dim, merge_size) if merge_size else None
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return x
+
+
+class PatchEmbed(nn.Module):
+    """Cross-scale embedding: convs of several kernels at one stride, concatenated, then LayerNorm."""
+
+    def __init__(self, img_size, patch_size, embed_dim):
+        super().__init__()
+        self.img_size = img_size
+        self.projs = nn.ModuleList()
+        for i, ps in enumerate(patch_size):
+            dim = embed_dim // 2 ** (i if i == len(patch_size) - 1 else i + 1)
+            self.projs.append(nn.Conv2d(3, dim, ps, stride=patch_size[0], padding=(ps - patch_size[0]) // 2))
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        if H != self.img_size or W != self.img_size:
+            raise ValueError(f"input {H}x{W} does not match the size the model was built for "
+                             f"({self.img_size}x{self.img_size}); rebuild it with img_size={H}")
+        x = torch.cat([proj(x).flatten(2).transpose(1, 2) for proj in self.projs], dim=2)
+        return self.norm(x)
+
+
+class CrossFormer(nn.Module):
+    def __init__(self, cfg: CrossFormerConfig, img_size=224, num_classes=1000):
+        super().__init__()
+        check_img_size(img_size)
+        self.num_classes = num_classes
+        num_stages = len(cfg.depths)
+        self.num_features = cfg.embed_dim * 2 ** (num_stages - 1)
+        self.patch_embed = PatchEmbed(img_size, cfg.patch_size, cfg.embed_dim)
+        res = img_size // cfg.patch_size[0]
+        self.layers = nn.ModuleList([
+            Stage(cfg.embed_dim * 2 ** i, (res // 2 ** i, res // 2 ** i), cfg.depths[i], cfg.num_heads[i],
+                  cfg.group_size[i], cfg.interval[i], cfg.mlp_ratio, cfg.use_acl,
+                  merge_size=cfg.merge_size[i] if i < num_stages - 1 else None)
+            for i in range(num_stages)])
+        self.stage_names = tuple(f"layers.{i}" for i in range(num_stages))
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x):
+        x = self.patch_embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x).mean(dim=1)  # official: AdaptiveAvgPool1d over the tokens
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
+def _create(name, num_classes=1000, img_size=224, pretrained=False):
+    if pretrained:
+        raise ValueError("torch2paddle builds models without downloading weights; load a checkpoint instead")
+    return CrossFormer(CONFIGS[name], img_size=img_size, num_classes=num_classes)
+
+
+@register_model
+def crossformer_tiny(pretrained=False, num_classes=1000, img_size=224, **kwargs):
+    return _create("crossformer_tiny", num_classes, img_size, pretrained)
+
+
+@register_model
+def crossformer_small(pretrained=False, num_classes=1000, img_size=224, **kwargs):
+    return _create("crossformer_small", num_classes, img_size, pretrained)
+
+
+@register_model
+def crossformer_base(pretrained=False, num_classes=1000, img_size=224, **kwargs):
+    return _create("crossformer_base", num_classes, img_size, pretrained)
+
+
+@register_model
+def crossformer_large(pretrained=False, num_classes=1000, img_size=224, **kwargs):
+    return _create("crossformer_large", num_classes, img_size, pretrained)
+
+
+@register_model
+def crossformer_pp_small(pretrained=False, num_classes=1000, img_size=224, **kwargs):
+    return _create("crossformer_pp_small", num_classes, img_size, pretrained)
+
+
+@register_model
+def crossformer_pp_base(pretrained=False, num_classes=1000, img_size=224, **kwargs):
+    return _create("crossformer_pp_base", num_classes, img_size, pretrained)
+
+
+@register_model
+def crossformer_pp_large(pretrained=False, num_classes=1000, img_size=224, **kwargs):
+    return _create("crossformer_pp_large", num_classes, img_size, pretrained)
+
+
+@register_model
+def crossformer_pp_huge(pretrained=False, num_classes=1000, img_size=224, **kwargs):
+    return _create("crossformer_pp_huge", num_classes, img_size, pretrained)

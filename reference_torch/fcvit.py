@@ -1,0 +1,178 @@
+"""FCViT, PyTorch reference ("A Close Look at Spatial Modeling: From Attention to Convolution").
+
+Reproduces the classification models of the official code (ma-xu/FCViT @ 77e5a9d) as the
+released checkpoints were trained: same module tree, parameter names and forward numerics.
+Variant configs live in ``model_configs/fcvit.py``, shared with the Paddle port.
+
+Inference only: dropout and drop-path (training-time regularisers) are left out.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.models import register_model
+
+from model_configs.fcvit import CONFIGS, FCViTConfig
+
+__all__ = ["FCViT", "FCViTConfig", "CONFIGS"]
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm with one group: statistics over (C, H, W) per sample, affine per channel."""
+
+    def __init__(self, num_channels):
+        super().__init__(1, num_channels, eps=1e-5)
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Strided conv + BatchNorm: the stem (7x7/4) and the stage transitions (3x3/2)."""
+
+    def __init__(self, in_chans, embed_dim, patch_size, stride):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=stride, padding=patch_size // 2)
+        self.norm = nn.BatchNorm2d(embed_dim)
+
+    def forward(self, x):
+        return self.norm(self.proj(x))
+
+
+class GlobalContext(nn.Module):
+    """Weighted global context: a per-head spatial similarity map, standardised jointly over
+    heads and positions, times a channel gate from the "compete" bottleneck."""
+
+    def __init__(self, dim, cfg: FCViTConfig):
+        super().__init__()
+        self.heads = cfg.gc_heads
+        self.scale = (dim // cfg.gc_heads) ** -0.5
+        self.eps = cfg.gc_eps
+        self.fc1 = nn.Linear(dim, 2 * dim // cfg.gc_reduction)
+        self.fc2 = nn.Linear(dim // cfg.gc_reduction, dim)
+        self.rescale_weight = nn.Parameter(torch.ones(cfg.gc_heads))
+        self.rescale_bias = nn.Parameter(torch.zeros(cfg.gc_heads))
+
+    def channel_gate(self, gap):
+        b = gap.shape[0]
+        t = self.fc1(gap).reshape(b, 2, -1)
+        return self.fc2(t.max(dim=1).values)  # the max over pairs is the only non-linearity
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        x = x.reshape(b, c, h * w)
+        gap = x.mean(dim=-1, keepdim=True)
+        q = x.reshape(b, self.heads, c // self.heads, h * w)
+        g = gap.reshape(b, self.heads, c // self.heads, 1)
+        sim = torch.einsum("bhdi,bhjd->bhij", q, g.transpose(-1, -2)).squeeze(-1) * self.scale
+        std, mean = torch.std_mean(sim, dim=[1, 2], keepdim=True)  # unbiased, over heads and positions
+        sim = (sim - mean) / (std + self.eps)
+        sim = sim * self.rescale_weight[None, :, None] + self.rescale_bias[None, :, None]
+        sim = sim.reshape(b, self.heads, 1, h, w)
+        gate = self.channel_gate(gap.squeeze(-1)).reshape(b, self.heads, -1, 1, 1)
+        return (sim * gate).reshape(b, c, h, w)
+
+
+def _pointwise_bottleneck(dim, width):
+    return nn.Sequential(nn.Conv2d(dim, width, 1), nn.GELU(), nn.Conv2d(width, dim, 1))
+
+
+class TokenMixer(nn.Module):
+    """Two rounds of: add global context, large-kernel depthwise conv, 1x1 bottleneck, GELU."""
+
+    def __init__(self, dim, cfg: FCViTConfig):
+        super().__init__()
+        width = cfg.mix_width(dim)
+        k = cfg.mix_kernel
+        self.act = nn.GELU()
+        self.gc1 = GlobalContext(dim, cfg)
+        self.dw1 = nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim)
+        self.fc1 = _pointwise_bottleneck(dim, width)
+        self.gc2 = GlobalContext(dim, cfg)
+        self.dw2 = nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim)
+        self.fc2 = _pointwise_bottleneck(dim, width)
+
+    def forward(self, x):
+        x = x + self.gc1(x)
+        x = self.act(self.fc1(self.dw1(x)))
+        x = x + self.gc2(x)
+        return self.act(self.fc2(self.dw2(x)))
+
+
+class ChannelMixer(nn.Module):
+    """1x1 expand, depthwise 3x3, GELU, 1x1 project (no activation before the depthwise conv)."""
+
+    def __init__(self, dim, hidden_dim, cfg: FCViTConfig):
+        super().__init__()
+        k = cfg.channel_dw_kernel
+        self.act = nn.GELU()
+        self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
+        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, k, padding=k // 2, groups=hidden_dim)
+        self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.dwconv(self.fc1(x))))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, dim, mlp_ratio, cfg: FCViTConfig):
+        super().__init__()
+        self.norm1 = GroupNorm(dim)
+        self.token_mixer = TokenMixer(dim, cfg)
+        self.norm2 = GroupNorm(dim)
+        self.channel_mixer = ChannelMixer(dim, int(dim * mlp_ratio), cfg)
+        self.layer_scale_1 = nn.Parameter(cfg.layer_scale_init * torch.ones(dim))
+        self.layer_scale_2 = nn.Parameter(cfg.layer_scale_init * torch.ones(dim))
+
+    def forward(self, x):
+        x = x + self.layer_scale_1[:, None, None] * self.token_mixer(self.norm1(x))
+        return x + self.layer_scale_2[:, None, None] * self.channel_mixer(self.norm2(x))
+
+
+class FCViT(nn.Module):
+    def __init__(self, cfg: FCViTConfig, num_classes=1000):
+        super().__init__()
+        dims = cfg.embed_dims
+        self.num_classes = num_classes
+        self.patch_embed = OverlapPatchEmbed(3, dims[0], patch_size=7, stride=4)
+        network = []
+        for i, depth in enumerate(cfg.layers):
+            network.append(nn.Sequential(*[BasicBlock(dims[i], cfg.mlp_ratios[i], cfg) for _ in range(depth)]))
+            if i + 1 < len(cfg.layers):
+                network.append(OverlapPatchEmbed(dims[i], dims[i + 1], patch_size=3, stride=2))
+        self.network = nn.ModuleList(network)
+        self.stage_names = tuple(f"network.{i}" for i in range(0, len(network), 2))
+        self.norm = GroupNorm(dims[-1])
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x):
+        x = self.patch_embed(x)
+        for layer in self.network:
+            x = layer(x)
+        return self.norm(x)
+
+    def forward(self, x):
+        return self.head(self.forward_features(x).mean([-2, -1]))
+
+
+def _create(name, num_classes=1000, **kwargs):
+    if kwargs.get("pretrained"):
+        raise ValueError("torch2paddle builds models without downloading weights; load a checkpoint instead")
+    return FCViT(CONFIGS[name], num_classes=num_classes)
+
+
+@register_model
+def fcvit_tiny(pretrained=False, num_classes=1000, **kwargs):
+    return _create("fcvit_tiny", num_classes, pretrained=pretrained)
+
+
+@register_model
+def fcvit_b12(pretrained=False, num_classes=1000, **kwargs):
+    return _create("fcvit_b12", num_classes, pretrained=pretrained)
+
+
+@register_model
+def fcvit_b24(pretrained=False, num_classes=1000, **kwargs):
+    return _create("fcvit_b24", num_classes, pretrained=pretrained)
+
+
+@register_model
+def fcvit_b48(pretrained=False, num_classes=1000, **kwargs):
+    return _create("fcvit_b48", num_classes, pretrained=pretrained)

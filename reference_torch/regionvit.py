@@ -1,0 +1,432 @@
+"""RegionViT: regional-to-local attention vision transformer (PyTorch reference).
+
+Reference for "RegionViT: Regional-to-Local Attention for Vision Transformers"
+(Chen, Panda, Fan; ICLR 2022), official code IBM/RegionViT @ 77000c2.  It rebuilds
+the official ImageNet models with the official state-dict keys and numerics;
+``paddle_models/regionvit.py`` mirrors it class for class.
+
+Two token sets flow through four stages: *regional* tokens (one per ws x ws
+window, from a conv with kernel = stride = 4 * ws on the image) and *local*
+tokens (from the stem).  Each R2L block runs self-attention over the regional
+tokens of an image, then, per window, attention over [its regional token, its
+ws * ws local tokens] with a relative position bias, then an MLP.
+
+Numerics that the port must keep (see the family fact sheet):
+* one ``attn`` module serves both the regional and the local attention; only the
+  norm in front differs (``norm0`` vs ``norm1``);
+* the relative position index uses the official wrap-around layout
+  (offset ws // 2, negative indices wrapping modulo 2 * ws - 1), not Swin's;
+* when the local grid is not ws times the regional grid, local tokens are
+  zero-padded at the bottom/right and the attention is masked with the official
+  mask, quirk included: in the bottom-right window a valid query may still
+  attend to right- and bottom-padded keys, only the corner block is masked;
+* ``Projection.proj_cls`` is the very module ``Projection.proj``, so the state
+  dict holds both prefixes.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models import register_model
+
+__all__ = ["RegionViT"]
+
+
+# ---------------------------------------------------------------------------
+# Index tables and masks (numpy, vectorised, cached per size)
+# ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def rel_pos_index(ws: int) -> np.ndarray:
+    """Index into ``rel_pos[:, :]`` for every (query, key) pair of a ws x ws window.
+
+    Flattened as (y, x, dy, dx) with query (y, x) and key (dy, dx).  The official
+    table is ``arange(R * R).reshape(R, R)[dy - y + ws // 2, dx - x + ws // 2]`` with
+    R = 2 * ws - 1 and Python's negative-index wrap-around, i.e. modulo R.
+    """
+    size = 2 * ws - 1
+    pos = np.arange(ws)
+    offset = (pos[None, :] - pos[:, None] + ws // 2) % size  # [query, key] along one axis
+    index = offset[:, None, :, None] * size + offset[None, :, None, :]  # (y, x, dy, dx)
+    index = index.reshape(-1).astype(np.int64)
+    index.setflags(write=False)
+    return index
+
+
+@functools.lru_cache(maxsize=None)
+def window_mask(rows: int, cols: int, ws: int, pad_b: int, pad_r: int) -> np.ndarray:
+    """Blocked (True) attention entries per window, shape (rows * cols, 1 + ws^2, 1 + ws^2).
+
+    Token 0 of a window is its regional token; local token t sits at (t // ws, t % ws).
+    Windows are row-major.  The official construction, reproduced exactly:
+    * windows in the last column (except the last row): query and key both in a
+      valid column;
+    * windows in the last row: query and key both in a valid row;
+    * the bottom-right window: the union of the two (the official code starts
+      from the column mask and opens the whole valid-row block), so a valid query
+      still sees right- and bottom-padded keys; only corner keys are blocked;
+    * every other window: nothing blocked.
+    """
+    local = np.arange(ws * ws)
+    col_ok = np.concatenate([[True], local % ws < ws - pad_r])
+    row_ok = np.concatenate([[True], local // ws < ws - pad_b])
+    right = col_ok[:, None] & col_ok[None, :]
+    bottom = row_ok[:, None] & row_ok[None, :]
+    last_row = (np.arange(rows) == rows - 1)[:, None]
+    last_col = (np.arange(cols) == cols - 1)[None, :]
+    kind = (last_row.astype(np.int64) * 2 + last_col).reshape(-1)  # 0 inner, 1 right, 2 bottom, 3 corner
+    allowed = np.stack([np.ones_like(right), right, bottom, right | bottom])[kind]
+    blocked = ~allowed
+    blocked.setflags(write=False)
+    return blocked
+
+
+# ---------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (identity in eval or at rate 0)."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        noise = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * noise / keep
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of an NCHW tensor; affine params shaped (1, C, 1, 1)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(1, channels, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x):
+        mean = x.mean(1, keepdim=True)
+        std = torch.sqrt(x.var(1, unbiased=False, keepdim=True) + self.eps)
+        return (x - mean) / std * self.weight + self.bias
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class PatchEmbed(nn.Module):
+    """Image -> tokens.  '3conv' / '1conv' make the local tokens (stride 4), 'linear' the regional ones."""
+
+    def __init__(self, patch_size: int, embed_dim: int, conv_type: str, in_chans: int = 3):
+        super().__init__()
+        self.patch_size = patch_size
+        if conv_type == "3conv":
+            self.proj = nn.Sequential(
+                nn.Conv2d(in_chans, embed_dim // 4, 3, stride=2, padding=1),
+                LayerNorm2d(embed_dim // 4),
+                nn.GELU(),
+                nn.Conv2d(embed_dim // 4, embed_dim // 2, 3, stride=2, padding=1),
+                LayerNorm2d(embed_dim // 2),
+                nn.GELU(),
+                nn.Conv2d(embed_dim // 2, embed_dim, 3, stride=1, padding=1),
+            )
+        elif conv_type == "1conv":
+            self.proj = nn.Conv2d(in_chans, embed_dim, 2 * patch_size, stride=patch_size, padding=patch_size - 1)
+        elif conv_type == "linear":
+            self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        else:
+            raise ValueError(f"unknown patch conv type {conv_type!r}")
+
+    def forward(self, x, extra_padding: bool = False):
+        H, W = x.shape[2:]
+        p = self.patch_size
+        if extra_padding and (H % p or W % p):
+            pad_w, pad_h = -W % p, -H % p
+            x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        return self.proj(x)
+
+
+class AttentionWithRelPos(nn.Module):
+    """Multi-head attention; with ``patch_attn`` adds the relative position bias among local tokens."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.window_size = window_size
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.rel_pos = nn.Parameter(torch.zeros(num_heads, (2 * window_size - 1) ** 2))
+        nn.init.trunc_normal_(self.rel_pos, std=0.02)
+        self.register_buffer("rel_pos_index", torch.tensor(rel_pos_index(window_size)), persistent=False)
+
+    def forward(self, x, patch_attn: bool = False, mask=None):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        if patch_attn:
+            n = self.window_size ** 2
+            bias = self.rel_pos[:, self.rel_pos_index].reshape(self.num_heads, n, n)
+            attn = attn + F.pad(bias, (N - n, 0, N - n, 0))  # nothing added for the regional token
+        if mask is not None:
+            attn = attn.masked_fill(mask, torch.finfo(attn.dtype).min)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class R2LAttentionPlusFFN(nn.Module):
+    """Regional self-attention, then regional-to-local attention per window, then an MLP."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, mlp_ratio: float, norm_layer,
+                 drop_path: float = 0.0, attn_drop: float = 0.0, drop: float = 0.0):
+        super().__init__()
+        self.norm0 = norm_layer(dim)
+        self.norm1 = norm_layer(dim)
+        self.attn = AttentionWithRelPos(dim, num_heads, window_size, attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+
+    def forward(self, x, batch: int, mask=None):
+        C = x.shape[-1]
+        regional = x[:, 0:1].reshape(batch, -1, C)  # (B, windows, C)
+        regional = regional + self.drop_path(self.attn(self.norm0(regional)))
+        x = torch.cat([regional.reshape(-1, 1, C), x[:, 1:]], dim=1)
+        x = x + self.drop_path(self.attn(self.norm1(x), patch_attn=True, mask=mask))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Projection(nn.Module):
+    """Stage entry, shared by both token sets: identity, or LayerNorm2d-GELU-depthwise x2 conv with stride 2."""
+
+    def __init__(self, in_dim: int, out_dim: int, mode: str):
+        super().__init__()
+        if mode == "c" and in_dim == out_dim:
+            self.proj = nn.Sequential(nn.Identity())
+        elif mode == "sc":
+            self.proj = nn.Sequential(
+                LayerNorm2d(in_dim),
+                nn.GELU(),
+                nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1, groups=in_dim),
+            )
+        else:
+            raise ValueError(f"unsupported downsampling {mode!r} for {in_dim} -> {out_dim} channels")
+        self.proj_cls = self.proj  # one module under two names, as in the official model
+
+    def forward(self, regional, local):
+        return self.proj_cls(regional), self.proj(local)
+
+
+def to_flat_layout(regional, local, ws: int):
+    """(B, C, Hr, Wr) and (B, C, H, W) -> (B * Hr * Wr, 1 + ws^2, C) and the attention mask (or None)."""
+    B, C, H, W = local.shape
+    rows, cols = regional.shape[2:]
+    pad_b, pad_r = rows * ws - H, cols * ws - W
+    mask = None
+    if pad_b or pad_r:
+        local = F.pad(local, (0, pad_r, 0, pad_b))
+        blocked = torch.from_numpy(window_mask(rows, cols, ws, pad_b, pad_r).copy()).to(local.device)
+        mask = blocked.repeat(B, 1, 1).unsqueeze(1)  # (B * windows, 1, N, N), broadcast over heads
+    local = local.reshape(B, C, rows, ws, cols, ws).permute(0, 2, 4, 3, 5, 1).reshape(-1, ws * ws, C)
+    regional = regional.flatten(2).transpose(1, 2).reshape(-1, 1, C)
+    return torch.cat([regional, local], dim=1), mask
+
+
+def to_spatial_layout(x, batch: int, rows: int, cols: int, size: tuple, ws: int):
+    """Inverse of ``to_flat_layout``; crops the padding back to ``size`` = (H, W)."""
+    C = x.shape[-1]
+    regional = x[:, 0].reshape(batch, rows, cols, C).permute(0, 3, 1, 2)
+    local = x[:, 1:].reshape(batch, rows, cols, ws, ws, C).permute(0, 5, 1, 3, 2, 4)
+    local = local.reshape(batch, C, rows * ws, cols * ws)[:, :, :size[0], :size[1]]
+    return regional, local
+
+
+class ConvAttBlock(nn.Module):
+    """One stage: ``block.0`` is the Projection, ``block.1..depth`` the R2L blocks; optional PEG after the first."""
+
+    def __init__(self, in_dim: int, out_dim: int, window_size: int, depth: int, num_heads: int, mlp_ratio: float,
+                 downsampling: str, norm_layer, drop_path: tuple, attn_drop: float = 0.0, drop: float = 0.0,
+                 peg: bool = False):
+        super().__init__()
+        self.window_size = window_size
+        self.block = nn.ModuleList(
+            [Projection(in_dim, out_dim, downsampling)]
+            + [R2LAttentionPlusFFN(out_dim, num_heads, window_size, mlp_ratio, norm_layer,
+                                   drop_path=drop_path[i], attn_drop=attn_drop, drop=drop) for i in range(depth)])
+        self.peg = nn.Conv2d(out_dim, out_dim, 3, padding=1, groups=out_dim, bias=False) if peg else None
+
+    def forward(self, regional, local):
+        ws = self.window_size
+        regional, local = self.block[0](regional, local)
+        B, _, rows, cols = regional.shape
+        size = tuple(local.shape[2:])
+        x, mask = to_flat_layout(regional, local, ws)
+        for i, blk in enumerate(self.block[1:], start=1):
+            x = blk(x, B, mask)
+            if self.peg is not None and i == 1:
+                regional, local = to_spatial_layout(x, B, rows, cols, size, ws)
+                x, mask = to_flat_layout(regional + self.peg(regional), local + self.peg(local), ws)
+        return to_spatial_layout(x, B, rows, cols, size, ws)
+
+
+class RegionViT(nn.Module):
+    """RegionViT.  ``layers[i]`` returns (regional, local) tokens; the head pools the last regional tokens."""
+
+    def __init__(self, embed_dim=(96, 96, 192, 384, 768), depth=(2, 2, 8, 2), num_heads=(3, 6, 12, 24),
+                 window_size: int = 7, patch_conv_type: str = "3conv", peg: bool = False, num_classes: int = 1000,
+                 patch_size: int = 4, in_chans: int = 3, mlp_ratio: float = 4.0,
+                 downsampling=("c", "sc", "sc", "sc"), drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0):
+        super().__init__()
+        norm_layer = functools.partial(nn.LayerNorm, eps=1e-6)
+        self.num_classes = num_classes
+        self.num_features = embed_dim[-1]
+        self.stage_names = tuple(f"layers.{i}" for i in range(len(depth)))
+        self.patch_embed = PatchEmbed(patch_size, embed_dim[0], patch_conv_type, in_chans)
+        self.cls_token = PatchEmbed(patch_size * window_size, embed_dim[0], "linear", in_chans)
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = np.linspace(0, drop_path_rate, sum(depth)).tolist()
+        starts = np.cumsum((0,) + tuple(depth)).tolist()
+        self.layers = nn.ModuleList([
+            ConvAttBlock(embed_dim[i], embed_dim[i + 1], window_size, depth[i], num_heads[i], mlp_ratio,
+                         downsampling[i], norm_layer, dpr[starts[i]:starts[i + 1]],
+                         attn_drop=attn_drop_rate, drop=drop_rate, peg=peg)
+            for i in range(len(depth))])
+        self.norm = norm_layer(embed_dim[-1])
+        self.head = nn.Linear(embed_dim[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+    def forward_features(self, x):
+        local = self.pos_drop(self.patch_embed(x))
+        regional = self.cls_token(x, extra_padding=True)
+        for layer in self.layers:
+            regional, local = layer(regional, local)
+        regional = self.norm(regional.flatten(2).transpose(1, 2))
+        return regional.mean(dim=1)
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
+# ---------------------------------------------------------------------------
+# Variants (official regionvit/regionvit.py `_model_cfg`)
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RegionViTConfig:
+    embed_dim: tuple
+    depth: tuple
+    num_heads: tuple
+    window_size: int
+    patch_conv_type: str
+    peg: bool = False
+
+
+_TINY = RegionViTConfig((64, 64, 128, 256, 512), (2, 2, 8, 2), (2, 4, 8, 16), 7, "3conv")
+_SMALL = RegionViTConfig((96, 96, 192, 384, 768), (2, 2, 8, 2), (3, 6, 12, 24), 7, "3conv")
+_MEDIUM = RegionViTConfig((96, 96, 192, 384, 768), (2, 2, 14, 2), (3, 6, 12, 24), 7, "1conv")
+_BASE = RegionViTConfig((128, 128, 256, 512, 1024), (2, 2, 14, 2), (4, 8, 16, 32), 7, "1conv")
+_SMALL_W14 = RegionViTConfig((96, 96, 192, 384, 768), (2, 2, 8, 2), (3, 6, 12, 24), 14, "3conv")
+_SMALL_W14_PEG = RegionViTConfig((96, 96, 192, 384, 768), (2, 2, 8, 2), (3, 6, 12, 24), 14, "3conv", peg=True)
+_BASE_W14 = RegionViTConfig((128, 128, 256, 512, 1024), (2, 2, 14, 2), (4, 8, 16, 32), 14, "1conv")
+_BASE_W14_PEG = RegionViTConfig((128, 128, 256, 512, 1024), (2, 2, 14, 2), (4, 8, 16, 32), 14, "1conv", peg=True)
+
+# Arguments timm.create_model passes to every entrypoint; these models have no pretrained config.
+_TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def _create(cfg: RegionViTConfig, pretrained: bool, num_classes: int, **kwargs) -> RegionViT:
+    if pretrained:
+        raise ValueError("no bundled weights: convert an official RegionViT checkpoint with torch2paddle")
+    for name in _TIMM_ONLY_KWARGS:
+        kwargs.pop(name, None)
+    return RegionViT(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+                     window_size=cfg.window_size, patch_conv_type=cfg.patch_conv_type, peg=cfg.peg,
+                     num_classes=num_classes, **kwargs)
+
+
+@register_model
+def regionvit_tiny(pretrained=False, num_classes=1000, **kwargs):
+    return _create(_TINY, pretrained, num_classes, **kwargs)
+
+
+@register_model
+def regionvit_small(pretrained=False, num_classes=1000, **kwargs):
+    return _create(_SMALL, pretrained, num_classes, **kwargs)
+
+
+@register_model
+def regionvit_medium(pretrained=False, num_classes=1000, **kwargs):
+    return _create(_MEDIUM, pretrained, num_classes, **kwargs)
+
+
+@register_model
+def regionvit_base(pretrained=False, num_classes=1000, **kwargs):
+    return _create(_BASE, pretrained, num_classes, **kwargs)
+
+
+@register_model
+def regionvit_small_w14(pretrained=False, num_classes=1000, **kwargs):
+    return _create(_SMALL_W14, pretrained, num_classes, **kwargs)
+
+
+@register_model
+def regionvit_small_w14_peg(pretrained=False, num_classes=1000, **kwargs):
+    return _create(_SMALL_W14_PEG, pretrained, num_classes, **kwargs)
+
+
+@register_model
+def regionvit_base_w14(pretrained=False, num_classes=1000, **kwargs):
+    return _create(_BASE_W14, pretrained, num_classes, **kwargs)
+
+
+@register_model
+def regionvit_base_w14_peg(pretrained=False, num_classes=1000, **kwargs):
+    return _create(_BASE_W14_PEG, pretrained, num_classes, **kwargs)
+
+
+def _official_name(factory):
+    """Register ``factory`` with timm again under the official ``<name>_224`` entrypoint name."""
+    def alias(pretrained=False, num_classes=1000, **kwargs):
+        return factory(pretrained=pretrained, num_classes=num_classes, **kwargs)
+    alias.__name__ = alias.__qualname__ = f"{factory.__name__}_224"
+    alias.__doc__ = f"Official name of ``{factory.__name__}``."
+    return register_model(alias)
+
+
+regionvit_tiny_224 = _official_name(regionvit_tiny)
+regionvit_small_224 = _official_name(regionvit_small)
+regionvit_medium_224 = _official_name(regionvit_medium)
+regionvit_base_224 = _official_name(regionvit_base)
+regionvit_small_w14_224 = _official_name(regionvit_small_w14)
+regionvit_small_w14_peg_224 = _official_name(regionvit_small_w14_peg)
+regionvit_base_w14_224 = _official_name(regionvit_base_w14)
+regionvit_base_w14_peg_224 = _official_name(regionvit_base_w14_peg)
