@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,9 @@ from typing import Iterable, Optional
 import numpy as np
 
 from .checkpoint import Checkpoint, atomic_write, check_output_path, read_checkpoint, torch_state_dict
-from .engine import ConversionReport, convert_state_dict, target_key
+from .engine import ConversionReport, MappingError, convert_state_dict, shapes_fit, target_key
 from .errors import UserError
-from .registry import ModelSpec, get_spec
+from .registry import MODELS, ModelSpec, get_spec
 
 
 @dataclass
@@ -60,13 +61,36 @@ def convert_checkpoint(spec: ModelSpec, ckpt: Checkpoint, *, allow_missing: Iter
                        num_classes: int = 1000, img_size: Optional[int] = None) -> tuple:
     """The in-memory conversion: official state dict -> Paddle state dict (numpy arrays)."""
     shapes = paddle_target_shapes(spec, num_classes, img_size)
-    return convert_state_dict(ckpt.state_dict, spec.rules, shapes, allow_missing)
+    try:
+        return convert_state_dict(ckpt.state_dict, spec.rules, shapes, allow_missing)
+    except MappingError as exc:
+        if exc.count > len(shapes) // 10:  # not a few stray keys: maybe another model's checkpoint
+            guess = closest_model(ckpt.state_dict)
+            if guess and guess != spec.name:
+                exc.args = (f"{exc.args[0]} -- the checkpoint fits {guess}, not {spec.name}",)
+        raise
+
+
+def closest_model(state_dict: dict) -> Optional[str]:
+    """The registered model whose keys and shapes ``state_dict`` fits exactly, if any."""
+    source = {k: np.shape(v) for k, v in state_dict.items()}
+    for spec in MODELS.values():
+        try:
+            if shapes_fit(source, spec.rules, paddle_target_shapes(spec)):
+                return spec.name
+        except ImportError:
+            continue
+    return None
 
 
 def save_pdparams(state_dict: dict, dst: Path) -> None:
-    import paddle
+    """A .pdparams file is a pickled dict of numpy arrays (what ``paddle.save`` writes for a
+    state dict); streaming it with pickle directly avoids building the whole file in memory."""
 
-    atomic_write(dst, lambda tmp: paddle.save(state_dict, str(tmp), protocol=4))
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            pickle.dump(state_dict, f, protocol=4)
+    atomic_write(dst, write)
 
 
 def convert(name: str, src, dst, *, force: bool = False, ema: bool = False, key: Optional[str] = None,

@@ -66,6 +66,8 @@ def _load_torch_file(path: Path, unsafe_pickle: bool):
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file, not a checkpoint")
     is_zip = zipfile.is_zipfile(path)
+    if not is_zip and not _starts_like_pickle(path):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch zip archive nor a pickle)")
     if unsafe_pickle:
         warnings.warn(f"{path}: loading with full pickle (--unsafe-pickle); this runs any code the file "
                       f"contains. Only do this for files you trust.", stacklevel=2)
@@ -73,17 +75,28 @@ def _load_torch_file(path: Path, unsafe_pickle: bool):
         # mmap keeps the tensors on disk until used: no second full copy in memory.
         return torch.load(path, map_location="cpu", weights_only=not unsafe_pickle, mmap=is_zip)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
             glob = _refused_global(str(exc))
             raise CheckpointError(
                 f"{path}: the file's pickle needs {glob or 'code beyond tensors and containers'}; refused "
                 f"by safe loading. If you trust the file, pass --unsafe-pickle") from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch zip archive nor a "
+                              f"pickle of tensors)") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, AttributeError,
             IndexError, TypeError, ModuleNotFoundError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupted? ({first})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupted? "
+                              f"({_first_sentence(exc)})") from None
+
+
+def _starts_like_pickle(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"  # pickle PROTO opcode, first byte of every protocol >= 2 pickle
+
+
+def _first_sentence(exc: BaseException, limit: int = 100) -> str:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = text.split(". ")[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _refused_global(message: str) -> Optional[str]:
@@ -101,7 +114,7 @@ def _load_safetensors(path: Path) -> dict:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_sentence(exc)})") from None
 
 
 def _pick_entry(obj, family_entries: tuple, ema: bool, key: Optional[str], path: Path):

@@ -17,9 +17,10 @@ from .errors import UserError
 class MappingError(UserError):
     """The checkpoint does not fit the model: a one-line summary plus the full lists."""
 
-    def __init__(self, summary: str, details: list):
+    def __init__(self, summary: str, details: list, count: int = 0):
         super().__init__(summary)
-        self.details = details
+        self.details = details  # one line per kind of problem
+        self.count = count
 
 
 @dataclass
@@ -74,6 +75,7 @@ def convert_state_dict(
     out: dict = {}
     filled_by: dict = {}
     unexpected, mismatched, duplicated, failed_checks, bad_transpose = [], [], [], [], []
+    reported = set()  # target keys already named as a shape mismatch, not to be listed as missing too
 
     for key, value in source.items():
         drop = next((d for d in drops if d.matches(key)), None)
@@ -107,13 +109,14 @@ def convert_state_dict(
         if tuple(np.shape(value)) != expected:
             if not allowed(new_key):
                 mismatched.append(f"{key} {tuple(np.shape(value))} -> {new_key} expects {expected}")
+                reported.add(new_key)
             continue
         filled_by[new_key] = key
         out[new_key] = value
         report.converted += 1
         report.num_parameters += int(np.size(value))
 
-    missing = [k for k in target_shapes if k not in out]
+    missing = [k for k in target_shapes if k not in out and k not in reported]
     report.allowed_missing = [k for k in missing if allowed(k)]
     missing = [k for k in missing if not allowed(k)]
 
@@ -126,12 +129,26 @@ def convert_state_dict(
             problems.append((label, items))
     if problems:
         summary = "; ".join(f"{len(items)} {label} (e.g. {items[0]})" for label, items in problems)
-        details = [f"{label}: {item}" for label, items in problems for item in items]
-        raise MappingError(f"checkpoint does not match the model: {summary}", details)
+        details = [f"{label} ({len(items)}): " + ", ".join(items[:6]) + (", ..." if len(items) > 6 else "")
+                   for label, items in problems]
+        raise MappingError(f"checkpoint does not match the model: {summary}", details,
+                           sum(len(items) for _, items in problems))
 
     # Emit in the model's own order, so output files are deterministic and read naturally.
     ordered = {k: out[k] for k in target_shapes if k in out}
     return ordered, report
+
+
+def shapes_fit(source_shapes: Mapping[str, tuple], rules: Iterable, target_shapes: Mapping[str, tuple]) -> bool:
+    """Whether a state dict with these key shapes converts cleanly (no tensors needed)."""
+    rules = tuple(rules)
+    _, _, transposes = _split(rules)
+    mapped = {}
+    for key, shape in source_shapes.items():
+        new = target_key(key, rules)
+        if new is not None:
+            mapped[new] = tuple(shape)[::-1] if any(t.matches(key) for t in transposes) else tuple(shape)
+    return mapped == {k: tuple(v) for k, v in target_shapes.items()}
 
 
 def reverse_key(key: str, rules: Iterable) -> str:

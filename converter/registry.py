@@ -85,7 +85,12 @@ class Family:
 FCVIT = Family("fcvit", checkpoint_entries=("state_dict", "model"))  # timm load_checkpoint order
 BIFORMER = Family("biformer", checkpoint_entries=("model",),
                   input_check=_multiple_of(112, "BiFormer splits stages 1-3 into 7x7 regions at strides 4, 8, 16"))
-CROSSFORMER = Family("crossformer", checkpoint_entries=("model",), size_dependent=True)
+CROSSFORMER = Family("crossformer", checkpoint_entries=("model",), size_dependent=True,
+                     input_check=lambda h, w: (
+                         f"input {h}x{w} is not square (CrossFormer is built for one img_size x img_size)" if h != w
+                         else _multiple_of(32, "patch stride 4, then three stride-2 merges that need even maps")(h, w)),
+                     extra_key_note="v1 release checkpoints carry every block's attn.biases and "
+                                    "attn.relative_position_index: checked against the recomputed tables, then dropped")
 REGIONVIT = Family("regionvit", checkpoint_entries=("model",))
 
 
