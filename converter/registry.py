@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -162,12 +161,3 @@ def get_spec(name: str) -> ModelSpec:
     close = difflib.get_close_matches(name, list(MODELS) + list(ALIASES), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else "; run 'torch2paddle list' for all models"
     raise UserError(f"unknown model '{name}'{hint}")
-
-
-def available_families() -> list:
-    """Families whose model and mapping modules are present in this install."""
-    found = []
-    for family in FAMILIES.values():
-        if importlib.util.find_spec(family.mapping_module) is not None:
-            found.append(family.name)
-    return found

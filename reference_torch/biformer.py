@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import trunc_normal_
 from timm.models import register_model
 
 from model_configs.biformer import CONFIGS, BiFormerConfig
@@ -346,6 +347,17 @@ class _BiFormerBase(nn.Module):
         """Paths of every TopkRouting sub-module; each one's forward returns (logits, index)."""
         return tuple(name for name, mod in self.named_modules() if isinstance(mod, TopkRouting))
 
+    def _init_weights(self):
+        """The official initialisation: Linear trunc-normal(0.02) with zero bias, LayerNorm 1 / 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
     def forward_features(self, x):
         _check_input(self.cfg, x)
         for downsample, stage in zip(self.downsample_layers, self.stages):
@@ -377,6 +389,7 @@ class BiFormer(_BiFormerBase):
         self.norm = nn.BatchNorm2d(dims[-1])
         self.pre_logits = nn.Identity()
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
 
     def forward(self, x):
         x = self.pre_logits(self.forward_features(x))
@@ -398,6 +411,7 @@ class BiFormerSTL(_BiFormerBase):
         self.stages = nn.ModuleList([BasicLayer(cfg, dims[i], cfg.depth[i], cfg.topks[i]) for i in range(4)])
         self.norm = nn.BatchNorm2d(dims[-1])
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
 
     def forward(self, x):
         return self.head(self.forward_features(x).mean([2, 3]))

@@ -177,7 +177,7 @@ class AttentionWithRelPos(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.rel_pos = nn.Parameter(torch.zeros(num_heads, (2 * window_size - 1) ** 2))
-        nn.init.trunc_normal_(self.rel_pos, std=0.02)
+        nn.init.normal_(self.rel_pos, std=0.02)  # = the official trunc_normal_: its cut-off is +-100 std
         self.register_buffer("rel_pos_index", torch.tensor(rel_pos_index(window_size)), persistent=False)
 
     def forward(self, x, patch_attn: bool = False, mask=None):
@@ -321,7 +321,7 @@ class RegionViT(nn.Module):
     @staticmethod
     def _init_weights(m):
         if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.normal_(m.weight, std=0.02)  # = the official trunc_normal_: its cut-off is +-100 std
             nn.init.zeros_(m.bias)
 
     def forward_features(self, x):
