@@ -73,6 +73,11 @@ class VerifyReport:
 
 def resolve_device(device: str) -> str:
     """'cpu', or 'gpu' for both frameworks; 'auto' picks gpu only when both can use it."""
+    if device != "cpu":
+        # Full float32 on GPU: TF32 would put ~1e-3 relative error into every matmul and conv.
+        # cuBLAS/cuDNN read this when their handles are created, so it is set before any CUDA
+        # work; it covers both frameworks (Paddle has no Python switch of its own for TF32).
+        os.environ["NVIDIA_TF32_OVERRIDE"] = "0"
     import paddle
     import torch
 
@@ -82,8 +87,6 @@ def resolve_device(device: str) -> str:
         if not (torch.cuda.is_available() and paddle.is_compiled_with_cuda()):
             raise UserError("--device gpu needs CUDA in both torch and paddle (paddlepaddle-gpu); "
                             "use --device cpu")
-        # Full float32 in both: TF32 would put ~1e-3 relative error into every matmul/conv.
-        os.environ["NVIDIA_TF32_OVERRIDE"] = "0"
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     paddle.set_device(device)

@@ -155,21 +155,14 @@ class FCViT(nn.Layer):
         return self.head(numerics.mean(self.forward_features(x), axis=[-2, -1]))
 
 
-def _create(name, num_classes=1000, **kwargs):
+def _create(name, pretrained=False, num_classes=1000, **kwargs):
+    if pretrained:
+        raise ValueError("torch2paddle builds models without downloading weights; load converted weights instead")
     return FCViT(CONFIGS[name], num_classes=num_classes)
 
 
-def fcvit_tiny(pretrained=False, num_classes=1000, **kwargs):
-    return _create("fcvit_tiny", num_classes)
-
-
-def fcvit_b12(pretrained=False, num_classes=1000, **kwargs):
-    return _create("fcvit_b12", num_classes)
-
-
-def fcvit_b24(pretrained=False, num_classes=1000, **kwargs):
-    return _create("fcvit_b24", num_classes)
-
-
-def fcvit_b48(pretrained=False, num_classes=1000, **kwargs):
-    return _create("fcvit_b48", num_classes)
+# One factory per variant, named as the official code names them.
+def fcvit_tiny(pretrained=False, **kwargs): return _create("fcvit_tiny", pretrained, **kwargs)  # noqa: E704
+def fcvit_b12(pretrained=False, **kwargs): return _create("fcvit_b12", pretrained, **kwargs)  # noqa: E704
+def fcvit_b24(pretrained=False, **kwargs): return _create("fcvit_b24", pretrained, **kwargs)  # noqa: E704
+def fcvit_b48(pretrained=False, **kwargs): return _create("fcvit_b48", pretrained, **kwargs)  # noqa: E704

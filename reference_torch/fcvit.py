@@ -152,27 +152,18 @@ class FCViT(nn.Module):
         return self.head(self.forward_features(x).mean([-2, -1]))
 
 
-def _create(name, num_classes=1000, **kwargs):
-    if kwargs.get("pretrained"):
+def _create(name, pretrained=False, num_classes=1000, **kwargs):
+    if pretrained:
         raise ValueError("torch2paddle builds models without downloading weights; load a checkpoint instead")
     return FCViT(CONFIGS[name], num_classes=num_classes)
 
 
+# One factory per variant, named as the official code names them (timm registers them by name).
 @register_model
-def fcvit_tiny(pretrained=False, num_classes=1000, **kwargs):
-    return _create("fcvit_tiny", num_classes, pretrained=pretrained)
-
-
+def fcvit_tiny(pretrained=False, **kwargs): return _create("fcvit_tiny", pretrained, **kwargs)  # noqa: E704
 @register_model
-def fcvit_b12(pretrained=False, num_classes=1000, **kwargs):
-    return _create("fcvit_b12", num_classes, pretrained=pretrained)
-
-
+def fcvit_b12(pretrained=False, **kwargs): return _create("fcvit_b12", pretrained, **kwargs)  # noqa: E704
 @register_model
-def fcvit_b24(pretrained=False, num_classes=1000, **kwargs):
-    return _create("fcvit_b24", num_classes, pretrained=pretrained)
-
-
+def fcvit_b24(pretrained=False, **kwargs): return _create("fcvit_b24", pretrained, **kwargs)  # noqa: E704
 @register_model
-def fcvit_b48(pretrained=False, num_classes=1000, **kwargs):
-    return _create("fcvit_b48", num_classes, pretrained=pretrained)
+def fcvit_b48(pretrained=False, **kwargs): return _create("fcvit_b48", pretrained, **kwargs)  # noqa: E704

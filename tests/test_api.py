@@ -1,0 +1,63 @@
+"""The Python API and the registry, as the README documents them."""
+import numpy as np
+import paddle
+import pytest
+import torch
+
+import converter
+from converter.errors import UserError
+from converter.registry import MODELS, get_spec
+
+
+def test_timm_creates_registered_references():
+    import timm
+
+    import reference_torch.fcvit  # noqa: F401  (registers the models)
+
+    model = timm.create_model("fcvit_tiny", num_classes=7)
+    assert type(model).__name__ == "FCViT" and model.head.out_features == 7
+
+
+def test_create_models_by_name_in_eval_mode(official_checkpoint, tmp_path):
+    src = official_checkpoint("fcvit_tiny")
+    converter.convert("fcvit_tiny", src, tmp_path / "w.pdparams")
+    pd_model = converter.create_paddle_model("fcvit_tiny", tmp_path / "w.pdparams")
+    th_model = converter.create_torch_model("fcvit_tiny", src)
+    assert not pd_model.training and not th_model.training
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    with torch.no_grad():
+        a = th_model(torch.from_numpy(x)).numpy()
+    b = pd_model(paddle.to_tensor(x)).numpy()
+    assert a.shape == b.shape == (1, 1000)
+    assert np.abs(a - b).max() <= 1e-5
+
+
+def test_create_paddle_model_accepts_a_state_dict(official_checkpoint):
+    result = converter.convert("fcvit_tiny", official_checkpoint("fcvit_tiny"), None)
+    model = converter.create_paddle_model("fcvit_tiny", result.state_dict)
+    np.testing.assert_array_equal(model.state_dict()["head.bias"].numpy(), result.state_dict["head.bias"])
+
+
+def test_strict_paddle_loading_names_what_is_wrong(official_checkpoint):
+    params = dict(converter.convert("fcvit_tiny", official_checkpoint("fcvit_tiny"), None).state_dict)
+    params.pop("norm.weight")
+    params["stray"] = np.zeros(1, np.float32)
+    with pytest.raises(UserError, match=r"1 missing \(e.g. norm.weight\); 1 unexpected \(e.g. stray\)"):
+        converter.create_paddle_model("fcvit_tiny", params)
+
+
+def test_aliases_and_suggestions():
+    assert get_spec("regionvit_tiny_224").name == "regionvit_tiny"
+    with pytest.raises(UserError, match="did you mean.*crossformer_pp_small"):
+        get_spec("crossformer_pp_smal")
+
+
+def test_registry_covers_every_official_variant():
+    assert set(MODELS) == {
+        "fcvit_tiny", "fcvit_b12", "fcvit_b24", "fcvit_b48",
+        "biformer_tiny", "biformer_small", "biformer_base", "biformer_stl", "biformer_stl_nchw",
+        "crossformer_tiny", "crossformer_small", "crossformer_base", "crossformer_large",
+        "crossformer_pp_small", "crossformer_pp_base", "crossformer_pp_large", "crossformer_pp_huge",
+        "regionvit_tiny", "regionvit_small", "regionvit_medium", "regionvit_base",
+        "regionvit_small_w14", "regionvit_small_w14_peg", "regionvit_base_w14", "regionvit_base_w14_peg",
+    }
