@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,8 @@ import numpy as np
 from .checkpoint import Checkpoint, atomic_write, check_output_path, read_checkpoint, torch_state_dict
 from .engine import ConversionReport, MappingError, convert_state_dict, shapes_fit, target_key
 from .errors import UserError
+from .lazy import materialize
+from .pdparams import write_pdparams
 from .registry import MODELS, ModelSpec, get_spec
 
 
@@ -25,7 +26,7 @@ class ConvertResult:
     model: str
     checkpoint: Checkpoint
     report: ConversionReport
-    state_dict: dict
+    state_dict: dict  # numpy arrays; LazyArrays (np.asarray reads them) when written to ``output``
     seconds: float
     output: Optional[Path] = None
 
@@ -58,11 +59,13 @@ def paddle_target_shapes(spec: ModelSpec, num_classes: int = 1000, img_size: Opt
 
 
 def convert_checkpoint(spec: ModelSpec, ckpt: Checkpoint, *, allow_missing: Iterable[str] = (),
-                       num_classes: int = 1000, img_size: Optional[int] = None) -> tuple:
-    """The in-memory conversion: official state dict -> Paddle state dict (numpy arrays)."""
+                       num_classes: int = 1000, img_size: Optional[int] = None, lazy: bool = False) -> tuple:
+    """The in-memory conversion: official state dict -> Paddle state dict (numpy arrays; with
+    ``lazy``, LazyArrays that read the checkpoint when used, for writing one tensor at a time)."""
     shapes = paddle_target_shapes(spec, num_classes, img_size)
     try:
-        return convert_state_dict(ckpt.state_dict, spec.rules, shapes, allow_missing)
+        state_dict, report = convert_state_dict(ckpt.state_dict, spec.rules, shapes, allow_missing)
+        return (state_dict if lazy else materialize(state_dict)), report
     except MappingError as exc:
         if exc.count > len(shapes) // 10:  # not a few stray keys: maybe another model's checkpoint
             guess = closest_model(ckpt.state_dict)
@@ -84,12 +87,12 @@ def closest_model(state_dict: dict) -> Optional[str]:
 
 
 def save_pdparams(state_dict: dict, dst: Path) -> None:
-    """A .pdparams file is a pickled dict of numpy arrays (what ``paddle.save`` writes for a
-    state dict); streaming it with pickle directly avoids building the whole file in memory."""
+    """A .pdparams file is a pickled dict of numpy arrays (what ``paddle.load`` reads); values
+    may be LazyArrays, which are read and written one at a time (converter.pdparams)."""
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            pickle.dump(state_dict, f, protocol=4)
+            write_pdparams(state_dict, f)
     atomic_write(dst, write)
 
 
@@ -102,8 +105,8 @@ def convert(name: str, src, dst, *, force: bool = False, ema: bool = False, key:
     dst = check_output_path(dst, force) if dst is not None else None
     ckpt = read_checkpoint(src, spec.family.checkpoint_entries, ema=ema, key=key,
                            unsafe_pickle=unsafe_pickle, keep_dtype=keep_dtype)
-    state_dict, report = convert_checkpoint(spec, ckpt, allow_missing=allow_missing,
-                                            num_classes=num_classes, img_size=img_size)
+    state_dict, report = convert_checkpoint(spec, ckpt, allow_missing=allow_missing, num_classes=num_classes,
+                                            img_size=img_size, lazy=dst is not None)
     if dst is not None:
         save_pdparams(state_dict, dst)
     return ConvertResult(spec.name, ckpt, report, state_dict, time.perf_counter() - start, dst)
@@ -136,7 +139,7 @@ def load_into_paddle(model, params: dict, source: str = "params") -> None:
                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if v]
     if problems:
         raise UserError(f"{source} do not fit the Paddle model: {'; '.join(problems)}")
-    model.set_state_dict(params)
+    model.set_state_dict(materialize(params))
 
 
 def create_paddle_model(name: str, params=None, *, num_classes: int = 1000, img_size: Optional[int] = None):
@@ -177,10 +180,11 @@ def create_torch_model(name: str, checkpoint=None, *, num_classes: int = 1000, i
 
 
 def count_parameters(spec: ModelSpec) -> int:
-    """Trainable parameter count (buffers excluded, shared modules counted once), without
-    initialising weights."""
+    """Trainable parameter count (shared modules counted once), without initialising weights.
+    Paddle keeps BatchNorm running statistics as non-trainable parameters: not counted, as
+    torch counts them as buffers."""
     import paddle
 
     with paddle.LazyGuard():
         model = spec.create_paddle()
-    return int(sum(int(np.prod(p.shape)) for p in model.parameters()))
+    return int(sum(int(np.prod(p.shape)) for p in model.parameters() if p.trainable))

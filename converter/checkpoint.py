@@ -1,15 +1,21 @@
-"""Reading checkpoints: file -> container -> official torch state dict (as numpy arrays).
+"""Reading checkpoints: file -> container -> official state dict (lazy numpy arrays).
 
-Supported files: .pth, .pth.tar, .pt, .bin (torch zip or legacy format) and .safetensors.
-Torch files are read weights-only (no code in the pickle is ever executed) unless the caller
-opts in to legacy pickles.  Containers: a raw state dict, or a dict holding one under
-``model`` / ``state_dict`` / ``state_dict_ema`` / ``model_ema`` (or any ``key=``).
-DDP (``module.``) and torch.compile (``_orig_mod.``) prefixes are stripped.
+Supported files: .pth, .pth.tar, .pt, .bin (torch zip or legacy format), read by
+``converter.torch_reader`` (standard library and numpy only; nothing in the file is ever run),
+and .safetensors through the safetensors package's numpy interface.  Neither needs PyTorch.
+``unsafe_pickle`` is a separate, explicit fallback to ``torch.load`` with full pickle, for
+trusted files that pickle whole models or custom classes: it runs the file's code and needs
+torch; the reader itself has no such mode.
+
+Containers: a raw state dict, or a dict holding one under ``model`` / ``state_dict`` /
+``state_dict_ema`` / ``model_ema`` (or any ``key=``).  DDP (``module.``) and torch.compile
+(``_orig_mod.``) prefixes are stripped.  Values are LazyArrays: each tensor is read from the
+(memory-mapped) file when used, so no second copy of the checkpoint is ever held.
 """
 from __future__ import annotations
 
+import json
 import os
-import pickle
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -18,7 +24,11 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, first_sentence
+from .extras import require_torch
+from .lazy import LazyArray
+from .torch_reader import (ELEMENT_TYPES, RefusedGlobal, Storage, TensorView, bfloat16_to_float32, load,
+                           widen_to_float32)
 
 TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".tar", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -27,6 +37,10 @@ SAFETENSORS_SUFFIX = ".safetensors"
 GENERIC_ENTRIES = ("state_dict", "model", "module")
 EMA_ENTRIES = ("state_dict_ema", "model_ema")
 PREFIXES = ("module.", "_orig_mod.")
+# Floating types converted to float32 unless keep_dtype (what torch's .float() does).
+CAST_TO_FLOAT32 = {"float16": widen_to_float32, "float64": widen_to_float32, "bfloat16": bfloat16_to_float32}
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 class CheckpointError(UserError):
@@ -36,7 +50,7 @@ class CheckpointError(UserError):
 @dataclass
 class Checkpoint:
     path: Path
-    state_dict: dict  # key -> np.ndarray, official key names
+    state_dict: dict  # key -> LazyArray (np.asarray reads it), official key names
     entry: str  # which container entry was used ('<raw>' for a bare state dict)
     stripped_prefixes: list = field(default_factory=list)
     upcast: dict = field(default_factory=dict)  # original dtype -> number of tensors cast to float32
@@ -54,67 +68,96 @@ class Checkpoint:
 
 
 def _is_tensor_dict(obj) -> bool:
-    import torch
-
     return isinstance(obj, dict) and len(obj) > 0 and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+        isinstance(k, str) and isinstance(v, TensorView) for k, v in obj.items())
 
 
 def _load_torch_file(path: Path, unsafe_pickle: bool):
-    import torch
+    if unsafe_pickle:
+        return _load_with_torch_pickle(path)
+    try:
+        return load(path)
+    except RefusedGlobal as exc:
+        raise CheckpointError(f"{exc}. If you trust the file, --unsafe-pickle loads it with torch.load, "
+                              f"which runs its code (needs torch)") from None
 
+
+def _load_with_torch_pickle(path: Path):
+    """``--unsafe-pickle``: torch.load with full pickle -- the file's code runs.  Kept apart from
+    the reader so that nothing else can reach it."""
+    torch = require_torch("--unsafe-pickle (torch.load)", modules=("torch",))
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file, not a checkpoint")
-    is_zip = zipfile.is_zipfile(path)
-    if not is_zip and not _starts_like_pickle(path):
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch zip archive nor a pickle)")
-    if unsafe_pickle:
-        warnings.warn(f"{path}: loading with full pickle (--unsafe-pickle); this runs any code the file "
-                      f"contains. Only do this for files you trust.", stacklevel=2)
+    warnings.warn(f"{path}: loading with full pickle (--unsafe-pickle); this runs any code the file "
+                  f"contains. Only do this for files you trust.", stacklevel=3)
     try:
-        # mmap keeps the tensors on disk until used: no second full copy in memory.
-        return torch.load(path, map_location="cpu", weights_only=not unsafe_pickle, mmap=is_zip)
-    except pickle.UnpicklingError as exc:
-        if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
-            glob = _refused_global(str(exc))
-            raise CheckpointError(
-                f"{path}: the file's pickle needs {glob or 'code beyond tensors and containers'}; refused "
-                f"by safe loading. If you trust the file, pass --unsafe-pickle") from None
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch zip archive nor a "
-                              f"pickle of tensors)") from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, AttributeError,
-            IndexError, TypeError, ModuleNotFoundError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupted? "
-                              f"({_first_sentence(exc)})") from None
+        obj = torch.load(path, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(path))
+    except Exception as exc:  # the file's own code ran: any exception type can come out
+        raise CheckpointError(f"{path}: torch.load failed ({first_sentence(exc)})") from None
+    return _as_views(obj, torch, path)
 
 
-def _starts_like_pickle(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(1) == b"\x80"  # pickle PROTO opcode, first byte of every protocol >= 2 pickle
-
-
-def _first_sentence(exc: BaseException, limit: int = 100) -> str:
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    text = text.split(". ")[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _refused_global(message: str) -> Optional[str]:
-    for marker in ("Unsupported global: GLOBAL ", "GLOBAL "):
-        if marker in message:
-            rest = message.split(marker, 1)[1]
-            return "global " + rest.split()[0].rstrip(".,")
-    return None
+def _as_views(obj, torch, path: Path):
+    """A torch.load result with modules replaced by their state dicts and tensors by TensorViews
+    of their storages, so the rest of the pipeline is the reader's."""
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, torch.Tensor):
+        tensor = obj.detach().cpu()
+        raw = torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage()).numpy()
+        storage = Storage(path, "a storage", raw.size, lambda: raw, "=")
+        return TensorView(storage, str(tensor.dtype).replace("torch.", ""), tuple(tensor.shape),
+                          tuple(tensor.stride()), tensor.storage_offset())
+    if isinstance(obj, dict):
+        return {k: _as_views(v, torch, path) for k, v in obj.items()}
+    return obj
 
 
 def _load_safetensors(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Every tensor of a .safetensors file as a TensorView, read through the package's numpy
+    interface when used.  numpy has no bfloat16, so those tensors are read as raw bits at the
+    offsets the (already validated) header gives."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return load_file(str(path), device="cpu")
+        handle = safe_open(str(path), framework="numpy")
+        specs = {k: (handle.get_slice(k).get_dtype(), tuple(handle.get_slice(k).get_shape())) for k in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_sentence(exc)})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first_sentence(exc)})") from None
+    unknown = sorted({dtype for dtype, _ in specs.values()} - set(SAFETENSORS_DTYPES))
+    if unknown:
+        raise CheckpointError(f"{path}: unsupported safetensors dtype {', '.join(unknown)}")
+    bf16_offsets = _safetensors_offsets(path) if any(d == "BF16" for d, _ in specs.values()) else {}
+
+    def reader(key: str):
+        if key in bf16_offsets:
+            start, end = bf16_offsets[key]
+            return lambda: np.fromfile(path, np.uint8, count=end - start, offset=start)
+        return lambda: handle.get_tensor(key).reshape(-1).view(np.uint8)
+
+    views = {}
+    for key, (dtype, shape) in specs.items():
+        dtype = SAFETENSORS_DTYPES[dtype]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(ELEMENT_TYPES[dtype]).itemsize
+        views[key] = TensorView(Storage(path, key, nbytes, reader(key)), dtype, shape, _contiguous_strides(shape), 0)
+    return views
+
+
+def _safetensors_offsets(path: Path) -> dict:
+    """key -> (start, end) byte range in the file, from the header: 8-byte length, then JSON."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    return {k: (8 + length + v["data_offsets"][0], 8 + length + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def _contiguous_strides(shape: tuple) -> tuple:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
 
 
 def _pick_entry(obj, family_entries: tuple, ema: bool, key: Optional[str], path: Path):
@@ -154,25 +197,25 @@ def _strip_prefixes(state_dict: dict) -> tuple:
     return state_dict, stripped
 
 
-def _to_numpy(state_dict: dict, keep_dtype: bool) -> tuple:
-    import torch
-
-    out, upcast = {}, {}
-    for k, t in state_dict.items():
-        t = t.detach()
-        if t.is_floating_point() and t.dtype != torch.float32 and not keep_dtype:
-            upcast[str(t.dtype).replace("torch.", "")] = upcast.get(str(t.dtype).replace("torch.", ""), 0) + 1
-            t = t.float()
-        if t.dtype == torch.bfloat16:
+def _as_arrays(tensors: dict, keep_dtype: bool) -> tuple:
+    """TensorViews -> LazyArrays, floating types other than float32 cast to float32 unless
+    ``keep_dtype``.  Returns (arrays, {original dtype: number of tensors cast})."""
+    arrays, cast = {}, {}
+    for key, view in tensors.items():
+        array = LazyArray(view.numpy, view.shape, ELEMENT_TYPES[view.dtype])
+        if view.dtype in CAST_TO_FLOAT32 and not keep_dtype:
+            cast[view.dtype] = cast.get(view.dtype, 0) + 1
+            array = array.then(CAST_TO_FLOAT32[view.dtype], dtype=np.float32)
+        elif view.dtype == "bfloat16":
             raise CheckpointError("bfloat16 tensors cannot be kept as bfloat16 in .pdparams (numpy has no "
                                   "bfloat16); drop --keep-dtype to convert them to float32")
-        out[k] = t.cpu().numpy()
-    return out, upcast
+        arrays[key] = array
+    return arrays, cast
 
 
 def read_checkpoint(path, family_entries: tuple = (), *, ema: bool = False, key: Optional[str] = None,
                     unsafe_pickle: bool = False, keep_dtype: bool = False) -> Checkpoint:
-    """Read a checkpoint file into the official state dict (numpy arrays, float32 by default)."""
+    """Read a checkpoint file into the official state dict (LazyArrays, float32 by default)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
@@ -181,13 +224,12 @@ def read_checkpoint(path, family_entries: tuple = (), *, ema: bool = False, key:
     if path.name.endswith(SAFETENSORS_SUFFIX):
         if key or ema:
             raise CheckpointError(f"{path}: a safetensors file holds one state dict; --key/--ema do not apply")
-        obj, entry, others = _load_safetensors(path), "<safetensors>", []
-        state_dict = obj
+        state_dict, entry, others = _load_safetensors(path), "<safetensors>", []
     else:
         obj = _load_torch_file(path, unsafe_pickle)
         entry, state_dict, others = _pick_entry(obj, family_entries, ema, key, path)
     state_dict, stripped = _strip_prefixes(dict(state_dict))
-    arrays, upcast = _to_numpy(state_dict, keep_dtype)
+    arrays, upcast = _as_arrays(state_dict, keep_dtype)
     return Checkpoint(path, arrays, entry, stripped, upcast, others)
 
 
@@ -195,7 +237,7 @@ def torch_state_dict(ckpt: Checkpoint) -> dict:
     """The checkpoint as torch tensors (for loading the torch reference)."""
     import torch
 
-    return {k: torch.from_numpy(np.asarray(v)) for k, v in ckpt.state_dict.items()}
+    return {k: torch.from_numpy(np.array(v)) for k, v in ckpt.state_dict.items()}  # copies: writable
 
 
 def check_output_path(dst, force: bool) -> Path:

@@ -2,6 +2,7 @@
 non-zero exit; nothing is written unless the whole job succeeded."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -28,7 +29,8 @@ checkpoint_options = [
     click.option("--ema", is_flag=True, help="Use the EMA weights (state_dict_ema / model_ema)."),
     click.option("--key", "entry_key", metavar="NAME", help="Use the state dict stored under this entry."),
     click.option("--unsafe-pickle", is_flag=True,
-                 help="Allow arbitrary pickled objects (runs code from the file!). Only for trusted legacy files."),
+                 help="Load with torch.load and full pickle instead of the safe reader: RUNS CODE FROM THE "
+                      "FILE and needs torch. Only for trusted files that pickle whole models or custom classes."),
 ]
 
 
@@ -36,6 +38,18 @@ def with_checkpoint_options(fn):
     for option in reversed(checkpoint_options):
         fn = option(fn)
     return fn
+
+
+def needs_torch(command):
+    """For commands that run the PyTorch reference: without the verify extra they stop with one
+    line naming the pip command (the base install converts without torch)."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        from .extras import require_torch
+
+        require_torch(f"torch2paddle {click.get_current_context().info_name}")
+        return command(*args, **kwargs)
+    return run
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,16 +109,43 @@ verify_options = [
 ]
 
 
+def torch_ckpt_option(required: bool, help_suffix: str = ""):
+    return click.option("--torch-ckpt", type=click.Path(dir_okay=False, path_type=Path), required=required,
+                        help="The official PyTorch checkpoint" + help_suffix + ".")
+
+
+paddle_params_option = click.option("--paddle-params", type=click.Path(dir_okay=False, path_type=Path),
+                                    help="Converted .pdparams (default: convert the checkpoint in memory).")
+
+
 @cli.command()
-@click.argument("model")
-@click.option("--torch-ckpt", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="The official PyTorch checkpoint.")
-@click.option("--paddle-params", type=click.Path(dir_okay=False, path_type=Path),
-              help="Converted .pdparams (default: convert the checkpoint in memory).")
+@click.argument("model", required=False)
+@torch_ckpt_option(False, " (required without --all)")
+@paddle_params_option
+@click.option("--all", "all_models", is_flag=True,
+              help="Verify every registered model in turn: one summary table, exit 1 if any fails.")
+@click.option("--ckpt-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="With --all: real checkpoints named by model (fcvit_b12.pth, ...); "
+                   "default: seeded official-format checkpoints.")
+@click.option("--models", "patterns", multiple=True, metavar="GLOB",
+              help="With --all: only models matching this glob, e.g. 'fcvit_*' (repeatable).")
 @with_checkpoint_options
-def verify(model, torch_ckpt, paddle_params, ema, entry_key, unsafe_pickle, **kwargs):
+@needs_torch
+def verify(model, torch_ckpt, paddle_params, all_models, ckpt_dir, patterns, ema, entry_key, unsafe_pickle,
+           **kwargs):
     """Run the torch reference and the Paddle model on the same batch and compare them."""
-    _verify(model, torch_ckpt, paddle_params, ema=ema, key=entry_key, unsafe_pickle=unsafe_pickle, **kwargs)
+    checkpoint_kwargs = dict(ema=ema, key=entry_key, unsafe_pickle=unsafe_pickle)
+    if all_models:
+        if model or torch_ckpt or paddle_params:
+            raise UserError("verify --all takes no MODEL, --torch-ckpt or --paddle-params "
+                            "(choose models with --models GLOB, real checkpoints with --ckpt-dir DIR)")
+        _verify_all(ckpt_dir, patterns, **checkpoint_kwargs, **kwargs)
+    elif ckpt_dir or patterns:
+        raise UserError("--ckpt-dir and --models go with --all")
+    elif not model or torch_ckpt is None:
+        raise UserError("verify needs MODEL and --torch-ckpt (or --all to verify every registered model)")
+    else:
+        _verify(model, torch_ckpt, paddle_params, **checkpoint_kwargs, **kwargs)
 
 
 for _option in reversed(verify_options):
@@ -125,10 +166,63 @@ def _verify(model, torch_ckpt, paddle_params, *, json_path=None, **kwargs):
     return report
 
 
+def _verify_all(ckpt_dir, patterns, *, json_path=None, **kwargs):
+    from .verify_all import verify_all
+
+    def show(i, n, r):
+        outcome = f"ERROR {r.error}" if r.error else (
+            f"{'PASS' if r.passed else 'FAIL'}  max abs err {r.max_abs_err:.3e}")
+        click.echo(f"[{i:>{len(str(n))}}/{n}] {r.name:<26}{outcome}  ({r.seconds:.1f} s)")
+
+    report = verify_all(ckpt_dir=ckpt_dir, patterns=patterns, on_result=show, **kwargs)
+    click.echo("")
+    click.echo(report.format())
+    if json_path:
+        _write_json(json_path, report.to_dict())
+    if not report.passed:
+        failed = [m.name for m in report.models if not m.passed]
+        click.echo(f"error: {len(failed)} of {len(report.models)} models failed verification: "
+                   f"{', '.join(failed)}", err=True)
+        sys.exit(EXIT_FAILED_GATE)
+
+
+@cli.command("eval")
+@click.argument("model")
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help="ImageNet-style folder DATA/<class>/<image>, or the root for --list "
+                   "(a list file given here uses its own folder as the root).")
+@click.option("--list", "list_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="List file of 'relative/path label' lines, paths relative to --data.")
+@torch_ckpt_option(True)
+@paddle_params_option
+@with_checkpoint_options
+@click.option("--limit", type=click.IntRange(1), help="Evaluate N images spread evenly over the dataset.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--workers", type=click.IntRange(0), default=2, show_default=True,
+              help="Threads decoding and preprocessing images ahead of the models (0: none).")
+@click.option("--device", type=click.Choice(["cpu", "gpu", "auto"]), default="cpu", show_default=True)
+@click.option("--num-classes", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the whole report as JSON.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (it is only shown on a terminal anyway).")
+@needs_torch
+def evaluate(model, data, list_path, torch_ckpt, paddle_params, ema, entry_key, unsafe_pickle, json_path,
+             no_progress, **kwargs):
+    """Top-1 / top-5 of the torch reference and the Paddle model on the same labelled images."""
+    from .evaluate import run_eval
+
+    report = run_eval(model, data, torch_ckpt, paddle_params, list_path=list_path, ema=ema, key=entry_key,
+                      unsafe_pickle=unsafe_pickle, progress=not no_progress, **kwargs)
+    click.echo(report.format())
+    if json_path:
+        _write_json(json_path, report.to_dict())
+
+
 @cli.command()
 @click.option("--model", default="fcvit_b12", show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               help="Where to write the example checkpoint and weights (default: a temporary directory).")
+@needs_torch
 def demo(model, workdir):
     """The whole job on a built-in example: an official-format checkpoint with seeded RANDOM
     weights -> convert -> verify."""

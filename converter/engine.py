@@ -12,6 +12,7 @@ import numpy as np
 from mappings.rules import Drop, Rename, Transpose
 
 from .errors import UserError
+from .lazy import transposed
 
 
 class MappingError(UserError):
@@ -96,7 +97,7 @@ def convert_state_dict(
             if np.ndim(value) != 2:
                 bad_transpose.append(f"{key} {tuple(np.shape(value))}")
                 continue
-            value = np.ascontiguousarray(np.asarray(value).T)
+            value = transposed(value)  # stays lazy for a lazily read checkpoint
             report.transposed += 1
         if new_key not in target_shapes:
             if not allowed(new_key):

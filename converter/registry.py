@@ -85,9 +85,8 @@ FCVIT = Family("fcvit", checkpoint_entries=("state_dict", "model"))  # timm load
 BIFORMER = Family("biformer", checkpoint_entries=("model",),
                   input_check=_multiple_of(112, "BiFormer splits stages 1-3 into 7x7 regions at strides 4, 8, 16"))
 CROSSFORMER = Family("crossformer", checkpoint_entries=("model",), size_dependent=True,
-                     input_check=lambda h, w: (
-                         f"input {h}x{w} is not square (CrossFormer is built for one img_size x img_size)" if h != w
-                         else _multiple_of(32, "patch stride 4, then three stride-2 merges that need even maps")(h, w)),
+                     input_check=lambda h, w: importlib.import_module("model_configs.crossformer")
+                     .input_size_problem(h, w),  # framework-free: square, a multiple of 32
                      extra_key_note="v1 release checkpoints carry every block's attn.biases and "
                                     "attn.relative_position_index: checked against the recomputed tables, then dropped")
 REGIONVIT = Family("regionvit", checkpoint_entries=("model",))
@@ -108,6 +107,8 @@ class ModelSpec:
         return getattr(module, self.factory or self.name)
 
     def _kwargs(self, num_classes: int, img_size: Optional[int]) -> dict:
+        if img_size is not None:
+            self.check_input_size(img_size, img_size)
         kwargs = dict(self.extra_kwargs, num_classes=num_classes)
         if self.family.size_dependent:
             kwargs["img_size"] = img_size or self.preprocessing.input_size

@@ -108,11 +108,20 @@ def make_batch(spec: ModelSpec, *, images=None, batch_size: int = 2, input_size:
 
 
 class _Capture:
-    """Records the outputs of named sub-modules (forward hooks) in either framework."""
+    """Records the outputs of named sub-modules (forward hooks) in either framework.
 
-    def __init__(self, model, names, framework: str):
+    ``outputs[name]`` holds the tensors of a module's latest call, as numpy copies (a later
+    in-place op cannot change them).  With ``on_output``, each call is handed over instead, as
+    ``on_output(name, call, arrays)`` with ``call`` counting from 1 (a module can run more than
+    once per forward), in the order the modules finish.
+    """
+
+    def __init__(self, model, names, framework: str, on_output=None):
         self.outputs: dict = {}
         self.handles = []
+        self._calls: dict = {}
+        self._on_output = on_output
+        self._to_numpy = _torch_to_numpy if framework == "torch" else _paddle_to_numpy
         modules = dict(model.named_modules() if framework == "torch" else model.named_sublayers())
         for name in names:
             if name not in modules:
@@ -124,13 +133,38 @@ class _Capture:
 
     def _hook(self, name):
         def record(module, inputs, output):
-            self.outputs[name] = [np.asarray(t.detach().cpu().numpy() if hasattr(t, "detach") else t.numpy())
-                                  for t in (output if isinstance(output, (tuple, list)) else (output,))]
+            arrays = [a for a in map(self._to_numpy, _flatten(output)) if a is not None]
+            self._calls[name] = call = self._calls.get(name, 0) + 1
+            if self._on_output is None:
+                self.outputs[name] = arrays
+            else:
+                self._on_output(name, call, arrays)
         return record
 
     def remove(self):
         for h in self.handles:
             h.remove()
+
+
+def _flatten(output) -> list:
+    """The leaves of a module's output (tensors, or anything else) in order."""
+    if isinstance(output, (tuple, list)):
+        return [leaf for item in output for leaf in _flatten(item)]
+    if isinstance(output, dict):
+        return [leaf for item in output.values() for leaf in _flatten(item)]
+    return [output]
+
+
+def _torch_to_numpy(value):
+    import torch
+
+    return value.detach().cpu().numpy().copy() if isinstance(value, torch.Tensor) else None
+
+
+def _paddle_to_numpy(value):
+    import paddle
+
+    return value.detach().cpu().numpy() if isinstance(value, paddle.Tensor) else None  # numpy() copies
 
 
 def _timed(fn):
@@ -141,22 +175,28 @@ def _timed(fn):
 
 def run_models(torch_model, paddle_model, batch: np.ndarray, device: str, stage_names=()) -> dict:
     """Forward both models on ``batch``; return logits, stage outputs and times."""
-    import paddle
-    import torch
-
     t_cap = _Capture(torch_model, stage_names, "torch")
     p_cap = _Capture(paddle_model, stage_names, "paddle")
     try:
-        t_in = torch.from_numpy(batch).to("cuda" if device == "gpu" else "cpu")
-        with torch.no_grad():
-            t_out, t_sec = _timed(lambda: torch_model(t_in).cpu().numpy())
-        with paddle.no_grad():
-            p_out, p_sec = _timed(lambda: paddle_model(paddle.to_tensor(batch)).numpy())
+        t_out, p_out, t_sec, p_sec = forward_both(torch_model, paddle_model, batch, device)
     finally:
         t_cap.remove()
         p_cap.remove()
     return {"torch": t_out, "paddle": p_out, "torch_seconds": t_sec, "paddle_seconds": p_sec,
             "torch_stages": t_cap.outputs, "paddle_stages": p_cap.outputs}
+
+
+def forward_both(torch_model, paddle_model, batch: np.ndarray, device: str) -> tuple:
+    """(torch logits, Paddle logits, torch seconds, Paddle seconds) on ``batch``; torch runs first."""
+    import paddle
+    import torch
+
+    t_in = torch.from_numpy(batch).to("cuda" if device == "gpu" else "cpu")
+    with torch.no_grad():
+        t_out, t_sec = _timed(lambda: torch_model(t_in).cpu().numpy())
+    with paddle.no_grad():
+        p_out, p_sec = _timed(lambda: paddle_model(paddle.to_tensor(batch)).numpy())
+    return t_out, p_out, t_sec, p_sec
 
 
 def stage_discrepancies(torch_stages: dict, paddle_stages: dict, names) -> list:
@@ -172,17 +212,21 @@ def stage_discrepancies(torch_stages: dict, paddle_stages: dict, names) -> list:
     return rows
 
 
-def run_verify(name: str, torch_ckpt, paddle_params=None, *, images=None, batch_size: int = 2,
-               input_size: Optional[int] = None, seed: int = 0, device: str = "cpu", max_err: float = 1e-4,
-               ema: bool = False, key: Optional[str] = None, unsafe_pickle: bool = False,
-               num_classes: int = 1000) -> VerifyReport:
-    """Compare the torch reference (loaded from ``torch_ckpt``) with the Paddle model (loaded from
-    ``paddle_params``, or converted in memory from the same checkpoint when None)."""
-    spec = get_spec(name)
-    batch, described = make_batch(spec, images=images, batch_size=batch_size, input_size=input_size, seed=seed)
-    size = batch.shape[-1]
-    img_size = size if spec.family.size_dependent else None
-    device = resolve_device(device)
+@dataclass
+class ModelPair:
+    torch_model: object
+    paddle_model: object
+    checkpoint_entry: str  # the container entry the torch weights came from
+    paddle_params: str  # where the Paddle weights came from
+
+
+def load_model_pair(spec: ModelSpec, torch_ckpt, paddle_params=None, *, img_size: Optional[int] = None,
+                    device: str = "cpu", ema: bool = False, key: Optional[str] = None,
+                    unsafe_pickle: bool = False, num_classes: int = 1000) -> ModelPair:
+    """The torch reference loaded from ``torch_ckpt`` and the Paddle model loaded from
+    ``paddle_params`` (or converted in memory from the same checkpoint when None), both in eval
+    mode on ``device`` (already resolved).  ``img_size`` matters only to size-dependent families."""
+    img_size = img_size if spec.family.size_dependent else None
     ckpt = read_checkpoint(torch_ckpt, spec.family.checkpoint_entries, ema=ema, key=key,
                            unsafe_pickle=unsafe_pickle)
     torch_model = create_torch_model(spec.name, ckpt, num_classes=num_classes, img_size=img_size)
@@ -194,13 +238,28 @@ def run_verify(name: str, torch_ckpt, paddle_params=None, *, images=None, batch_
     else:
         params, params_label = paddle_params, str(paddle_params)
     paddle_model = create_paddle_model(spec.name, params, num_classes=num_classes, img_size=img_size)
+    return ModelPair(torch_model, paddle_model, ckpt.entry, params_label)
 
-    stage_names = tuple(getattr(torch_model, "stage_names", ()))
-    run = run_models(torch_model, paddle_model, batch, device, stage_names)
+
+def run_verify(name: str, torch_ckpt, paddle_params=None, *, images=None, batch_size: int = 2,
+               input_size: Optional[int] = None, seed: int = 0, device: str = "cpu", max_err: float = 1e-4,
+               ema: bool = False, key: Optional[str] = None, unsafe_pickle: bool = False,
+               num_classes: int = 1000) -> VerifyReport:
+    """Compare the torch reference (loaded from ``torch_ckpt``) with the Paddle model (loaded from
+    ``paddle_params``, or converted in memory from the same checkpoint when None)."""
+    spec = get_spec(name)
+    batch, described = make_batch(spec, images=images, batch_size=batch_size, input_size=input_size, seed=seed)
+    size = batch.shape[-1]
+    device = resolve_device(device)
+    pair = load_model_pair(spec, torch_ckpt, paddle_params, img_size=size, device=device, ema=ema, key=key,
+                           unsafe_pickle=unsafe_pickle, num_classes=num_classes)
+
+    stage_names = tuple(getattr(pair.torch_model, "stage_names", ()))
+    run = run_models(pair.torch_model, pair.paddle_model, batch, device, stage_names)
     logits = Discrepancy.between(run["torch"], run["paddle"])
     agreement = float(np.mean(run["torch"].argmax(-1) == run["paddle"].argmax(-1)))
     return VerifyReport(
-        model=spec.name, checkpoint_entry=ckpt.entry, paddle_params=params_label, input=described,
+        model=spec.name, checkpoint_entry=pair.checkpoint_entry, paddle_params=pair.paddle_params, input=described,
         batch_size=int(batch.shape[0]), input_size=int(size), device=device, max_err=max_err,
         max_abs_err=logits.max_abs_err, mean_abs_err=logits.mean_abs_err, max_rel_err=logits.max_rel_err,
         top1_agreement=agreement,

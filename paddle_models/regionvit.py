@@ -23,7 +23,7 @@ __all__ = ["RegionViT"]
 # Linear weights get the official init (trunc_normal_(std=.02), whose +-2 bounds are +-100 std, i.e. a
 # normal) at creation, so each is sampled once: Paddle's CPU gaussian costs ~20 ns a value and
 # regionvit_base_w14 has 73.8M of them.  Biases keep Paddle's default, zeros, as in the official init.
-_LINEAR_INIT = nn.initializer.Normal(std=0.02)
+_WEIGHT_INIT = nn.initializer.Normal(std=0.02)
 
 
 # ---------------------------------------------------------------------------
@@ -104,17 +104,17 @@ class LayerNorm2d(nn.Layer):
         self.bias = self.create_parameter([1, channels, 1, 1], default_initializer=nn.initializer.Constant(0.0))
 
     def forward(self, x):
-        mean = x.mean(1, keepdim=True)
-        std = paddle.sqrt((x - mean).square().mean(1, keepdim=True) + self.eps)  # biased variance
-        return (x - mean) / std * self.weight + self.bias
+        centred = x - x.mean(1, keepdim=True)
+        std = paddle.sqrt(centred.square().mean(1, keepdim=True) + self.eps)  # biased variance
+        return centred / std * self.weight + self.bias
 
 
 class Mlp(nn.Layer):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim, weight_attr=_LINEAR_INIT)
+        self.fc1 = nn.Linear(dim, hidden_dim, weight_attr=_WEIGHT_INIT)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim, weight_attr=_LINEAR_INIT)
+        self.fc2 = nn.Linear(hidden_dim, dim, weight_attr=_WEIGHT_INIT)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
@@ -161,12 +161,12 @@ class AttentionWithRelPos(nn.Layer):
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.window_size = window_size
-        self.qkv = nn.Linear(dim, dim * 3, weight_attr=_LINEAR_INIT)
+        self.qkv = nn.Linear(dim, dim * 3, weight_attr=_WEIGHT_INIT)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim, weight_attr=_LINEAR_INIT)
+        self.proj = nn.Linear(dim, dim, weight_attr=_WEIGHT_INIT)
         self.proj_drop = nn.Dropout(proj_drop)
         self.rel_pos = self.create_parameter([num_heads, (2 * window_size - 1) ** 2],
-                                             default_initializer=_LINEAR_INIT)
+                                             default_initializer=_WEIGHT_INIT)
         self.register_buffer("rel_pos_index", paddle.to_tensor(rel_pos_index(window_size)), persistable=False)
 
     def forward(self, x, patch_attn: bool = False, mask=None):
@@ -248,7 +248,8 @@ def to_spatial_layout(x, batch: int, rows: int, cols: int, size: tuple, ws: int)
     C = x.shape[-1]
     regional = x[:, 0].reshape([batch, rows, cols, C]).transpose([0, 3, 1, 2])
     local = x[:, 1:].reshape([batch, rows, cols, ws, ws, C]).transpose([0, 5, 1, 3, 2, 4])
-    local = local.reshape([batch, C, rows * ws, cols * ws])[:, :, :size[0], :size[1]]
+    # contiguous like the official F.fold output: the next LayerNorm2d's reductions depend on the layout
+    local = local.reshape([batch, C, rows * ws, cols * ws]).contiguous()[:, :, :size[0], :size[1]]
     return regional, local
 
 
@@ -304,7 +305,8 @@ class RegionViT(nn.Layer):
                          attn_drop=attn_drop_rate, drop=drop_rate, peg=peg)
             for i in range(len(depth))])
         self.norm = norm_layer(embed_dim[-1])
-        self.head = nn.Linear(embed_dim[-1], num_classes, weight_attr=_LINEAR_INIT) if num_classes > 0 else nn.Identity()
+        self.head = (nn.Linear(embed_dim[-1], num_classes, weight_attr=_WEIGHT_INIT) if num_classes > 0
+                     else nn.Identity())
 
     def forward_features(self, x):
         local = self.pos_drop(self.patch_embed(x))

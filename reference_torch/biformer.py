@@ -30,45 +30,48 @@ __all__ = ["BiFormer", "BiFormerSTL", "biformer_tiny", "biformer_small", "biform
 # gather lands directly in the layout the matmuls read.
 # ---------------------------------------------------------------------------------------------
 
+def _permute(x, perm):
+    """``x.permute(perm)`` (a view; the Paddle port materialises its permutations)."""
+    return x.permute(*perm)
+
+
 def _nhwc_to_windows(x, n_win):
     """(N, H, W, C) -> (N, n_win^2, H/n_win, W/n_win, C)."""
     n, hh, ww, c = x.shape
     h, w = hh // n_win, ww // n_win
-    return x.reshape(n, n_win, h, n_win, w, c).permute(0, 1, 3, 2, 4, 5).reshape(n, n_win * n_win, h, w, c)
+    return _permute(x.reshape(n * n_win, h, n_win, w * c), [0, 2, 1, 3]).reshape(n, n_win * n_win, h, w, c)
 
 
 def _windows_to_nchw(x, n_win):
     """(N, n_win^2, h, w, C) -> (N, C, n_win * h, n_win * w)."""
     n, _, h, w, c = x.shape
-    return x.reshape(n, n_win, n_win, h, w, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, n_win * h, n_win * w)
+    return _permute(x.reshape(n, n_win, n_win, h, w, c), [0, 5, 1, 3, 2, 4]).reshape(n, c, n_win * h, n_win * w)
 
 
-def _windows_to_heads(x, num_heads):
-    """(N, P, h, w, C) -> (heads, N * P, h * w, C / heads)."""
-    n, p, h, w, c = x.shape
-    return x.reshape(n * p, h * w, num_heads, c // num_heads).permute(2, 0, 1, 3)
+def _windows_to_heads(x, groups, num_heads):
+    """(N, P, h, w, G * C) -> (G, heads, N * P, h * w, C / heads) for G stacked projections
+    (G = 3 for a fused q | k | v)."""
+    n, p, h, w, gc = x.shape
+    d = gc // (groups * num_heads)
+    x = _permute(x.reshape(n * p, h * w, groups * num_heads, d), [2, 0, 1, 3])
+    return x.reshape(groups, num_heads, n * p, h * w, d)
+
+
+def _nhwc_to_heads(x, n_win, groups, num_heads):
+    """(N, H, W, G * C) -> (G, heads, N * P, h * w, C / heads): window partition and head split
+    in one permutation."""
+    n, hh, ww, gc = x.shape
+    h, w = hh // n_win, ww // n_win
+    d = gc // (groups * num_heads)
+    x = _permute(x.reshape(n * n_win, h, n_win, w, groups * num_heads, d), [4, 0, 2, 1, 3, 5])
+    return x.reshape(groups, num_heads, n * n_win * n_win, h * w, d)
 
 
 def _heads_to_nhwc(x, n, n_win, h, w):
     """(heads, N * P, h * w, d) -> (N, n_win * h, n_win * w, heads * d)."""
     m, _, _, d = x.shape
-    x = x.reshape(m, n, n_win, n_win, h, w, d).permute(1, 2, 4, 3, 5, 0, 6)
+    x = _permute(x.reshape(m, n * n_win, n_win, h, w, d), [1, 3, 2, 4, 0, 5])
     return x.reshape(n, n_win * h, n_win * w, m * d)
-
-
-def _nchw_to_heads(x, n_win, num_heads):
-    """(N, C, H, W) -> (heads, N * P, h * w, C / heads)."""
-    n, c, hh, ww = x.shape
-    h, w = hh // n_win, ww // n_win
-    x = x.reshape(n, num_heads, c // num_heads, n_win, h, n_win, w).permute(1, 0, 3, 5, 4, 6, 2)
-    return x.reshape(num_heads, n * n_win * n_win, h * w, c // num_heads)
-
-
-def _heads_to_nchw(x, n, n_win, h, w):
-    """(heads, N * P, h * w, d) -> (N, heads * d, n_win * h, n_win * w)."""
-    m, _, _, d = x.shape
-    x = x.reshape(m, n, n_win, n_win, h, w, d).permute(1, 0, 6, 2, 4, 3, 5)
-    return x.reshape(n, m * d, n_win * h, n_win * w)
 
 
 def _check_input(cfg: BiFormerConfig, x):
@@ -131,7 +134,7 @@ def _routed_attention(q, k, v, index, scale, kv_gather):
 
 
 class QKVLinear(nn.Module):
-    """One Linear producing q (qk_dim), k (qk_dim) and v (dim) channels."""
+    """One Linear producing q (qk_dim), k (qk_dim) and v (dim) channels, concatenated."""
 
     def __init__(self, dim: int, qk_dim: int):
         super().__init__()
@@ -140,7 +143,7 @@ class QKVLinear(nn.Module):
         self.qkv = nn.Linear(dim, 2 * qk_dim + dim)
 
     def forward(self, x):
-        return self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
+        return self.qkv(x)
 
 
 class BiLevelRoutingAttention(nn.Module):
@@ -165,12 +168,13 @@ class BiLevelRoutingAttention(nn.Module):
         n, hh, ww, _ = x.shape
         s, m = self.n_win, self.num_heads
         h, w = hh // s, ww // s
-        q, k, v = self.qkv(_nhwc_to_windows(x, s))  # each (N, P, h, w, *)
-        _, index = self.router(q.mean([2, 3]), k.mean([2, 3]))
-        lepe = self.lepe(_windows_to_nchw(v, s)).permute(0, 2, 3, 1)
-        out = _routed_attention(_windows_to_heads(q, m), _windows_to_heads(k, m), _windows_to_heads(v, m),
-                                index, self.scale, self.kv_gather)
-        return self.wo(_heads_to_nhwc(out, n, s, h, w) + lepe)
+        qkv = self.qkv(_nhwc_to_windows(x, s))  # (N, P, h, w, 3C): q | k | v
+        q_win, k_win, v_win = qkv.split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
+        _, index = self.router(q_win.mean([2, 3]), k_win.mean([2, 3]))
+        lepe = self.lepe(_windows_to_nchw(v_win, s))
+        q, k, v = _windows_to_heads(qkv, 3, m).unbind(0)  # each (heads, N * P, h * w, d)
+        out = _routed_attention(q, k, v, index, self.scale, self.kv_gather)
+        return self.wo(_heads_to_nhwc(out, n, s, h, w) + _permute(lepe, [0, 2, 3, 1]))
 
 
 class BiLevelRoutingAttentionNCHW(nn.Module):
@@ -193,13 +197,16 @@ class BiLevelRoutingAttentionNCHW(nn.Module):
         n, _, hh, ww = x.shape
         s, m = self.n_win, self.num_heads
         h, w = hh // s, ww // s
-        q, k, v = self.qkv_linear(x).chunk(3, dim=1)
-        q_r = F.avg_pool2d(q, (h, w), ceil_mode=True, count_include_pad=False)
-        k_r = F.avg_pool2d(k, (h, w), ceil_mode=True, count_include_pad=False)
-        _, index = self.router(q_r.permute(0, 2, 3, 1).flatten(1, 2), k_r.flatten(2, 3).transpose(1, 2))
-        out = _routed_attention(_nchw_to_heads(q, s, m), _nchw_to_heads(k, s, m), _nchw_to_heads(v, s, m),
-                                index, self.scale, self.kv_gather)
-        return self.output_linear(_heads_to_nchw(out, n, s, h, w) + self.lepe(v))
+        qkv = self.qkv_linear(x)  # (N, 3C, H, W): q | k | v
+        q_img, k_img, v_img = qkv.chunk(3, dim=1)
+        q_r = F.avg_pool2d(q_img, (h, w), ceil_mode=True, count_include_pad=False)
+        k_r = F.avg_pool2d(k_img, (h, w), ceil_mode=True, count_include_pad=False)
+        _, index = self.router(_permute(q_r, [0, 2, 3, 1]).flatten(1, 2), _permute(k_r.flatten(2, 3), [0, 2, 1]))
+        q, k, v = _nhwc_to_heads(_permute(qkv, [0, 2, 3, 1]), s, 3, m).unbind(0)
+        out = _routed_attention(q, k, v, index, self.scale, self.kv_gather)
+        # contiguous NCHW, as the official output: the 1x1 conv then rounds exactly as the official one
+        out = _permute(_heads_to_nhwc(out, n, s, h, w), [0, 3, 1, 2]).contiguous()
+        return self.output_linear(out + self.lepe(v_img))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,8 +228,9 @@ class AttentionLePE(nn.Module):
     def forward(self, x):
         b, h, w, c = x.shape
         x = x.reshape(b, h * w, c)
-        q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        lepe = self.lepe(x.permute(0, 2, 1).reshape(b, c, h, w)).permute(0, 2, 3, 1).reshape(b, h * w, c)
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, c // self.num_heads)
+        q, k, v = _permute(qkv, [2, 0, 3, 1, 4]).unbind(0)
+        lepe = _permute(self.lepe(_permute(x, [0, 2, 1]).reshape(b, c, h, w)), [0, 2, 3, 1]).reshape(b, h * w, c)
         attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
         out = (attn @ v).transpose(1, 2).reshape(b, h * w, c) + lepe
         return self.proj(out).reshape(b, h, w, c)
@@ -248,7 +256,7 @@ class AttentionLePENCHW(nn.Module):
         attn = q.reshape(heads).transpose(-1, -2) @ k.reshape(heads)
         attn = (attn * self.scale).softmax(dim=-1)
         out = attn @ v.reshape(heads).transpose(-1, -2)
-        out = out.permute(0, 1, 3, 2).reshape(b, c, h, w) + self.lepe(v)
+        out = _permute(out, [0, 1, 3, 2]).reshape(b, c, h, w) + self.lepe(v)
         return self.proj(out)
 
 
@@ -260,8 +268,8 @@ class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of an NCHW tensor (timm's LayerNorm2d, eps 1e-6)."""
 
     def forward(self, x):
-        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
-                            self.eps).permute(0, 3, 1, 2)
+        x = F.layer_norm(_permute(x, [0, 2, 3, 1]), self.normalized_shape, self.weight, self.bias, self.eps)
+        return _permute(x, [0, 3, 1, 2])
 
 
 def _attention(cfg: BiFormerConfig, dim: int, topk: int, nchw: bool = False) -> nn.Module:
@@ -288,10 +296,10 @@ class Block(nn.Module):
 
     def forward(self, x):  # NCHW -> NCHW
         x = x + self.pos_embed(x)
-        x = x.permute(0, 2, 3, 1)
+        x = _permute(x, [0, 2, 3, 1])
         x = x + self.attn(self.norm1(x))
         x = x + self.mlp(self.norm2(x))
-        return x.permute(0, 3, 1, 2)
+        return _permute(x, [0, 3, 1, 2])
 
 
 class BiFormerBlock(nn.Module):
@@ -326,10 +334,10 @@ class BasicLayer(nn.Module):
 
     def forward(self, x):  # NCHW -> NCHW
         if self.channels_last:
-            x = x.permute(0, 2, 3, 1)
+            x = _permute(x, [0, 2, 3, 1])
         for blk in self.blocks:
             x = blk(x)
-        return x.permute(0, 3, 1, 2) if self.channels_last else x
+        return _permute(x, [0, 3, 1, 2]) if self.channels_last else x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +349,12 @@ class _BiFormerBase(nn.Module):
 
     # Sub-modules whose outputs are the per-stage features (NCHW).
     stage_names = ("stages.0", "stages.1", "stages.2", "stages.3")
+
+    def __init__(self, cfg: BiFormerConfig, num_classes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.num_features = cfg.embed_dim[-1]
 
     @property
     def routing_modules(self) -> tuple:
@@ -369,11 +383,8 @@ class BiFormer(_BiFormerBase):
     """biformer_tiny / small / base."""
 
     def __init__(self, cfg: BiFormerConfig, num_classes: int = 1000, in_chans: int = 3):
-        super().__init__()
-        self.cfg = cfg
-        self.num_classes = num_classes
+        super().__init__(cfg, num_classes)
         dims = cfg.embed_dim
-        self.num_features = dims[-1]
         stem = nn.Sequential(
             nn.Conv2d(in_chans, dims[0] // 2, 3, stride=2, padding=1),
             nn.BatchNorm2d(dims[0] // 2),
@@ -400,11 +411,8 @@ class BiFormerSTL(_BiFormerBase):
     """biformer_stl / biformer_stl_nchw (Swin-Tiny layout ablations)."""
 
     def __init__(self, cfg: BiFormerConfig, num_classes: int = 1000, in_chans: int = 3):
-        super().__init__()
-        self.cfg = cfg
-        self.num_classes = num_classes
+        super().__init__(cfg, num_classes)
         dims = cfg.embed_dim
-        self.num_features = dims[-1]
         stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4), nn.BatchNorm2d(dims[0]))
         self.downsample_layers = nn.ModuleList([stem] + [
             nn.Sequential(nn.BatchNorm2d(dims[i]), nn.Conv2d(dims[i], dims[i + 1], 2, stride=2)) for i in range(3)])

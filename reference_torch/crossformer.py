@@ -18,58 +18,22 @@ The pieces:
   whole-map attention) and the activation cooling layer (ACL), a depthwise 3x3 conv + LayerNorm
   that *replaces* the activations after every third block.
 
-The models are built for one input size (``img_size``): group layout, padding and masks follow
-the resolution exactly as the official code derives them, so any multiple of 32 works.
+The models are built for one input size (``img_size``, any multiple of 32): group sizes, SDA/LDA,
+padding and masks follow the resolution exactly as the official code derives them
+(``model_configs.crossformer.block_layout``).
 
 Inference only: dropout and drop-path (training-time regularisers) are left out.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import register_model
 
-__all__ = ["CrossFormer", "CrossFormerConfig", "CONFIGS", "check_img_size"]
+from model_configs.crossformer import CONFIGS, NEG_INF, CrossFormerConfig, block_layout, check_img_size
 
-NEG_INF = -1000000.0  # additive mask for padded keys (the official constant, not -inf)
-SIZE_MULTIPLE = 32  # patch stride 4, then three stride-2 merges that need even maps
-
-
-@dataclass(frozen=True)
-class CrossFormerConfig:
-    embed_dim: int
-    depths: tuple
-    num_heads: tuple
-    group_size: tuple = (7, 7, 7, 7)
-    interval: tuple = (8, 4, 2, 1)  # LDA sampling interval per stage
-    use_acl: bool = False  # CrossFormer++ activation cooling layer
-    patch_size: tuple = (4, 8, 16, 32)  # cross-scale stem kernels (stride = the first)
-    merge_size: tuple = ((2, 4), (2, 4), (2, 4))  # cross-scale merge kernels (stride 2)
-    mlp_ratio: float = 4.0
-
-
-_PP = dict(group_size=(4, 4, 14, 7), interval=(4, 2, 1, 1), use_acl=True)
-CONFIGS = {
-    "crossformer_tiny": CrossFormerConfig(embed_dim=64, depths=(1, 1, 8, 6), num_heads=(2, 4, 8, 16)),
-    "crossformer_small": CrossFormerConfig(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
-    "crossformer_base": CrossFormerConfig(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
-    "crossformer_large": CrossFormerConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
-    "crossformer_pp_small": CrossFormerConfig(embed_dim=64, depths=(2, 2, 18, 2), num_heads=(2, 4, 8, 16), **_PP),
-    "crossformer_pp_base": CrossFormerConfig(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), **_PP),
-    "crossformer_pp_large": CrossFormerConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), **_PP),
-    "crossformer_pp_huge": CrossFormerConfig(embed_dim=128, depths=(6, 6, 18, 2), num_heads=(4, 8, 16, 32), **_PP),
-}
-
-
-def check_img_size(img_size):
-    """Raise ValueError for a size the model cannot be built for."""
-    if not isinstance(img_size, int) or img_size < SIZE_MULTIPLE or img_size % SIZE_MULTIPLE:
-        raise ValueError(
-            f"CrossFormer img_size must be a positive multiple of {SIZE_MULTIPLE} (square input; patch "
-            f"stride 4, then three stride-2 merges that need even feature maps), got {img_size!r}")
+__all__ = ["CrossFormer", "CrossFormerConfig", "CONFIGS"]
 
 
 def coordinate_table(group_size):
@@ -102,14 +66,14 @@ def ungroup_tokens(x, batch, height, width, group_size, interval):
     return x.reshape(batch, height, width, -1)
 
 
-def padding_mask(height, width, pad_h, pad_w, group_size, interval):
-    """(nG, G*G, G*G) additive mask: NEG_INF on key columns that are padding, 0 elsewhere."""
-    rows = torch.arange(height + pad_h)[:, None] >= height
-    cols = torch.arange(width + pad_w)[None, :] >= width
-    padded = (rows | cols).float()[None, :, :, None]  # (1, Hp, Wp, 1)
-    keys = group_tokens(padded, group_size, interval).transpose(1, 2)  # (nG, 1, G*G)
-    n = group_size * group_size
-    return torch.zeros(keys.shape[0], n, n).masked_fill(keys > 0, NEG_INF)
+def padding_mask(resolution, layout):
+    """(nG, G*G, G*G) additive mask, NEG_INF on the key columns that are padding; None without padding."""
+    if not (layout.pad_h or layout.pad_w):
+        return None
+    (H, W), G = resolution, layout.group_size
+    padded = (torch.arange(H + layout.pad_h)[:, None] >= H) | (torch.arange(W + layout.pad_w)[None, :] >= W)
+    keys = group_tokens(padded.float()[None, :, :, None], G, layout.group_interval).transpose(1, 2)  # (nG, 1, G*G)
+    return torch.zeros(keys.shape[0], G * G, G * G).masked_fill(keys > 0, NEG_INF)
 
 
 class Mlp(nn.Module):
@@ -146,7 +110,6 @@ class Attention(nn.Module):
 
     def __init__(self, dim, group_size, num_heads):
         super().__init__()
-        self.group_size = group_size
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.pos = DynamicPosBias(dim // 16, num_heads)  # official: DPB(dim // 4) with pos_dim = dim // 4
@@ -180,50 +143,34 @@ class CrossFormerBlock(nn.Module):
                  use_extra_conv):
         super().__init__()
         self.input_resolution = input_resolution
-        self.lsda_flag = lsda_flag
-        self.group_size = group_size
-        self.interval = interval
+        # The resolution decides the effective group size, SDA vs LDA and the padding.
+        self.layout = block_layout(input_resolution, group_size, interval, lsda_flag)
         self.use_extra_conv = use_extra_conv
-        if min(input_resolution) <= group_size:  # one group covers the whole map: plain global SDA
-            self.lsda_flag = 0
-            self.group_size = min(input_resolution)
-        H, W = input_resolution
-        size_div = self.group_size * (self.interval if self.lsda_flag else 1)
-        self.pad_h = (size_div - H % size_div) % size_div
-        self.pad_w = (size_div - W % size_div) % size_div
-
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, self.group_size, num_heads)
+        self.attn = Attention(dim, self.layout.group_size, num_heads)
         if use_extra_conv:
             self.ex_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
             self.ex_ln = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-        mask = None
-        if self.pad_h or self.pad_w:
-            mask = padding_mask(H, W, self.pad_h, self.pad_w, self.group_size, self.group_interval)
-        self.register_buffer("attn_mask", mask, persistent=False)
-
-    @property
-    def group_interval(self):
-        """Stride between the tokens of a group: the LDA interval, or 1 for SDA."""
-        return self.interval if self.lsda_flag else 1
+        self.register_buffer("attn_mask", padding_mask(input_resolution, self.layout), persistent=False)
 
     def forward(self, x):
         H, W = self.input_resolution
         B, L, C = x.shape
         shortcut = x
+        lay = self.layout
         x = self.norm1(x).view(B, H, W, C)
-        x = F.pad(x, (0, 0, 0, self.pad_w, 0, self.pad_h))  # zeros after norm1, bottom/right
-        Hp, Wp = H + self.pad_h, W + self.pad_w
-        x = group_tokens(x, self.group_size, self.group_interval)
+        x = F.pad(x, (0, 0, 0, lay.pad_w, 0, lay.pad_h))  # zeros after norm1, bottom/right
+        x = group_tokens(x, lay.group_size, lay.group_interval)
         x = self.attn(x, mask=self.attn_mask)
-        x = ungroup_tokens(x, B, Hp, Wp, self.group_size, self.group_interval)
+        x = ungroup_tokens(x, B, H + lay.pad_h, W + lay.pad_w, lay.group_size, lay.group_interval)
         x = x[:, :H, :W, :].reshape(B, H * W, C)
         x = shortcut + x
         x = x + self.mlp(self.norm2(x))
         if self.use_extra_conv:  # ACL: no residual, its output replaces x
+            # contiguous like the official code: torch picks its conv kernel by memory layout
             x = self.ex_conv(x.view(B, H, W, C).permute(0, 3, 1, 2).contiguous())
             x = self.ex_ln(x.permute(0, 2, 3, 1).reshape(B, H * W, C).contiguous())
         return x
@@ -317,47 +264,26 @@ class CrossFormer(nn.Module):
         return self.head(self.forward_features(x))
 
 
-def _create(name, num_classes=1000, img_size=224, pretrained=False):
+def _create(name, pretrained=False, num_classes=1000, img_size=224, **kwargs):
     if pretrained:
         raise ValueError("torch2paddle builds models without downloading weights; load a checkpoint instead")
     return CrossFormer(CONFIGS[name], img_size=img_size, num_classes=num_classes)
 
 
+# One factory per variant, named as the registry names them; they take num_classes and img_size.
 @register_model
-def crossformer_tiny(pretrained=False, num_classes=1000, img_size=224, **kwargs):
-    return _create("crossformer_tiny", num_classes, img_size, pretrained)
-
-
+def crossformer_tiny(pretrained=False, **kwargs): return _create("crossformer_tiny", pretrained, **kwargs)  # noqa: E704
 @register_model
-def crossformer_small(pretrained=False, num_classes=1000, img_size=224, **kwargs):
-    return _create("crossformer_small", num_classes, img_size, pretrained)
-
-
+def crossformer_small(pretrained=False, **kwargs): return _create("crossformer_small", pretrained, **kwargs)  # noqa: E704
 @register_model
-def crossformer_base(pretrained=False, num_classes=1000, img_size=224, **kwargs):
-    return _create("crossformer_base", num_classes, img_size, pretrained)
-
-
+def crossformer_base(pretrained=False, **kwargs): return _create("crossformer_base", pretrained, **kwargs)  # noqa: E704
 @register_model
-def crossformer_large(pretrained=False, num_classes=1000, img_size=224, **kwargs):
-    return _create("crossformer_large", num_classes, img_size, pretrained)
-
-
+def crossformer_large(pretrained=False, **kwargs): return _create("crossformer_large", pretrained, **kwargs)  # noqa: E704
 @register_model
-def crossformer_pp_small(pretrained=False, num_classes=1000, img_size=224, **kwargs):
-    return _create("crossformer_pp_small", num_classes, img_size, pretrained)
-
-
+def crossformer_pp_small(pretrained=False, **kwargs): return _create("crossformer_pp_small", pretrained, **kwargs)  # noqa: E704
 @register_model
-def crossformer_pp_base(pretrained=False, num_classes=1000, img_size=224, **kwargs):
-    return _create("crossformer_pp_base", num_classes, img_size, pretrained)
-
-
+def crossformer_pp_base(pretrained=False, **kwargs): return _create("crossformer_pp_base", pretrained, **kwargs)  # noqa: E704
 @register_model
-def crossformer_pp_large(pretrained=False, num_classes=1000, img_size=224, **kwargs):
-    return _create("crossformer_pp_large", num_classes, img_size, pretrained)
-
-
+def crossformer_pp_large(pretrained=False, **kwargs): return _create("crossformer_pp_large", pretrained, **kwargs)  # noqa: E704
 @register_model
-def crossformer_pp_huge(pretrained=False, num_classes=1000, img_size=224, **kwargs):
-    return _create("crossformer_pp_huge", num_classes, img_size, pretrained)
+def crossformer_pp_huge(pretrained=False, **kwargs): return _create("crossformer_pp_huge", pretrained, **kwargs)  # noqa: E704

@@ -259,7 +259,8 @@ def to_spatial_layout(x, batch: int, rows: int, cols: int, size: tuple, ws: int)
     C = x.shape[-1]
     regional = x[:, 0].reshape(batch, rows, cols, C).permute(0, 3, 1, 2)
     local = x[:, 1:].reshape(batch, rows, cols, ws, ws, C).permute(0, 5, 1, 3, 2, 4)
-    local = local.reshape(batch, C, rows * ws, cols * ws)[:, :, :size[0], :size[1]]
+    # contiguous like the official F.fold output: the next LayerNorm2d's reductions depend on the layout
+    local = local.reshape(batch, C, rows * ws, cols * ws).contiguous()[:, :, :size[0], :size[1]]
     return regional, local
 
 
@@ -283,8 +284,8 @@ class ConvAttBlock(nn.Module):
         B, _, rows, cols = regional.shape
         size = tuple(local.shape[2:])
         x, mask = to_flat_layout(regional, local, ws)
-        for i, blk in enumerate(self.block[1:], start=1):
-            x = blk(x, B, mask)
+        for i in range(1, len(self.block)):
+            x = self.block[i](x, B, mask)
             if self.peg is not None and i == 1:
                 regional, local = to_spatial_layout(x, B, rows, cols, size, ws)
                 x, mask = to_flat_layout(regional + self.peg(regional), local + self.peg(local), ws)

@@ -1,0 +1,298 @@
+"""diff: where a port goes wrong, not just that it does.
+
+Both models run on the same batch with a forward hook on every pair of corresponding modules.
+The pairing comes from the family's mapping table, not from guessing: each Paddle state-dict
+key is read back to its official torch key (``reverse_key``), and the modules owning the two
+keys — and their enclosing modules, level by level — are a pair.  Modules without weights
+(activations, pooling, identities) pair when the same path names one in both models, since the
+ports keep the reference's module paths.
+
+Every paired call is compared in the order the torch modules finish (a module finishes after
+the modules inside it), so the first layer whose output exceeds the tolerance is where the two
+computations part: its own weights or code, or — when its input already differs — the code
+that feeds it.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .checkpoint import atomic_write
+from .engine import reverse_key
+from .errors import UserError
+from .registry import get_spec
+from .verify import Discrepancy, _Capture, forward_both, load_model_pair, make_batch, resolve_device
+
+DEFAULT_TOL = 1e-4  # the same bound verify's gate puts on the logits
+
+
+@dataclass
+class LayerDiff:
+    torch: str  # module path in the torch reference
+    paddle: str  # module path in the Paddle model
+    call: int  # 1 for a module's first call in the forward, 2 for its second, ...
+    max_abs_err: Optional[float]  # None when the outputs cannot be compared (see note)
+    mean_abs_err: Optional[float]
+    note: str = ""
+
+    def exceeds(self, tol: float) -> bool:
+        # NaN counts as divergent: a NaN never compares <= tol.
+        return self.max_abs_err is not None and not self.max_abs_err <= tol
+
+    @property
+    def label(self) -> str:
+        name = self.torch if self.paddle == self.torch else f"{self.torch} -> {self.paddle}"
+        return name if self.call == 1 else f"{name} (call {self.call})"
+
+
+@dataclass
+class DiffReport:
+    model: str
+    checkpoint_entry: str
+    paddle_params: str
+    input: str
+    batch_size: int
+    input_size: int
+    device: str
+    tol: float
+    layers: list  # [LayerDiff] in torch execution order
+    logits: Discrepancy
+    unpaired: list = field(default_factory=list)  # torch modules holding weights that found no counterpart
+    stage_names: tuple = ()  # the model's stage modules, for orientation in the plot
+
+    @property
+    def first_divergent_index(self) -> Optional[int]:
+        return next((i for i, layer in enumerate(self.layers) if layer.exceeds(self.tol)), None)
+
+    @property
+    def first_divergent(self) -> Optional[LayerDiff]:
+        i = self.first_divergent_index
+        return None if i is None else self.layers[i]
+
+    @property
+    def largest(self) -> Optional[LayerDiff]:
+        compared = [layer for layer in self.layers if layer.max_abs_err is not None]
+        return max(compared, key=lambda layer: layer.max_abs_err, default=None)
+
+    def verdict(self) -> str:
+        """One line: the first divergent layer and the layer before it, or why there is none."""
+        i = self.first_divergent_index
+        if i is None:
+            largest = self.largest
+            where = f"; largest layer error {largest.max_abs_err:.3e} at {largest.label}" if largest else ""
+            return f"no layer diverges (every paired layer within --tol {self.tol:g}{where})"
+        layer = self.layers[i]
+        text = (f"first divergent layer: {layer.label} (max abs err {layer.max_abs_err:.3e} > "
+                f"--tol {self.tol:g})")
+        if i > 0:
+            before = self.layers[i - 1]
+            err = "not compared" if before.max_abs_err is None else f"{before.max_abs_err:.3e}"
+            text += f"; the layer before it, {before.label}, is within tolerance ({err})"
+        return text
+
+    def format(self) -> str:
+        first = self.first_divergent_index
+        width = max([len(layer.label) for layer in self.layers] + [5])
+        lines = [
+            f"model   {self.model}  (torch entry '{self.checkpoint_entry}', paddle: {self.paddle_params})",
+            f"input   {self.input}, batch {self.batch_size}, {self.input_size}x{self.input_size}, "
+            f"{self.device} float32",
+            f"{len(self.layers)} paired layer outputs in execution order (max / mean abs error; "
+            f"'!' exceeds --tol {self.tol:g}):",
+        ]
+        for i, layer in enumerate(self.layers):
+            if layer.max_abs_err is None:
+                numbers = f"{'n/a':>10}  {'':>10}  {layer.note}"
+            else:
+                flag = "!" if layer.exceeds(self.tol) else " "
+                numbers = f"{layer.max_abs_err:10.3e}  {layer.mean_abs_err:10.3e} {flag}"
+                if i == first:
+                    numbers += " <- first divergent"
+            lines.append(f"  {i:4d}  {layer.label:<{width}}  {numbers}")
+        if self.unpaired:
+            lines.append(f"not paired ({len(self.unpaired)}): {', '.join(self.unpaired[:6])}"
+                         + (" ..." if len(self.unpaired) > 6 else ""))
+        lines.append(f"logits  max abs {self.logits.max_abs_err:.3e}  mean abs {self.logits.mean_abs_err:.3e}")
+        lines.append(self.verdict())
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        first = self.first_divergent
+        return {
+            "model": self.model, "checkpoint_entry": self.checkpoint_entry, "paddle_params": self.paddle_params,
+            "input": self.input, "batch_size": self.batch_size, "input_size": self.input_size,
+            "device": self.device, "tol": self.tol,
+            "first_divergent_layer": first.torch if first else None,
+            "first_divergent_call": first.call if first else None,
+            "layers": [asdict(layer) for layer in self.layers],
+            "logits": asdict(self.logits),
+            "unpaired": self.unpaired,
+        }
+
+
+# --- pairing --------------------------------------------------------------------------------
+
+def _owner(key: str) -> str:
+    return key.rpartition(".")[0]
+
+
+def _enclosing(path: str) -> list:
+    """``path`` and every module enclosing it, innermost first (the root excluded)."""
+    parts = path.split(".") if path else []
+    return [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
+
+
+def pair_modules(torch_model, paddle_model, rules) -> tuple:
+    """``({torch path: Paddle path}, [unpaired torch paths])``, in the torch model's module order.
+
+    A Paddle state-dict key and the official key the mapping table reads it back to are the same
+    tensor, so their owning modules are the same layer, and so are the modules enclosing those.
+    Modules without weights pair by identical path.
+    """
+    torch_modules = dict(torch_model.named_modules())
+    paddle_modules = dict(paddle_model.named_sublayers())
+    torch_keys = set(torch_model.state_dict())
+    by_table: dict = {}
+    for paddle_key in paddle_model.state_dict():
+        torch_key = reverse_key(paddle_key, rules)
+        if torch_key not in torch_keys:
+            continue  # the table does not account for this tensor: no evidence for a pairing
+        for t_path, p_path in zip(_enclosing(_owner(torch_key)), _enclosing(_owner(paddle_key))):
+            by_table.setdefault(t_path, p_path)
+    pairs, unpaired = {}, []
+    for path, module in torch_modules.items():
+        if not path:
+            continue  # the whole model: its output is the logits, reported on their own
+        if path in by_table and by_table[path] in paddle_modules:
+            pairs[path] = by_table[path]
+        elif not _has_state(module) and path in paddle_modules:
+            pairs[path] = path
+        elif _has_state(module):
+            unpaired.append(path)
+    return pairs, unpaired
+
+
+def _has_state(torch_module) -> bool:
+    return next(iter(torch_module.state_dict()), None) is not None
+
+
+# --- comparison -----------------------------------------------------------------------------
+
+def compare_outputs(expected: Optional[list], actual: list) -> tuple:
+    """(max abs err, mean abs err, note) between one call's torch and Paddle output tensors."""
+    if expected is None:
+        return None, None, "the torch module made no such call"
+    t_shapes = [a.shape for a in expected]
+    p_shapes = [a.shape for a in actual]
+    if t_shapes != p_shapes:
+        return None, None, f"outputs differ in structure: torch {t_shapes} vs paddle {p_shapes}"
+    sizes = [a.size for a in expected]
+    if not sum(sizes):
+        return None, None, "no tensor output"
+    parts = [Discrepancy.between(a, b) for a, b in zip(expected, actual) if a.size]
+    mean = sum(p.mean_abs_err * n for p, n in zip(parts, (s for s in sizes if s))) / sum(sizes)
+    return max(p.max_abs_err for p in parts), float(mean), ""
+
+
+def layer_errors(torch_model, paddle_model, pairs: dict, batch: np.ndarray, device: str) -> tuple:
+    """([LayerDiff] in torch execution order, logits Discrepancy).  Torch runs first and keeps
+    its outputs; each Paddle output is compared the moment it exists, then both are let go."""
+    torch_outputs: dict = {}  # (torch path, call) -> arrays, in execution order
+    results: dict = {}  # (torch path, call) -> (max, mean, note)
+    torch_path = {p: t for t, p in pairs.items()}
+
+    def keep(name, call, arrays):
+        torch_outputs[(name, call)] = arrays
+
+    def compare(name, call, arrays):
+        key = (torch_path[name], call)
+        results[key] = compare_outputs(torch_outputs.get(key), arrays)
+        if key in torch_outputs:
+            torch_outputs[key] = None  # compared: free the memory, keep the order
+
+    t_cap = _Capture(torch_model, pairs, "torch", on_output=keep)
+    p_cap = _Capture(paddle_model, list(pairs.values()), "paddle", on_output=compare)
+    try:
+        t_logits, p_logits, _, _ = forward_both(torch_model, paddle_model, batch, device)
+    finally:
+        t_cap.remove()
+        p_cap.remove()
+    layers = []
+    for (name, call) in torch_outputs:
+        max_err, mean_err, note = results.get((name, call), (None, None, "the Paddle module was not called"))
+        layers.append(LayerDiff(name, pairs[name], call, max_err, mean_err, note))
+    return layers, Discrepancy.between(t_logits, p_logits)
+
+
+def run_diff(name: str, torch_ckpt, paddle_params=None, *, tol: float = DEFAULT_TOL, images=None,
+             batch_size: int = 2, input_size: Optional[int] = None, seed: int = 0, device: str = "cpu",
+             ema: bool = False, key: Optional[str] = None, unsafe_pickle: bool = False,
+             num_classes: int = 1000) -> DiffReport:
+    """Layer-by-layer comparison of the torch reference and the Paddle model (same arguments as
+    ``run_verify``; ``tol`` bounds each layer's max abs output error)."""
+    spec = get_spec(name)
+    batch, described = make_batch(spec, images=images, batch_size=batch_size, input_size=input_size, seed=seed)
+    size = batch.shape[-1]
+    device = resolve_device(device)
+    pair = load_model_pair(spec, torch_ckpt, paddle_params, img_size=size, device=device, ema=ema, key=key,
+                           unsafe_pickle=unsafe_pickle, num_classes=num_classes)
+    pairs, unpaired = pair_modules(pair.torch_model, pair.paddle_model, spec.rules)
+    layers, logits = layer_errors(pair.torch_model, pair.paddle_model, pairs, batch, device)
+    return DiffReport(spec.name, pair.checkpoint_entry, pair.paddle_params, described, int(batch.shape[0]),
+                      int(size), device, tol, layers, logits, unpaired,
+                      tuple(getattr(pair.torch_model, "stage_names", ())))
+
+
+# --- plot -----------------------------------------------------------------------------------
+
+ZERO_FLOOR = 1e-12  # where an exact 0 is drawn on the log scale
+
+
+def plot_report(report: DiffReport, path) -> None:
+    """Max abs error per layer (log scale) in execution order, --tol and the first divergent
+    layer marked; written atomically in the format the suffix names (PNG by default)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'torch2paddle[plot]' (or pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    errors = [np.nan if layer.max_abs_err is None else max(layer.max_abs_err, ZERO_FLOOR)
+              for layer in report.layers]
+    fig = Figure(figsize=(12, 4.5), dpi=110)
+    ax = fig.add_subplot()
+    ax.plot(range(len(errors)), errors, ".-", lw=0.8, ms=3, label="max abs error of the layer's output")
+    ax.axhline(report.tol, color="tab:orange", ls="--", lw=1, label=f"--tol {report.tol:g}")
+    first = report.first_divergent_index
+    if first is not None:
+        ax.axvline(first, color="tab:red", lw=1)
+        ax.plot([first], [errors[first]], "o", color="tab:red",
+                label=f"first divergent: {report.layers[first].label}")
+    ax.set_yscale("log")
+    ticks = _stage_ticks(report.layers, report.stage_names)
+    ax.set_xticks([i for i, _ in ticks], [label for _, label in ticks], rotation=30, ha="right", fontsize=8)
+    ax.set_xlabel("paired layers in execution order (ticks: where each part of the model starts)")
+    ax.set_ylabel(f"max abs error (0 drawn at {ZERO_FLOOR:g})")
+    ax.set_title(f"{report.model}: torch vs Paddle, layer by layer")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt))
+
+
+def _stage_ticks(layers: list, stage_names=()) -> list:
+    """(index, label) of the first layer of each stage (or top-level module)."""
+    ticks, seen = [], set()
+    for i, layer in enumerate(layers):
+        part = next((s for s in stage_names if layer.torch == s or layer.torch.startswith(s + ".")),
+                    layer.torch.split(".")[0])
+        if part not in seen:
+            seen.add(part)
+            ticks.append((i, part))
+    return ticks

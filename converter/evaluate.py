@@ -1,0 +1,213 @@
+"""eval: ImageNet-style accuracy of the torch reference and the Paddle model on the same images.
+
+Each image goes through the model's official eval preprocessing once (``preprocess``), and the
+same float32 batch is fed to both frameworks, so any accuracy difference is the models', not
+the pipelines'.  Unreadable images are skipped and reported, never fatal.  Accuracies are in
+percent; throughput is images per second of model forward time, the first batch (warm-up:
+allocation, kernel selection) excluded when there are more.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Iterator, Optional
+
+import numpy as np
+
+from .datasets import open_dataset, read_sample
+from .errors import UserError
+from .registry import get_spec
+from .verify import Discrepancy, load_model_pair, resolve_device, run_models
+
+PREFETCH_BATCHES = 2  # batches decoded ahead of the models, per the bounded memory they take
+SHOWN_SKIPPED = 10  # unreadable files listed in the text report (the JSON lists all)
+
+
+def topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Per image: is the label among the ``k`` highest logits (ties broken by class index)?"""
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    return (top == labels[:, None]).any(axis=1)
+
+
+@dataclass
+class LoadedBatch:
+    images: Optional[np.ndarray]  # NCHW float32 of the readable images, None if there are none
+    labels: np.ndarray
+    unreadable: list
+
+    @property
+    def size(self) -> int:
+        return len(self.labels) + len(self.unreadable)
+
+
+def _assemble(results: list, labels: list) -> LoadedBatch:
+    good = [(img, label) for (img, bad), label in zip(results, labels) if bad is None]
+    return LoadedBatch(np.stack([img for img, _ in good]) if good else None,
+                       np.asarray([label for _, label in good], dtype=np.int64),
+                       [bad for _, bad in results if bad is not None])
+
+
+def load_batches(samples: list, pre, batch_size: int, workers: int) -> Iterator[LoadedBatch]:
+    """Preprocessed batches in dataset order.  With ``workers`` > 0, threads decode the next
+    batches while the models run (PIL releases the GIL while decoding and resizing); at most
+    PREFETCH_BATCHES wait in memory."""
+    chunks = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    read = partial(read_sample, pre=pre)
+    if workers == 0:
+        for chunk in chunks:
+            yield _assemble([read(s) for s in chunk], [s.label for s in chunk])
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        pending = deque()
+        for chunk in chunks:
+            pending.append(([pool.submit(read, s) for s in chunk], [s.label for s in chunk]))
+            if len(pending) > PREFETCH_BATCHES:
+                futures, labels = pending.popleft()
+                yield _assemble([f.result() for f in futures], labels)
+        while pending:
+            futures, labels = pending.popleft()
+            yield _assemble([f.result() for f in futures], labels)
+
+
+@dataclass
+class FrameworkScore:
+    top1: float  # percent
+    top5: float  # percent
+    images_per_second: float
+    forward_seconds: float
+
+
+class _Tally:
+    """Running counts over batches: hits per framework, agreement, logit error, forward times."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.images = 0
+        self.hits = {f: np.zeros(2, dtype=np.int64) for f in ("torch", "paddle")}  # top-1, top-k
+        self.agree = 0
+        self.max_abs_err = 0.0
+        self.timings = []  # (images, torch seconds, paddle seconds) per batch
+        self.unreadable = []
+
+    def add(self, run: dict, labels: np.ndarray) -> None:
+        for framework in self.hits:
+            logits = run[framework]
+            self.hits[framework] += (int(topk_hits(logits, labels, 1).sum()),
+                                     int(topk_hits(logits, labels, self.k).sum()))
+        self.agree += int((run["torch"].argmax(-1) == run["paddle"].argmax(-1)).sum())
+        self.max_abs_err = max(self.max_abs_err, Discrepancy.between(run["torch"], run["paddle"]).max_abs_err)
+        self.images += len(labels)
+        self.timings.append((len(labels), run["torch_seconds"], run["paddle_seconds"]))
+
+    def percent(self, count: int) -> float:
+        return 100.0 * count / self.images
+
+    def score(self, framework: str) -> FrameworkScore:
+        timed = np.asarray(self.timings[1:] if len(self.timings) > 1 else self.timings)
+        seconds = float(timed[:, 1 if framework == "torch" else 2].sum())
+        top1, topk = self.hits[framework]
+        return FrameworkScore(self.percent(top1), self.percent(topk),
+                              float(timed[:, 0].sum()) / seconds if seconds else float("inf"), seconds)
+
+
+@dataclass
+class EvalReport:
+    model: str
+    data: str
+    preprocessing: str
+    checkpoint_entry: str
+    paddle_params: str
+    device: str
+    batch_size: int
+    images: int  # evaluated
+    skipped: int  # unreadable, left out of every figure
+    torch: dict
+    paddle: dict
+    top1_delta: float  # paddle - torch, percentage points
+    top5_delta: float
+    agreement: float  # percent of images where both predict the same top-1 class
+    max_abs_logit_err: float
+    wall_seconds: float
+    skipped_images: list = field(default_factory=list)  # [{path, reason}]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def format(self) -> str:
+        t, p = self.torch, self.paddle
+        lines = [
+            f"model        {self.model}  (torch entry '{self.checkpoint_entry}', paddle: {self.paddle_params})",
+            f"data         {self.data}",
+            f"preprocess   {self.preprocessing}",
+            f"images       {self.images} evaluated, {self.skipped} skipped (unreadable); batch {self.batch_size}, "
+            f"{self.device} float32",
+            f"{'':13}{'top-1':>9}{'top-5':>9}{'images/s':>11}",
+            f"{'torch':13}{t['top1']:>8.3f}%{t['top5']:>8.3f}%{t['images_per_second']:>11.1f}",
+            f"{'paddle':13}{p['top1']:>8.3f}%{p['top5']:>8.3f}%{p['images_per_second']:>11.1f}",
+            f"{'delta':13}{self.top1_delta:>+9.3f}{self.top5_delta:>+9.3f}   (paddle - torch, points)",
+            f"agreement    {self.agreement:.3f}% same top-1 class; max abs logit error {self.max_abs_logit_err:.3e}",
+        ]
+        for item in self.skipped_images[:SHOWN_SKIPPED]:
+            lines.append(f"  skipped {item['path']}: {item['reason']}")
+        if self.skipped > SHOWN_SKIPPED:
+            lines.append(f"  ... and {self.skipped - SHOWN_SKIPPED} more (all are listed in --json)")
+        lines.append(f"time         {self.wall_seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def _progress_bar(total: int, model: str, enabled: bool):
+    from tqdm import tqdm
+
+    # disable=None: shown on a terminal, silent in CI logs and pipes.
+    return tqdm(total=total, unit="img", desc=model, file=sys.stderr, dynamic_ncols=True,
+                disable=None if enabled else True)
+
+
+def _none_readable(dataset, unreadable: list) -> UserError:
+    first = unreadable[0]
+    return UserError(f"{dataset.description}: none of the {len(dataset)} images could be read "
+                     f"(e.g. {first.path}: {first.reason})")
+
+
+def run_eval(name: str, data, torch_ckpt, paddle_params=None, *, list_path=None, limit: Optional[int] = None,
+             batch_size: int = 32, workers: int = 2, device: str = "cpu", ema: bool = False,
+             key: Optional[str] = None, unsafe_pickle: bool = False, num_classes: int = 1000,
+             progress: bool = True) -> EvalReport:
+    """Top-1 / top-5 of the torch reference (``torch_ckpt``) and the Paddle model
+    (``paddle_params``, or converted in memory) on the labelled images at ``data``."""
+    start = time.perf_counter()
+    spec = get_spec(name)
+    dataset = open_dataset(data, list_path, limit)
+    if dataset.num_classes > num_classes:
+        raise UserError(f"{dataset.description}: labels go up to {dataset.num_classes - 1}, "
+                        f"but the model has {num_classes} classes (--num-classes)")
+    device = resolve_device(device)
+    pair = load_model_pair(spec, torch_ckpt, paddle_params, device=device, ema=ema, key=key,
+                           unsafe_pickle=unsafe_pickle, num_classes=num_classes)
+    tally = _Tally(k=min(5, num_classes))
+    with _progress_bar(len(dataset), spec.name, progress) as bar:
+        for batch in load_batches(dataset.samples, spec.preprocessing, batch_size, workers):
+            tally.unreadable += batch.unreadable
+            if batch.images is not None:
+                tally.add(run_models(pair.torch_model, pair.paddle_model, batch.images, device), batch.labels)
+            bar.update(batch.size)
+            if tally.images:
+                bar.set_postfix(top1_torch=f"{tally.percent(tally.hits['torch'][0]):.2f}%",
+                                top1_paddle=f"{tally.percent(tally.hits['paddle'][0]):.2f}%", refresh=False)
+    if not tally.images:
+        raise _none_readable(dataset, tally.unreadable)
+    torch_score, paddle_score = tally.score("torch"), tally.score("paddle")
+    return EvalReport(
+        model=spec.name, data=dataset.description, preprocessing=spec.preprocessing.describe(),
+        checkpoint_entry=pair.checkpoint_entry, paddle_params=pair.paddle_params, device=device,
+        batch_size=batch_size, images=tally.images, skipped=len(tally.unreadable),
+        torch=asdict(torch_score), paddle=asdict(paddle_score),
+        top1_delta=paddle_score.top1 - torch_score.top1, top5_delta=paddle_score.top5 - torch_score.top5,
+        agreement=tally.percent(tally.agree), max_abs_logit_err=tally.max_abs_err,
+        wall_seconds=time.perf_counter() - start,
+        skipped_images=[{"path": str(u.path), "reason": u.reason} for u in tally.unreadable],
+    )

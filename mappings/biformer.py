@@ -1,0 +1,29 @@
+"""BiFormer (rayleizhu/BiFormer): official state-dict keys -> Paddle keys.
+
+Everything not named here is copied as is: convs (stem, downsampling, pos_embed, LePE),
+LayerNorms.  There are no raw parameters and no persistent buffers besides BatchNorm's.
+
+biformer_stl and biformer_stl_nchw use the same key names for different module types
+(``stages.3.blocks.0.attn.qkv.weight`` and ``mlp.{0,2}`` are Linears in one, 1x1 convs in the
+other), so no name-based table fits both: biformer_stl_nchw has its own, in ``VARIANT_RULES``.
+"""
+from .rules import BATCHNORM, linear_weights
+
+# biformer_tiny / small / base and biformer_stl (NHWC blocks with Linear projections).
+RULES = (
+    *BATCHNORM,  # stem / downsampling BatchNorms and the final ``norm`` (a BatchNorm2d, not a LayerNorm)
+    *linear_weights(
+        r"\.attn\.qkv(\.qkv)?",  # BRA QKVLinear (nested ``qkv.qkv``) and the stage-4 AttentionLePE qkv
+        r"\.attn\.(wo|proj)",  # output projections: square (C, C), so named here, never guessed from a shape
+        r"\.mlp\.[023]",  # MLP Linears: mlp.0 / mlp.3 (main; mlp.1 Identity, mlp.2 GELU) or mlp.0 / mlp.2 (stl)
+        r"^head",
+    ),
+)
+
+# biformer_stl_nchw: every projection (qkv_linear, output_linear, qkv, proj, mlp) is a 1x1 conv.
+RULES_NCHW = (
+    *BATCHNORM,  # stem / merging BatchNorms and the final ``norm``
+    *linear_weights(r"^head"),  # the only nn.Linear
+)
+
+VARIANT_RULES = {"biformer_stl_nchw": RULES_NCHW}

@@ -1,0 +1,83 @@
+"""CrossFormer / CrossFormer++ (cheerss/CrossFormer): official state-dict keys -> Paddle keys.
+
+No BatchNorm and no raw parameters: apart from the Linear transposes every key copies as is.
+Checkpoints written by the release-era v1 code also carry each block's DPB index buffers
+(``attn.biases``, ``attn.relative_position_index``; persistent there, non-persistent in the
+current code and in both our models). They are dropped, but only after checking they hold
+exactly the tables the models recompute; any other extra key is still an error.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .rules import Drop, linear_weights
+
+
+def _group_size(rows: int, cols: int) -> Optional[int]:
+    """G of a ((2G-1)^2, 2) offset table or a (G^2, G^2) index table with this many rows."""
+    side = int(round(rows ** 0.5))
+    if side < 1 or side * side != rows:
+        return None
+    if cols == 2:  # offset table: side = 2G - 1
+        return (side + 1) // 2 if side % 2 else None
+    return side  # index table: side = G
+
+
+def coordinate_table(group_size: int) -> np.ndarray:
+    """All relative offsets (dh, dw) in [1-G, G-1]^2, dh-major: ((2G-1)^2, 2) float32."""
+    r = np.arange(1 - group_size, group_size)
+    return np.stack(np.meshgrid(r, r, indexing="ij"), axis=-1).reshape(-1, 2).astype(np.float32)
+
+
+def relative_position_index(group_size: int) -> np.ndarray:
+    """Row of ``coordinate_table`` holding the offset from token j to token i: (G^2, G^2) int64."""
+    g = np.arange(group_size)
+    coords = np.stack(np.meshgrid(g, g, indexing="ij"), axis=-1).reshape(-1, 2)
+    rel = coords[:, None, :] - coords[None, :, :] + (group_size - 1)
+    return (rel[..., 0] * (2 * group_size - 1) + rel[..., 1]).astype(np.int64)
+
+
+def _check_table(value, build, square, dtype_kinds, dtype_name) -> Optional[str]:
+    """None when ``value`` is exactly ``build(G)`` for the group size G its shape implies."""
+    what = build.__name__
+    shape = tuple(value.shape)
+    fits = len(shape) == 2 and (shape[0] == shape[1] if square else shape[1] == 2)
+    group_size = _group_size(shape[0], shape[1]) if fits else None
+    if group_size is None:
+        return f"legacy buffer has shape {shape}, which is no group size's {what}"
+    if value.dtype.kind not in dtype_kinds:
+        return f"legacy buffer has dtype {value.dtype}; the official {what} is {dtype_name}"
+    expected = build(group_size)
+    if not np.array_equal(value, expected):
+        bad = int(np.count_nonzero(value != expected))
+        return (f"legacy buffer differs from the {what} the model recomputes for group size {group_size} "
+                f"({bad} of {value.size} values): not a CrossFormer checkpoint, or a corrupted one")
+    return None
+
+
+def check_legacy_biases(key: str, value: np.ndarray) -> Optional[str]:
+    return _check_table(value, coordinate_table, square=False, dtype_kinds="f", dtype_name="float")
+
+
+def check_legacy_index(key: str, value: np.ndarray) -> Optional[str]:
+    return _check_table(value, relative_position_index, square=True, dtype_kinds="iu", dtype_name="int64")
+
+
+RULES = (
+    # v1 release checkpoints carry every block's DPB tables (persistent buffers in the release-era
+    # code, non-persistent now): verified against the tables the model recomputes, then dropped.
+    Drop(r"\.attn\.biases$", "v1 legacy DPB offset table, equal to the recomputed one",
+         check=check_legacy_biases),
+    Drop(r"\.attn\.relative_position_index$", "v1 legacy DPB index table, equal to the recomputed one",
+         check=check_legacy_index),
+    *linear_weights(
+        r"\.attn\.qkv",
+        r"\.attn\.proj",  # square (C, C)
+        r"\.attn\.pos\.pos_proj",  # DPB input Linear(2, C/16)
+        r"\.attn\.pos\.pos[123]\.2",  # DPB Sequential(LN, ReLU, Linear); pos1/pos2 are square
+        r"\.mlp\.fc[12]",
+        r"^head",
+    ),
+)

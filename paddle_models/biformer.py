@@ -1,0 +1,446 @@
+"""BiFormer: Vision Transformer with Bi-Level Routing Attention (Zhu et al., CVPR 2023), Paddle port.
+
+Reads side by side with ``reference_torch/biformer.py``: same classes, attribute names and order,
+so parameter names are the official checkpoint's (BatchNorm running statistics aside: Paddle
+calls them ``_mean`` / ``_variance``).  Variants: biformer_tiny, biformer_small, biformer_base,
+biformer_stl, biformer_stl_nchw.  Inference only: no drop path.
+
+Bi-Level Routing Attention gathers the routed key/value regions with one index_select over a
+(batch x region) axis, so the gathered tensors hold topk regions per query region, never p^2.
+Inside the BRA the layout work is arranged for Paddle (see the layout helpers) and so differs
+from the reference, which keeps the official op order to match the official code bitwise; every
+sub-module still takes and returns what its torch twin does.
+"""
+from __future__ import annotations
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from model_configs.biformer import CONFIGS, BiFormerConfig
+
+from . import numerics
+
+__all__ = ["BiFormer", "BiFormerSTL", "biformer_tiny", "biformer_small", "biformer_base",
+           "biformer_stl", "biformer_stl_nchw"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Region/head layout helpers.  Regions are numbered row-major (region = row * n_win + col) and
+# channels split head-major (channel = head * head_dim + j), as in the official code.  Attention
+# runs on a heads-first layout (heads, batch * regions, tokens, head_dim) so that the routed
+# gather lands directly in the layout the matmuls read.
+#
+# Paddle 3.3 CPU materialises ``transpose`` views through a slow generic strided copy (~20x
+# slower than torch's); ``_permute`` goes through einsum, whose permutation runs the dense
+# transpose kernel.  The helpers reach each layout with permutations of at most 6 dims that keep
+# the innermost run long (w * C, or head_dim) wherever the layout allows.
+# ---------------------------------------------------------------------------------------------
+
+def _permute(x, perm):
+    """``x.transpose(perm)``, materialised through the dense transpose kernel (len(perm) <= 6)."""
+    src = "abcdef"[:len(perm)]
+    return paddle.einsum(f"{src}->{''.join(src[i] for i in perm)}", x)
+
+
+def _nhwc_to_windows(x, n_win):
+    """(N, H, W, C) -> (N, n_win^2, H/n_win, W/n_win, C)."""
+    n, hh, ww, c = x.shape
+    h, w = hh // n_win, ww // n_win
+    return _permute(x.reshape([n * n_win, h, n_win, w * c]), [0, 2, 1, 3]).reshape([n, n_win * n_win, h, w, c])
+
+
+def _windows_to_heads(x, groups, num_heads):
+    """(N, P, h, w, G * C) -> (G, heads, N * P, h * w, C / heads) for G stacked projections
+    (G = 3 for a fused q | k | v)."""
+    n, p, h, w, gc = x.shape
+    d = gc // (groups * num_heads)
+    x = _permute(x.reshape([n * p, h * w, groups * num_heads, d]), [2, 0, 1, 3])
+    return x.reshape([groups, num_heads, n * p, h * w, d])
+
+
+def _nhwc_to_heads(x, n_win, groups, num_heads):
+    """(N, H, W, G * C) -> (G, heads, N * P, h * w, C / heads): window partition and head split
+    in one permutation."""
+    n, hh, ww, gc = x.shape
+    h, w = hh // n_win, ww // n_win
+    d = gc // (groups * num_heads)
+    x = _permute(x.reshape([n * n_win, h, n_win, w, groups * num_heads, d]), [4, 0, 2, 1, 3, 5])
+    return x.reshape([groups, num_heads, n * n_win * n_win, h * w, d])
+
+
+def _heads_to_nhwc(x, n, n_win, h, w):
+    """(heads, N * P, h * w, d) -> (N, n_win * h, n_win * w, heads * d)."""
+    m, _, _, d = x.shape
+    x = _permute(x.reshape([m, n * n_win, n_win, h, w, d]), [1, 3, 2, 4, 0, 5])
+    return x.reshape([n, n_win * h, n_win * w, m * d])
+
+
+def _region_means(x, n):
+    """(heads, N * P, tokens, d) -> (N, P, heads * d): the mean of each region's tokens."""
+    m, n_p, _, d = x.shape
+    return _permute(numerics.mean(x, axis=2), [1, 0, 2]).reshape([n, n_p // n, m * d])
+
+
+def _check_input(cfg: BiFormerConfig, x):
+    problem = cfg.input_size_problem(x.shape[-2], x.shape[-1])
+    if problem:
+        raise ValueError(f"BiFormer: {problem}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bi-Level Routing Attention
+# ---------------------------------------------------------------------------------------------
+
+class TopkRouting(nn.Layer):
+    """Region-to-region routing: a hard top-k over region-level query/key affinities.
+
+    forward(query, key), both (N, P, C) region descriptors, returns ``(logits, index)``:
+    logits (N, P, P) = (query * scale) @ key^T (scale None: unscaled, as in the NCHW BRA), and
+    index (N, P, topk) int64, the selected key regions of each query region, best first.
+    Models list every TopkRouting in ``routing_modules`` so parity checks can hook them.
+    """
+
+    def __init__(self, topk: int, scale=None):
+        super().__init__()
+        self.topk = topk
+        self.scale = scale
+
+    def forward(self, query, key):
+        if self.scale is not None:
+            query = query * self.scale
+        logits = paddle.matmul(query, key, transpose_y=True)
+        index = paddle.topk(logits, k=self.topk, axis=-1)[1]
+        return logits, index
+
+
+class KVGather(nn.Layer):
+    """Gather the routed regions' keys and values for every query region.
+
+    k, v: (heads, N * P, tokens, d); index: (N, P, topk).  Returns k, v of shape
+    (heads, N * P, topk * tokens, d).  One index_select over the (batch x region) axis: only the
+    topk selected regions are copied, nothing is expanded to P regions per query region.
+    """
+
+    def forward(self, index, k, v):
+        n, p, topk = index.shape
+        offsets = paddle.arange(n, dtype=index.dtype).reshape([n, 1, 1]) * p
+        flat = (index + offsets).reshape([-1])
+
+        def take(t):
+            m, _, tokens, d = t.shape
+            return paddle.index_select(t, flat, axis=1).reshape([m, n * p, topk * tokens, d])
+
+        return take(k), take(v)
+
+
+def _routed_attention(q, k, v, index, scale, kv_gather):
+    """Token-to-token attention of each query region over its routed regions (heads-first)."""
+    k, v = kv_gather(index, k, v)
+    attn = paddle.matmul(q * scale, k, transpose_y=True)
+    return paddle.matmul(F.softmax(attn, axis=-1), v)
+
+
+class QKVLinear(nn.Layer):
+    """One Linear producing q (qk_dim), k (qk_dim) and v (dim) channels, concatenated."""
+
+    def __init__(self, dim: int, qk_dim: int):
+        super().__init__()
+        self.dim = dim
+        self.qk_dim = qk_dim
+        self.qkv = nn.Linear(dim, 2 * qk_dim + dim)
+
+    def forward(self, x):
+        return self.qkv(x)
+
+
+class BiLevelRoutingAttention(nn.Layer):
+    """Legacy BRA (ops/bra_legacy.py) on NHWC input, as every released NHWC model uses it:
+    identity kv downsampling, hard non-differentiable routing, scale = qk_dim^-0.5 for both the
+    routing and the token attention, LePE on v, output Linear ``wo``."""
+
+    def __init__(self, dim: int, num_heads: int, n_win: int, topk: int, side_dwconv: int):
+        super().__init__()
+        self.dim = dim
+        self.qk_dim = dim
+        self.num_heads = num_heads
+        self.n_win = n_win
+        self.scale = self.qk_dim ** -0.5
+        self.lepe = nn.Conv2D(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+        self.router = TopkRouting(topk, scale=self.scale)
+        self.kv_gather = KVGather()
+        self.qkv = QKVLinear(dim, self.qk_dim)
+        self.wo = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        n, hh, ww, c = x.shape
+        s, m = self.n_win, self.num_heads
+        h, w = hh // s, ww // s
+        qkv = self.qkv(_nhwc_to_windows(x, s))  # (N, P, h, w, 3C): q | k | v
+        q, k, v = paddle.unbind(_windows_to_heads(qkv, 3, m), axis=0)  # each (heads, N * P, h * w, d)
+        _, index = self.router(_region_means(q, n), _region_means(k, n))
+        lepe = self.lepe(_permute(_heads_to_nhwc(v, n, s, h, w), [0, 3, 1, 2]))
+        out = _routed_attention(q, k, v, index, self.scale, self.kv_gather)
+        return self.wo(_heads_to_nhwc(out, n, s, h, w) + _permute(lepe, [0, 2, 3, 1]))
+
+
+class BiLevelRoutingAttentionNCHW(nn.Layer):
+    """Refactored BRA (ops/bra_nchw.py + ops/torch/rrsda.py) on NCHW input: 1x1-conv projections,
+    region descriptors by average pooling, unscaled routing logits, token scale = dim^-0.5."""
+
+    def __init__(self, dim: int, num_heads: int, n_win: int, topk: int, side_dwconv: int):
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.n_win = n_win
+        self.scale = dim ** -0.5
+        self.lepe = nn.Conv2D(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+        self.router = TopkRouting(topk, scale=None)
+        self.kv_gather = KVGather()
+        self.qkv_linear = nn.Conv2D(dim, 3 * dim, 1)
+        self.output_linear = nn.Conv2D(dim, dim, 1)
+
+    def forward(self, x):
+        n, c, hh, ww = x.shape
+        s, m = self.n_win, self.num_heads
+        h, w = hh // s, ww // s
+        qkv = self.qkv_linear(x)  # (N, 3C, H, W): q | k | v
+        q, k, v = paddle.unbind(_nhwc_to_heads(_permute(qkv, [0, 2, 3, 1]), s, 3, m), axis=0)
+        _, index = self.router(_region_means(q, n), _region_means(k, n))
+        out = _routed_attention(q, k, v, index, self.scale, self.kv_gather)
+        out = _permute(_heads_to_nhwc(out, n, s, h, w), [0, 3, 1, 2])
+        return self.output_linear(out + self.lepe(qkv[:, 2 * c:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Global attention of the last stage
+# ---------------------------------------------------------------------------------------------
+
+class AttentionLePE(nn.Layer):
+    """Stage-4 attention of the NHWC models (models/_common.py): 8 heads, bias-free qkv,
+    scale = head_dim^-0.5 applied after q @ k^T, LePE on the attention input x."""
+
+    def __init__(self, dim: int, num_heads: int, side_dwconv: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias_attr=False)
+        self.proj = nn.Linear(dim, dim)
+        self.lepe = nn.Conv2D(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+
+    def forward(self, x):
+        b, h, w, c = x.shape
+        x = x.reshape([b, h * w, c])
+        qkv = self.qkv(x).reshape([b, h * w, 3, self.num_heads, c // self.num_heads])
+        q, k, v = paddle.unbind(_permute(qkv, [2, 0, 3, 1, 4]), axis=0)
+        lepe = _permute(self.lepe(_permute(x, [0, 2, 1]).reshape([b, c, h, w])), [0, 2, 3, 1]).reshape([b, h * w, c])
+        attn = F.softmax(paddle.matmul(q, k, transpose_y=True) * self.scale, axis=-1)
+        out = _permute(paddle.matmul(attn, v), [0, 2, 1, 3]).reshape([b, h * w, c]) + lepe
+        return self.proj(out).reshape([b, h, w, c])
+
+
+class AttentionLePENCHW(nn.Layer):
+    """Stage-4 attention of biformer_stl_nchw (nchwAttentionLePE): 1x1-conv qkv without bias,
+    8 heads, softmax(q^T k * scale), LePE on v, 1x1-conv ``proj``."""
+
+    def __init__(self, dim: int, num_heads: int, side_dwconv: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Conv2D(dim, dim * 3, 1, bias_attr=False)
+        self.proj = nn.Conv2D(dim, dim, 1)
+        self.lepe = nn.Conv2D(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = paddle.chunk(self.qkv(x), 3, axis=1)
+        heads = [b, self.num_heads, self.head_dim, h * w]
+        attn = paddle.matmul(q.reshape(heads), k.reshape(heads), transpose_x=True)
+        attn = F.softmax(attn * self.scale, axis=-1)
+        out = paddle.matmul(attn, v.reshape(heads), transpose_y=True)
+        out = _permute(out, [0, 1, 3, 2]).reshape([b, c, h, w]) + self.lepe(v)
+        return self.proj(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW tensor (timm's LayerNorm2d, eps 1e-6)."""
+
+    def forward(self, x):
+        x = F.layer_norm(_permute(x, [0, 2, 3, 1]), self._normalized_shape, self.weight, self.bias, self._epsilon)
+        return _permute(x, [0, 3, 1, 2])
+
+
+def _attention(cfg: BiFormerConfig, dim: int, topk: int, nchw: bool = False) -> nn.Layer:
+    if topk > 0:
+        bra = BiLevelRoutingAttentionNCHW if nchw else BiLevelRoutingAttention
+        return bra(dim, dim // cfg.head_dim, cfg.n_win, topk, cfg.side_dwconv)
+    return (AttentionLePENCHW if nchw else AttentionLePE)(dim, cfg.global_heads, cfg.side_dwconv)
+
+
+class Block(nn.Layer):
+    """BiFormer block (models/biformer.py): depthwise-conv position embedding, then pre-norm
+    attention and MLP on NHWC.  ``mlp.1`` is the official Identity placeholder of the unused
+    MLP DWConv, kept so the second Linear is ``mlp.3`` as in the checkpoints."""
+
+    def __init__(self, cfg: BiFormerConfig, dim: int, topk: int):
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * dim)
+        k = cfg.pos_embed_kernel
+        self.pos_embed = nn.Conv2D(dim, dim, k, padding=k // 2, groups=dim)
+        self.norm1 = nn.LayerNorm(dim, epsilon=cfg.norm_eps)
+        self.attn = _attention(cfg, dim, topk)
+        self.norm2 = nn.LayerNorm(dim, epsilon=cfg.norm_eps)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.Identity(), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x):  # NCHW -> NCHW
+        x = x + self.pos_embed(x)
+        x = _permute(x, [0, 2, 3, 1])
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return _permute(x, [0, 3, 1, 2])
+
+
+class BiFormerBlock(nn.Layer):
+    """STL block: pre-norm attention and MLP, NHWC (LayerNorm, Linear MLP) or NCHW (LayerNorm2d,
+    1x1-conv MLP, NCHW attention)."""
+
+    def __init__(self, cfg: BiFormerConfig, dim: int, topk: int):
+        super().__init__()
+        nchw = cfg.layout == "stl_nchw"
+        hidden = int(cfg.mlp_ratio * dim)
+        norm = LayerNorm2d if nchw else nn.LayerNorm
+        self.norm1 = norm(dim, epsilon=cfg.norm_eps)
+        self.attn = _attention(cfg, dim, topk, nchw)
+        self.norm2 = norm(dim, epsilon=cfg.norm_eps)
+        if nchw:
+            self.mlp = nn.Sequential(nn.Conv2D(dim, hidden, 1), nn.GELU(), nn.Conv2D(hidden, dim, 1))
+        else:
+            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class BasicLayer(nn.Layer):
+    """One STL stage: its blocks, run on NHWC (stl) or directly on NCHW (stl_nchw)."""
+
+    def __init__(self, cfg: BiFormerConfig, dim: int, depth: int, topk: int):
+        super().__init__()
+        self.channels_last = cfg.layout == "stl"
+        self.blocks = nn.LayerList([BiFormerBlock(cfg, dim, topk) for _ in range(depth)])
+
+    def forward(self, x):  # NCHW -> NCHW
+        if self.channels_last:
+            x = _permute(x, [0, 2, 3, 1])
+        for blk in self.blocks:
+            x = blk(x)
+        return _permute(x, [0, 3, 1, 2]) if self.channels_last else x
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+class _BiFormerBase(nn.Layer):
+    """What both model classes share: the input check, the feature loop and the hook lists."""
+
+    # Sub-modules whose outputs are the per-stage features (NCHW).
+    stage_names = ("stages.0", "stages.1", "stages.2", "stages.3")
+
+    def __init__(self, cfg: BiFormerConfig, num_classes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.num_features = cfg.embed_dim[-1]
+
+    @property
+    def routing_modules(self) -> tuple:
+        """Paths of every TopkRouting sub-module; each one's forward returns (logits, index)."""
+        return tuple(name for name, mod in self.named_sublayers() if isinstance(mod, TopkRouting))
+
+    def forward_features(self, x):
+        _check_input(self.cfg, x)
+        for downsample, stage in zip(self.downsample_layers, self.stages):
+            x = stage(downsample(x))
+        return self.norm(x)
+
+
+class BiFormer(_BiFormerBase):
+    """biformer_tiny / small / base."""
+
+    def __init__(self, cfg: BiFormerConfig, num_classes: int = 1000, in_chans: int = 3):
+        super().__init__(cfg, num_classes)
+        dims = cfg.embed_dim
+        stem = nn.Sequential(
+            nn.Conv2D(in_chans, dims[0] // 2, 3, stride=2, padding=1),
+            nn.BatchNorm2D(dims[0] // 2),
+            nn.GELU(),
+            nn.Conv2D(dims[0] // 2, dims[0], 3, stride=2, padding=1),
+            nn.BatchNorm2D(dims[0]),
+        )
+        self.downsample_layers = nn.LayerList([stem] + [
+            nn.Sequential(nn.Conv2D(dims[i], dims[i + 1], 3, stride=2, padding=1), nn.BatchNorm2D(dims[i + 1]))
+            for i in range(3)])
+        self.stages = nn.LayerList([
+            nn.Sequential(*[Block(cfg, dims[i], cfg.topks[i]) for _ in range(cfg.depth[i])]) for i in range(4)])
+        self.norm = nn.BatchNorm2D(dims[-1])
+        self.pre_logits = nn.Identity()
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x):
+        x = self.pre_logits(self.forward_features(x))
+        return self.head(numerics.mean(x.flatten(2), axis=-1))
+
+
+class BiFormerSTL(_BiFormerBase):
+    """biformer_stl / biformer_stl_nchw (Swin-Tiny layout ablations)."""
+
+    def __init__(self, cfg: BiFormerConfig, num_classes: int = 1000, in_chans: int = 3):
+        super().__init__(cfg, num_classes)
+        dims = cfg.embed_dim
+        stem = nn.Sequential(nn.Conv2D(in_chans, dims[0], 4, stride=4), nn.BatchNorm2D(dims[0]))
+        self.downsample_layers = nn.LayerList([stem] + [
+            nn.Sequential(nn.BatchNorm2D(dims[i]), nn.Conv2D(dims[i], dims[i + 1], 2, stride=2)) for i in range(3)])
+        self.stages = nn.LayerList([BasicLayer(cfg, dims[i], cfg.depth[i], cfg.topks[i]) for i in range(4)])
+        self.norm = nn.BatchNorm2D(dims[-1])
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x):
+        return self.head(numerics.mean(self.forward_features(x), axis=[2, 3]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Factories
+# ---------------------------------------------------------------------------------------------
+
+def _create(name: str, model_cls, pretrained: bool, num_classes: int, kwargs: dict):
+    if pretrained:
+        raise ValueError(f"{name}: no bundled weights; convert an official checkpoint with torch2paddle "
+                         f"and load it with model.set_state_dict(paddle.load(path))")
+    return model_cls(CONFIGS[name], num_classes=num_classes, **kwargs)
+
+
+def biformer_tiny(pretrained=False, num_classes=1000, **kwargs):
+    return _create("biformer_tiny", BiFormer, pretrained, num_classes, kwargs)
+
+
+def biformer_small(pretrained=False, num_classes=1000, **kwargs):
+    return _create("biformer_small", BiFormer, pretrained, num_classes, kwargs)
+
+
+def biformer_base(pretrained=False, num_classes=1000, **kwargs):
+    return _create("biformer_base", BiFormer, pretrained, num_classes, kwargs)
+
+
+def biformer_stl(pretrained=False, num_classes=1000, **kwargs):
+    return _create("biformer_stl", BiFormerSTL, pretrained, num_classes, kwargs)
+
+
+def biformer_stl_nchw(pretrained=False, num_classes=1000, **kwargs):
+    return _create("biformer_stl_nchw", BiFormerSTL, pretrained, num_classes, kwargs)

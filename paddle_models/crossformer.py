@@ -1,0 +1,265 @@
+"""CrossFormer and CrossFormer++, PaddlePaddle port.
+
+Mirrors ``reference_torch/crossformer.py`` class for class and attribute for attribute, so
+parameter names equal the official PyTorch keys; nn.Linear weights are stored (in, out).
+See the reference for the architecture notes (cross-scale embedding, SDA/LDA, dynamic position
+bias, CrossFormer++'s per-stage group sizes and activation cooling layer).
+
+The models are built for one input size (``img_size``, a multiple of 32): group layout, padding
+and masks follow the resolution exactly as the official code derives them.
+
+Inference only: dropout and drop-path (training-time regularisers) are left out.
+"""
+from __future__ import annotations
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from model_configs.crossformer import CONFIGS, NEG_INF, CrossFormerConfig, block_layout, check_img_size
+
+__all__ = ["CrossFormer", "CrossFormerConfig", "CONFIGS"]
+
+
+def coordinate_table(group_size):
+    """All relative offsets (dh, dw) in [1-G, G-1]^2, dh-major: ((2G-1)^2, 2) float."""
+    r = paddle.arange(1 - group_size, group_size)
+    return paddle.stack(paddle.meshgrid(r, r), axis=-1).reshape([-1, 2]).astype("float32")
+
+
+def relative_position_index(group_size):
+    """Row of ``coordinate_table`` holding the offset from token j to token i of a group: (G^2, G^2)."""
+    g = paddle.arange(group_size)
+    coords = paddle.stack(paddle.meshgrid(g, g), axis=-1).reshape([-1, 2])
+    rel = coords[:, None, :] - coords[None, :, :] + (group_size - 1)
+    return rel[..., 0] * (2 * group_size - 1) + rel[..., 1]
+
+
+def group_tokens(x, group_size, interval):
+    """(B, Hp, Wp, C) -> (B * nG, G*G, C). Token (r*G*I + g*I + i) along each axis goes to group
+    (r, i), slot g: interval 1 gives SDA's adjacent windows, interval I gives LDA's dilated grids."""
+    B, Hp, Wp, C = x.shape
+    G, I = group_size, interval
+    x = x.reshape([B, Hp // (G * I), G, I, Wp // (G * I), G, I, C]).transpose([0, 1, 4, 3, 6, 2, 5, 7])
+    return x.reshape([-1, G * G, C])
+
+
+def ungroup_tokens(x, batch, height, width, group_size, interval):
+    """Inverse of ``group_tokens``: (B * nG, G*G, C) -> (B, Hp, Wp, C)."""
+    G, I = group_size, interval
+    x = x.reshape([batch, height // (G * I), width // (G * I), I, I, G, G, -1]).transpose([0, 1, 5, 3, 2, 6, 4, 7])
+    return x.reshape([batch, height, width, -1])
+
+
+def padding_mask(resolution, layout):
+    """(nG, G*G, G*G) additive mask, NEG_INF on the key columns that are padding; None without padding."""
+    if not (layout.pad_h or layout.pad_w):
+        return None
+    (H, W), G = resolution, layout.group_size
+    padded = (paddle.arange(H + layout.pad_h)[:, None] >= H) | (paddle.arange(W + layout.pad_w)[None, :] >= W)
+    keys = group_tokens(padded.astype("float32")[None, :, :, None], G, layout.group_interval).transpose([0, 2, 1])
+    return paddle.zeros([keys.shape[0], G * G, G * G]).masked_fill(keys > 0, NEG_INF)  # keys: (nG, 1, G*G)
+
+
+class Mlp(nn.Layer):
+    def __init__(self, in_features, hidden_features):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _dpb_layer(in_dim, out_dim):
+    return nn.Sequential(nn.LayerNorm(in_dim), nn.ReLU(), nn.Linear(in_dim, out_dim))
+
+
+class DynamicPosBias(nn.Layer):
+    """Offsets (dh, dw) -> per-head bias: Linear(2, d), then three LN -> ReLU -> Linear layers."""
+
+    def __init__(self, pos_dim, num_heads):
+        super().__init__()
+        self.pos_proj = nn.Linear(2, pos_dim)
+        self.pos1 = _dpb_layer(pos_dim, pos_dim)
+        self.pos2 = _dpb_layer(pos_dim, pos_dim)
+        self.pos3 = _dpb_layer(pos_dim, num_heads)
+
+    def forward(self, biases):
+        return self.pos3(self.pos2(self.pos1(self.pos_proj(biases))))
+
+
+class Attention(nn.Layer):
+    """Multi-head self-attention inside each group, plus the dynamic position bias."""
+
+    def __init__(self, dim, group_size, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.pos = DynamicPosBias(dim // 16, num_heads)  # official: DPB(dim // 4) with pos_dim = dim // 4
+        self.register_buffer("biases", coordinate_table(group_size), persistable=False)
+        self.register_buffer("relative_position_index", relative_position_index(group_size), persistable=False)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None):
+        B_, N, C = x.shape
+        qkv = self.qkv(x).reshape([B_, N, 3, self.num_heads, C // self.num_heads]).transpose([2, 0, 3, 1, 4])
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q = q * self.scale
+        attn = paddle.matmul(q, k, transpose_y=True)
+        pos = self.pos(self.biases)  # ((2G-1)^2, heads)
+        bias = pos[self.relative_position_index.flatten()].reshape([N, N, -1]).transpose([2, 0, 1])
+        attn = attn + bias.unsqueeze(0)
+        if mask is not None:
+            nG = mask.shape[0]
+            attn = attn.reshape([B_ // nG, nG, self.num_heads, N, N]) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.reshape([-1, self.num_heads, N, N])
+        attn = F.softmax(attn, axis=-1)
+        x = paddle.matmul(attn, v).transpose([0, 2, 1, 3]).reshape([B_, N, C])
+        return self.proj(x)
+
+
+class CrossFormerBlock(nn.Layer):
+    """Pre-norm block: SDA (lsda_flag 0) or LDA (1) attention, MLP, and optionally ACL."""
+
+    def __init__(self, dim, input_resolution, num_heads, group_size, interval, lsda_flag, mlp_ratio,
+                 use_extra_conv):
+        super().__init__()
+        self.input_resolution = input_resolution
+        # The resolution decides the effective group size, SDA vs LDA and the padding.
+        self.layout = block_layout(input_resolution, group_size, interval, lsda_flag)
+        self.use_extra_conv = use_extra_conv
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, self.layout.group_size, num_heads)
+        if use_extra_conv:
+            self.ex_conv = nn.Conv2D(dim, dim, 3, padding=1, groups=dim)
+            self.ex_ln = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+        self.register_buffer("attn_mask", padding_mask(input_resolution, self.layout), persistable=False)
+
+    def forward(self, x):
+        H, W = self.input_resolution
+        B, L, C = x.shape
+        shortcut = x
+        lay = self.layout
+        x = self.norm1(x).reshape([B, H, W, C])
+        x = F.pad(x, [0, lay.pad_w, 0, lay.pad_h], data_format="NHWC")  # zeros after norm1, bottom/right
+        x = group_tokens(x, lay.group_size, lay.group_interval)
+        x = self.attn(x, mask=self.attn_mask)
+        x = ungroup_tokens(x, B, H + lay.pad_h, W + lay.pad_w, lay.group_size, lay.group_interval)
+        x = x[:, :H, :W, :].reshape([B, H * W, C])
+        x = shortcut + x
+        x = x + self.mlp(self.norm2(x))
+        if self.use_extra_conv:  # ACL: no residual, its output replaces x
+            x = self.ex_conv(x.reshape([B, H, W, C]).transpose([0, 3, 1, 2]))
+            x = self.ex_ln(x.transpose([0, 2, 3, 1]).reshape([B, H * W, C]))
+        return x
+
+
+class PatchMerging(nn.Layer):
+    """Cross-scale merge: LayerNorm, then stride-2 convs of several kernels, concatenated on channels."""
+
+    def __init__(self, input_resolution, dim, patch_size):
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.reductions = nn.LayerList()  # registered before norm, as in the official key order
+        self.norm = nn.LayerNorm(dim)
+        for i, ps in enumerate(patch_size):
+            out_dim = 2 * dim // 2 ** (i if i == len(patch_size) - 1 else i + 1)
+            self.reductions.append(nn.Conv2D(dim, out_dim, ps, stride=2, padding=(ps - 2) // 2))
+
+    def forward(self, x):
+        H, W = self.input_resolution
+        B, L, C = x.shape
+        x = self.norm(x).reshape([B, H, W, C]).transpose([0, 3, 1, 2])
+        return paddle.concat([r(x).flatten(2).transpose([0, 2, 1]) for r in self.reductions], axis=2)
+
+
+class Stage(nn.Layer):
+    """Blocks alternating SDA/LDA; ACL after every third block but the last; then the merge."""
+
+    def __init__(self, dim, input_resolution, depth, num_heads, group_size, interval, mlp_ratio, use_acl,
+                 merge_size=None):
+        super().__init__()
+        self.blocks = nn.LayerList([
+            CrossFormerBlock(dim, input_resolution, num_heads, group_size, interval, lsda_flag=i % 2,
+                             mlp_ratio=mlp_ratio, use_extra_conv=use_acl and (i + 1) % 3 == 0 and i < depth - 1)
+            for i in range(depth)])
+        self.downsample = PatchMerging(input_resolution, dim, merge_size) if merge_size else None
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return x
+
+
+class PatchEmbed(nn.Layer):
+    """Cross-scale embedding: convs of several kernels at one stride, concatenated, then LayerNorm."""
+
+    def __init__(self, img_size, patch_size, embed_dim):
+        super().__init__()
+        self.img_size = img_size
+        self.projs = nn.LayerList()
+        for i, ps in enumerate(patch_size):
+            dim = embed_dim // 2 ** (i if i == len(patch_size) - 1 else i + 1)
+            self.projs.append(nn.Conv2D(3, dim, ps, stride=patch_size[0], padding=(ps - patch_size[0]) // 2))
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        if H != self.img_size or W != self.img_size:
+            raise ValueError(f"input {H}x{W} does not match the size the model was built for "
+                             f"({self.img_size}x{self.img_size}); rebuild it with img_size={H}")
+        x = paddle.concat([proj(x).flatten(2).transpose([0, 2, 1]) for proj in self.projs], axis=2)
+        return self.norm(x)
+
+
+class CrossFormer(nn.Layer):
+    def __init__(self, cfg: CrossFormerConfig, img_size=224, num_classes=1000):
+        super().__init__()
+        check_img_size(img_size)
+        self.num_classes = num_classes
+        num_stages = len(cfg.depths)
+        self.num_features = cfg.embed_dim * 2 ** (num_stages - 1)
+        self.patch_embed = PatchEmbed(img_size, cfg.patch_size, cfg.embed_dim)
+        res = img_size // cfg.patch_size[0]
+        self.layers = nn.LayerList([
+            Stage(cfg.embed_dim * 2 ** i, (res // 2 ** i, res // 2 ** i), cfg.depths[i], cfg.num_heads[i],
+                  cfg.group_size[i], cfg.interval[i], cfg.mlp_ratio, cfg.use_acl,
+                  merge_size=cfg.merge_size[i] if i < num_stages - 1 else None)
+            for i in range(num_stages)])
+        self.stage_names = tuple(f"layers.{i}" for i in range(num_stages))
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x):
+        x = self.patch_embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x).mean(axis=1)  # official: AdaptiveAvgPool1d over the tokens
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
+def _create(name, pretrained=False, num_classes=1000, img_size=224, **kwargs):
+    if pretrained:
+        raise ValueError("torch2paddle builds models without downloading weights; load converted weights instead")
+    return CrossFormer(CONFIGS[name], img_size=img_size, num_classes=num_classes)
+
+
+# One factory per variant, named as the registry names them; they take num_classes and img_size.
+def crossformer_tiny(pretrained=False, **kwargs): return _create("crossformer_tiny", pretrained, **kwargs)  # noqa: E704
+def crossformer_small(pretrained=False, **kwargs): return _create("crossformer_small", pretrained, **kwargs)  # noqa: E704
+def crossformer_base(pretrained=False, **kwargs): return _create("crossformer_base", pretrained, **kwargs)  # noqa: E704
+def crossformer_large(pretrained=False, **kwargs): return _create("crossformer_large", pretrained, **kwargs)  # noqa: E704
+def crossformer_pp_small(pretrained=False, **kwargs): return _create("crossformer_pp_small", pretrained, **kwargs)  # noqa: E704
+def crossformer_pp_base(pretrained=False, **kwargs): return _create("crossformer_pp_base", pretrained, **kwargs)  # noqa: E704
+def crossformer_pp_large(pretrained=False, **kwargs): return _create("crossformer_pp_large", pretrained, **kwargs)  # noqa: E704
+def crossformer_pp_huge(pretrained=False, **kwargs): return _create("crossformer_pp_huge", pretrained, **kwargs)  # noqa: E704

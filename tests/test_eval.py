@@ -1,0 +1,316 @@
+"""eval: dataset layouts, unreadable images, our preprocessing against timm's eval transform,
+and top-1 / top-5 of both frameworks against expectations computed here by hand.
+
+No ImageNet here: the images are the photographs scikit-image ships plus generated ones.
+"""
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from converter.datasets import Sample, image_folder, list_file, open_dataset, read_sample
+from converter.errors import UserError
+from converter.evaluate import load_batches, topk_hits
+from converter.preprocess import load_image
+from converter.registry import MODELS, EvalPreprocessing, get_spec
+
+from test_cli import assert_one_line_error, cli
+
+NAME = "fcvit_tiny"
+PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+          "hubble_deep_field.jpg", "camera.png")  # camera: grayscale; the rest RGB, square to 3:2
+
+
+def photo_paths() -> list:
+    import skimage.data
+
+    return [Path(skimage.data.__file__).parent / name for name in PHOTOS]
+
+
+def generated_images(directory: Path) -> list:
+    """Synthetic images in the modes and sizes real datasets contain: grayscale, RGBA, palette,
+    CMYK, odd aspect ratios, and one smaller than the crop (upsampled by the resize)."""
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:250, 0:333]
+    gradient = np.stack([xx * 255 // 332, yy * 255 // 249, (xx + yy) % 256], -1).astype(np.uint8)
+    images = {
+        "gradient.png": Image.fromarray(gradient),
+        "noise_gray.jpg": Image.fromarray(rng.integers(0, 256, (333, 250), dtype=np.uint8)),
+        "alpha.png": Image.fromarray(rng.integers(0, 256, (300, 301, 4), dtype=np.uint8), "RGBA"),
+        "palette.gif": Image.fromarray(gradient).convert("P"),
+        "tiny.bmp": Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)),
+        "cmyk.jpg": Image.fromarray(gradient).convert("CMYK"),
+    }
+    paths = []
+    for name, img in images.items():
+        img.save(directory / name)
+        paths.append(directory / name)
+    return paths
+
+
+def write_corrupt_images(directory: Path) -> list:
+    """A text file named like a JPEG and a PNG cut in half."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fake, cut = directory / "not_an_image.JPEG", directory / "truncated.png"
+    fake.write_text("this is not an image\n")
+    data = photo_paths()[1].read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    return [fake, cut]
+
+
+# --- preprocessing vs timm ------------------------------------------------------------------
+
+def gray_level_difference(ours: np.ndarray, theirs: np.ndarray, pre: EvalPreprocessing) -> float:
+    """Max |ours - theirs| in units of 1/255 before normalisation."""
+    std = np.asarray(pre.std, dtype=np.float64)[:, None, None]
+    return float((np.abs(ours.astype(np.float64) - theirs) * std * 255).max())
+
+
+def timm_eval(path: Path, pre: EvalPreprocessing, **overrides) -> np.ndarray:
+    from PIL import Image
+    from timm.data.transforms_factory import transforms_imagenet_eval
+
+    settings = dict(img_size=pre.input_size, crop_pct=pre.crop_pct, interpolation=pre.interpolation,
+                    mean=pre.mean, std=pre.std)
+    transform = transforms_imagenet_eval(**dict(settings, **overrides))
+    with Image.open(path) as img:  # timm's and torchvision's image loaders convert to RGB
+        return transform(img.convert("RGB")).numpy()
+
+
+OFFICIAL_PIPELINES = sorted({spec.preprocessing for spec in MODELS.values()}, key=repr)
+
+
+@pytest.mark.parametrize("pre", OFFICIAL_PIPELINES, ids=lambda p: f"{p.interpolation}-crop{p.crop_pct:g}")
+def test_preprocessing_matches_timm_within_one_gray_level(pre, tmp_path):
+    images = photo_paths() + generated_images(tmp_path)
+    worst = max(gray_level_difference(load_image(p, pre), timm_eval(p, pre), pre) for p in images)
+    print(f"max difference from timm's eval transform: {worst:g} gray levels over {len(images)} images")
+    assert worst <= 1.0
+
+
+@pytest.mark.parametrize("wrong", [{"interpolation": "bilinear"}, {"crop_pct": 0.875}],
+                         ids=["bilinear", "crop0.875"])
+def test_timm_comparison_detects_the_seed_pipeline_errors(wrong):
+    """The 1-gray-level check has teeth: the seed port's mistakes are far outside it."""
+    pre = get_spec(NAME).preprocessing
+    photo = photo_paths()[0]
+    assert gray_level_difference(load_image(photo, pre), timm_eval(photo, pre, **wrong), pre) > 10
+
+
+# --- layouts ----------------------------------------------------------------------------------
+
+def test_image_folder_orders_classes_and_images_as_torchvision(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    root = tmp_path / "val"
+    photos = photo_paths()
+    for i, wnid in enumerate(["n04517823", "n01440764", "n02102040"]):
+        (root / wnid / "sub").mkdir(parents=True)
+        shutil.copy(photos[i], root / wnid / f"b_{photos[i].name}")
+        shutil.copy(photos[i + 3], root / wnid / "sub" / f"a_{photos[i + 3].name}")
+        (root / wnid / "notes.txt").write_text("not an image")
+    dataset = image_folder(root)
+    expected = ImageFolder(str(root)).samples
+    assert [(str(s.path), s.label) for s in dataset.samples] == expected
+    assert dataset.num_classes == 3 and len(dataset) == 6
+    assert [s.label for s in dataset.samples] == [0, 0, 1, 1, 2, 2]  # n01440764 < n02102040 < n04517823
+
+
+def test_list_file_layout(tmp_path):
+    (tmp_path / "val dir").mkdir()
+    list_path = tmp_path / "val_list.txt"
+    list_path.write_text("# PaddleClas style\nval dir/a b.JPEG 7\n\nval dir/c.JPEG   0\n")
+    for dataset in (list_file(tmp_path, list_path), open_dataset(list_path), open_dataset(tmp_path, list_path)):
+        assert [(s.path, s.label) for s in dataset.samples] == [
+            (tmp_path / "val dir" / "a b.JPEG", 7), (tmp_path / "val dir" / "c.JPEG", 0)]
+        assert dataset.num_classes == 8
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a.jpg 1\nb.jpg\n", "val_list.txt:2: expected 'relative/path label'"),
+    ("a.jpg 1\nb.jpg one\n", "val_list.txt:2: label 'one' is not an integer"),
+    ("a.jpg -3\n", "val_list.txt:1: label -3 is negative"),
+    ("\n# only a comment\n", "no 'relative/path label' lines"),
+], ids=["no-label", "word-label", "negative", "empty"])
+def test_malformed_list_file_is_a_clear_error(tmp_path, text, message):
+    (tmp_path / "val_list.txt").write_text(text)
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        open_dataset(tmp_path / "val_list.txt")
+
+
+def test_empty_or_flat_folders_are_clear_errors(tmp_path):
+    with pytest.raises(UserError, match="no class sub-folders"):
+        image_folder(tmp_path)
+    shutil.copy(photo_paths()[0], tmp_path / "loose.png")
+    with pytest.raises(UserError, match="holds images directly"):
+        image_folder(tmp_path)
+    (tmp_path / "n01440764").mkdir()
+    (tmp_path / "n01440764" / "readme.txt").write_text("x")
+    with pytest.raises(UserError, match="1 class folders but no image files"):
+        image_folder(tmp_path)
+    with pytest.raises(UserError, match="no such directory"):
+        image_folder(tmp_path / "missing")
+
+
+def test_limit_takes_an_even_spread_of_the_dataset(tmp_path):
+    root = tmp_path / "val"
+    for c in range(4):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(5):
+            (root / f"c{c}" / f"{i}.png").write_bytes(b"")
+    subset = open_dataset(root, limit=4)
+    assert [s.label for s in subset.samples] == [0, 1, 2, 3]
+    assert "4 of 20 images" in subset.description
+    assert open_dataset(root, limit=4).samples == subset.samples
+    assert len(open_dataset(root, limit=100)) == 20
+
+
+def test_unreadable_images_are_reported_not_raised(tmp_path):
+    pre = get_spec(NAME).preprocessing
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    for path in write_corrupt_images(tmp_path) + [empty, tmp_path / "missing.png"]:
+        image, problem = read_sample(Sample(path, 0), pre)
+        assert image is None and problem.path == path and problem.reason, path
+    image, problem = read_sample(Sample(photo_paths()[0], 0), pre)
+    assert problem is None and image.shape == (3, 224, 224) and image.dtype == np.float32
+
+
+def test_prefetching_threads_keep_dataset_order(tmp_path):
+    pre = get_spec(NAME).preprocessing
+    paths = generated_images(tmp_path / "gen") + write_corrupt_images(tmp_path / "bad")
+    samples = [Sample(p, i) for i, p in enumerate(paths)]
+    serial = list(load_batches(samples, pre, 3, workers=0))
+    threaded = list(load_batches(samples, pre, 3, workers=2))
+    assert [b.labels.tolist() for b in threaded] == [[0, 1, 2], [3, 4, 5], []]
+    assert [len(b.unreadable) for b in threaded] == [0, 0, 2]
+    for a, b in zip(serial, threaded):
+        assert a.labels.tolist() == b.labels.tolist()
+        if a.images is not None:
+            np.testing.assert_array_equal(a.images, b.images)
+
+
+def test_topk_hits():
+    logits = np.array([[0.1, 0.9, 0.5, 0.3], [2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 1.0, 0.0]])
+    labels = np.array([1, 2, 0])
+    assert topk_hits(logits, labels, 1).tolist() == [True, False, False]
+    assert topk_hits(logits, labels, 3).tolist() == [True, True, True]  # row 2: ties go to the lower index
+    assert topk_hits(logits, labels, 2).tolist() == [True, False, True]
+
+
+# --- accuracy of both frameworks against hand-computed expectations ------------------------
+
+# Where each photo's label sits in the model's ranking of the 1000 classes (0 = its top class):
+# 3 top-1 hits, 2 top-5-only hits, 2 misses just outside the top 5.
+LABEL_RANKS = (0, 0, 0, 2, 2, 5, 5)
+EXPECTED_TOP1 = 100 * 3 / 7
+EXPECTED_TOP5 = 100 * 5 / 7
+
+
+@pytest.fixture(scope="module")
+def planned_labels(official_checkpoint):
+    """The label of each photo, chosen from the torch reference's own ranking computed here,
+    outside the evaluator, so that the expected scores are EXPECTED_TOP1 / EXPECTED_TOP5."""
+    import torch
+
+    from converter import create_torch_model
+
+    model = create_torch_model(NAME, official_checkpoint(NAME))
+    batch = np.stack([load_image(p, get_spec(NAME).preprocessing) for p in photo_paths()])
+    with torch.no_grad():
+        logits = model(torch.from_numpy(batch)).numpy()
+    labels = []
+    for row, rank in zip(logits, LABEL_RANKS):
+        order = np.argsort(-row)
+        # The planned outcome must not hinge on a near-tie that batching noise could flip: the
+        # label is clear of the class ranked just above it (or, for a top-1 label, below it).
+        above = max(rank - 1, 0)
+        assert row[order[above]] - row[order[above + 1]] > 1e-3
+        labels.append(int(order[rank]))
+    return labels
+
+
+def imagenet_folder(root: Path, labels: list) -> Path:
+    """``root/<wnid>/`` for all 1000 classes (class index = sorted position), photos placed by label."""
+    for c in range(1000):
+        (root / f"n{c:08d}").mkdir(parents=True)
+    for i, (photo, label) in enumerate(zip(photo_paths(), labels)):
+        shutil.copy(photo, root / f"n{label:08d}" / f"{i}_{photo.name}")
+    write_corrupt_images(root / "n00000000")
+    return root
+
+
+def paddle_list_layout(root: Path, labels: list) -> Path:
+    """``root/images/*`` plus ``root/val_list.txt`` naming them with their labels."""
+    lines = []
+    for i, (photo, label) in enumerate(zip(photo_paths(), labels)):
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, root / "images" / f"{i}_{photo.name}")
+        lines.append(f"images/{i}_{photo.name} {label}")
+    corrupt = write_corrupt_images(root / "images")
+    lines += [f"images/{p.name} 0" for p in corrupt]
+    (root / "val_list.txt").write_text("\n".join(lines) + "\n")
+    return root / "val_list.txt"
+
+
+def assert_scores(report: dict):
+    assert report["images"] == 7 and report["skipped"] == 2
+    for framework in ("torch", "paddle"):
+        assert report[framework]["top1"] == pytest.approx(EXPECTED_TOP1), framework
+        assert report[framework]["top5"] == pytest.approx(EXPECTED_TOP5), framework
+        assert report[framework]["images_per_second"] > 0
+    assert report["agreement"] == 100.0 and report["top1_delta"] == 0.0 and report["top5_delta"] == 0.0
+    assert report["max_abs_logit_err"] < 1e-4
+    assert sorted(Path(s["path"]).name for s in report["skipped_images"]) == ["not_an_image.JPEG", "truncated.png"]
+
+
+def test_eval_on_an_imagenet_folder(capsys, tmp_path, official_checkpoint, planned_labels):
+    root = imagenet_folder(tmp_path / "val", planned_labels)
+    code, out, err = cli(capsys, "eval", NAME, "--data", root, "--torch-ckpt", official_checkpoint(NAME),
+                         "--batch-size", 3, "--workers", 2, "--json", tmp_path / "eval.json")
+    assert code == 0, err
+    import json
+
+    assert_scores(json.loads((tmp_path / "eval.json").read_text()))
+    assert "top-1" in out and "images/s" in out and "2 skipped (unreadable)" in out
+    assert "truncated.png" in out and "resize 248 bicubic, crop 224" in out
+
+
+def test_eval_on_a_list_file_with_converted_params(capsys, tmp_path, official_checkpoint, planned_labels):
+    import json
+
+    list_path = paddle_list_layout(tmp_path / "data", planned_labels)
+    params = tmp_path / f"{NAME}.pdparams"
+    assert cli(capsys, "convert", NAME, official_checkpoint(NAME), params)[0] == 0
+    code, out, err = cli(capsys, "eval", NAME, "--data", tmp_path / "data", "--list", list_path,
+                         "--torch-ckpt", official_checkpoint(NAME), "--paddle-params", params,
+                         "--batch-size", 4, "--workers", 0, "--json", tmp_path / "eval.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert_scores(report)
+    assert report["paddle_params"] == str(params)
+
+
+# --- bad input through the command line -------------------------------------------------------
+
+def test_eval_errors_before_loading_any_model(capsys, tmp_path, official_checkpoint):
+    src = official_checkpoint(NAME)
+    code, _, err = cli(capsys, "eval", NAME, "--data", tmp_path, "--torch-ckpt", src)
+    assert_one_line_error(code, err, "no class sub-folders")
+    (tmp_path / "bad.txt").write_text("images/a.jpg\n")
+    code, _, err = cli(capsys, "eval", NAME, "--data", tmp_path / "bad.txt", "--torch-ckpt", src)
+    assert_one_line_error(code, err, "bad.txt:1: expected 'relative/path label'")
+    (tmp_path / "big.txt").write_text("images/a.jpg 1000\n")
+    code, _, err = cli(capsys, "eval", NAME, "--data", tmp_path / "big.txt", "--torch-ckpt", src)
+    assert_one_line_error(code, err, "labels go up to 1000, but the model has 1000 classes")
+
+
+def test_eval_with_no_readable_image_is_an_error(capsys, tmp_path, official_checkpoint):
+    write_corrupt_images(tmp_path / "val" / "n01440764")
+    code, _, err = cli(capsys, "eval", NAME, "--data", tmp_path / "val", "--torch-ckpt", official_checkpoint(NAME))
+    assert_one_line_error(code, err, "none of the 2 images could be read")
+    assert not list(tmp_path.glob("*.json"))
