@@ -11,12 +11,13 @@ its bottom-right-window quirk, ``proj_cls`` aliasing ``proj``).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
+
+from model_configs.regionvit import CONFIGS, RegionViTConfig, rel_pos_index, window_mask
 
 __all__ = ["RegionViT"]
 
@@ -24,55 +25,6 @@ __all__ = ["RegionViT"]
 # normal) at creation, so each is sampled once: Paddle's CPU gaussian costs ~20 ns a value and
 # regionvit_base_w14 has 73.8M of them.  Biases keep Paddle's default, zeros, as in the official init.
 _WEIGHT_INIT = nn.initializer.Normal(std=0.02)
-
-
-# ---------------------------------------------------------------------------
-# Index tables and masks (numpy, vectorised, cached per size)
-# ---------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def rel_pos_index(ws: int) -> np.ndarray:
-    """Index into ``rel_pos[:, :]`` for every (query, key) pair of a ws x ws window.
-
-    Flattened as (y, x, dy, dx) with query (y, x) and key (dy, dx).  The official
-    table is ``arange(R * R).reshape(R, R)[dy - y + ws // 2, dx - x + ws // 2]`` with
-    R = 2 * ws - 1 and Python's negative-index wrap-around, i.e. modulo R.
-    """
-    size = 2 * ws - 1
-    pos = np.arange(ws)
-    offset = (pos[None, :] - pos[:, None] + ws // 2) % size  # [query, key] along one axis
-    index = offset[:, None, :, None] * size + offset[None, :, None, :]  # (y, x, dy, dx)
-    index = index.reshape(-1).astype(np.int64)
-    index.setflags(write=False)
-    return index
-
-
-@functools.lru_cache(maxsize=None)
-def window_mask(rows: int, cols: int, ws: int, pad_b: int, pad_r: int) -> np.ndarray:
-    """Blocked (True) attention entries per window, shape (rows * cols, 1 + ws^2, 1 + ws^2).
-
-    Token 0 of a window is its regional token; local token t sits at (t // ws, t % ws).
-    Windows are row-major.  The official construction, reproduced exactly:
-    * windows in the last column (except the last row): query and key both in a
-      valid column;
-    * windows in the last row: query and key both in a valid row;
-    * the bottom-right window: the union of the two (the official code starts
-      from the column mask and opens the whole valid-row block), so a valid query
-      still sees right- and bottom-padded keys; only corner keys are blocked;
-    * every other window: nothing blocked.
-    """
-    local = np.arange(ws * ws)
-    col_ok = np.concatenate([[True], local % ws < ws - pad_r])
-    row_ok = np.concatenate([[True], local // ws < ws - pad_b])
-    right = col_ok[:, None] & col_ok[None, :]
-    bottom = row_ok[:, None] & row_ok[None, :]
-    last_row = (np.arange(rows) == rows - 1)[:, None]
-    last_col = (np.arange(cols) == cols - 1)[None, :]
-    kind = (last_row.astype(np.int64) * 2 + last_col).reshape(-1)  # 0 inner, 1 right, 2 bottom, 3 corner
-    allowed = np.stack([np.ones_like(right), right, bottom, right | bottom])[kind]
-    blocked = ~allowed
-    blocked.setflags(write=False)
-    return blocked
 
 
 # ---------------------------------------------------------------------------
@@ -321,75 +273,28 @@ class RegionViT(nn.Layer):
 
 
 # ---------------------------------------------------------------------------
-# Variants (official regionvit/regionvit.py `_model_cfg`)
+# Variants (configs in model_configs/regionvit.py, the official `_model_cfg`)
 # ---------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class RegionViTConfig:
-    embed_dim: tuple
-    depth: tuple
-    num_heads: tuple
-    window_size: int
-    patch_conv_type: str
-    peg: bool = False
-
-
-_TINY = RegionViTConfig((64, 64, 128, 256, 512), (2, 2, 8, 2), (2, 4, 8, 16), 7, "3conv")
-_SMALL = RegionViTConfig((96, 96, 192, 384, 768), (2, 2, 8, 2), (3, 6, 12, 24), 7, "3conv")
-_MEDIUM = RegionViTConfig((96, 96, 192, 384, 768), (2, 2, 14, 2), (3, 6, 12, 24), 7, "1conv")
-_BASE = RegionViTConfig((128, 128, 256, 512, 1024), (2, 2, 14, 2), (4, 8, 16, 32), 7, "1conv")
-_SMALL_W14 = RegionViTConfig((96, 96, 192, 384, 768), (2, 2, 8, 2), (3, 6, 12, 24), 14, "3conv")
-_SMALL_W14_PEG = RegionViTConfig((96, 96, 192, 384, 768), (2, 2, 8, 2), (3, 6, 12, 24), 14, "3conv", peg=True)
-_BASE_W14 = RegionViTConfig((128, 128, 256, 512, 1024), (2, 2, 14, 2), (4, 8, 16, 32), 14, "1conv")
-_BASE_W14_PEG = RegionViTConfig((128, 128, 256, 512, 1024), (2, 2, 14, 2), (4, 8, 16, 32), 14, "1conv", peg=True)
-
-
-def _create(cfg: RegionViTConfig, pretrained: bool, num_classes: int, **kwargs) -> RegionViT:
+def _create(name: str, pretrained: bool = False, num_classes: int = 1000, **kwargs) -> RegionViT:
     if pretrained:
         raise ValueError("no bundled weights: convert an official RegionViT checkpoint with torch2paddle")
+    cfg: RegionViTConfig = CONFIGS[name]
     return RegionViT(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
                      window_size=cfg.window_size, patch_conv_type=cfg.patch_conv_type, peg=cfg.peg,
                      num_classes=num_classes, **kwargs)
 
 
-def regionvit_tiny(pretrained=False, num_classes=1000, **kwargs):
-    return _create(_TINY, pretrained, num_classes, **kwargs)
+# One factory per variant, under its name and the official `<name>_224` entrypoint name.
+def regionvit_tiny(pretrained=False, **kwargs): return _create("regionvit_tiny", pretrained, **kwargs)  # noqa: E704
+def regionvit_small(pretrained=False, **kwargs): return _create("regionvit_small", pretrained, **kwargs)  # noqa: E704
+def regionvit_medium(pretrained=False, **kwargs): return _create("regionvit_medium", pretrained, **kwargs)  # noqa: E704
+def regionvit_base(pretrained=False, **kwargs): return _create("regionvit_base", pretrained, **kwargs)  # noqa: E704
+def regionvit_small_w14(pretrained=False, **kwargs): return _create("regionvit_small_w14", pretrained, **kwargs)  # noqa: E704
+def regionvit_small_w14_peg(pretrained=False, **kwargs): return _create("regionvit_small_w14_peg", pretrained, **kwargs)  # noqa: E704
+def regionvit_base_w14(pretrained=False, **kwargs): return _create("regionvit_base_w14", pretrained, **kwargs)  # noqa: E704
+def regionvit_base_w14_peg(pretrained=False, **kwargs): return _create("regionvit_base_w14_peg", pretrained, **kwargs)  # noqa: E704
 
 
-def regionvit_small(pretrained=False, num_classes=1000, **kwargs):
-    return _create(_SMALL, pretrained, num_classes, **kwargs)
-
-
-def regionvit_medium(pretrained=False, num_classes=1000, **kwargs):
-    return _create(_MEDIUM, pretrained, num_classes, **kwargs)
-
-
-def regionvit_base(pretrained=False, num_classes=1000, **kwargs):
-    return _create(_BASE, pretrained, num_classes, **kwargs)
-
-
-def regionvit_small_w14(pretrained=False, num_classes=1000, **kwargs):
-    return _create(_SMALL_W14, pretrained, num_classes, **kwargs)
-
-
-def regionvit_small_w14_peg(pretrained=False, num_classes=1000, **kwargs):
-    return _create(_SMALL_W14_PEG, pretrained, num_classes, **kwargs)
-
-
-def regionvit_base_w14(pretrained=False, num_classes=1000, **kwargs):
-    return _create(_BASE_W14, pretrained, num_classes, **kwargs)
-
-
-def regionvit_base_w14_peg(pretrained=False, num_classes=1000, **kwargs):
-    return _create(_BASE_W14_PEG, pretrained, num_classes, **kwargs)
-
-
-# The official ``<name>_224`` entrypoint names.
-regionvit_tiny_224 = regionvit_tiny
-regionvit_small_224 = regionvit_small
-regionvit_medium_224 = regionvit_medium
-regionvit_base_224 = regionvit_base
-regionvit_small_w14_224 = regionvit_small_w14
-regionvit_small_w14_peg_224 = regionvit_small_w14_peg
-regionvit_base_w14_224 = regionvit_base_w14
-regionvit_base_w14_peg_224 = regionvit_base_w14_peg
+for _name in CONFIGS:
+    globals()[f"{_name}_224"] = globals()[_name]

@@ -10,6 +10,7 @@ import paddle
 import pytest
 import torch
 
+import model_configs.regionvit as tables
 import paddle_models.regionvit as pd_rv
 import reference_torch.regionvit as th_rv
 from converter import convert
@@ -72,9 +73,8 @@ MASK_CASES = [
 
 
 @pytest.mark.parametrize("ws", [7, 14])
-@pytest.mark.parametrize("module", [th_rv, pd_rv], ids=["torch", "paddle"])
-def test_rel_pos_index_is_the_official_wrap_around_table(module, ws):
-    index = module.rel_pos_index(ws)
+def test_rel_pos_index_is_the_official_wrap_around_table(ws):
+    index = tables.rel_pos_index(ws)
     assert np.array_equal(index, official_rel_pos_index(ws))
     if ws == 7:
         assert index[:3].tolist() == [42, 43, 44]  # offset ws // 2; Swin's offset ws - 1 would start at 84
@@ -82,9 +82,8 @@ def test_rel_pos_index_is_the_official_wrap_around_table(module, ws):
 
 
 @pytest.mark.parametrize("case", MASK_CASES, ids=[str(c) for c in MASK_CASES])
-@pytest.mark.parametrize("module", [th_rv, pd_rv], ids=["torch", "paddle"])
-def test_vectorised_mask_equals_official_construction(module, case):
-    blocked = module.window_mask(*case)
+def test_vectorised_mask_equals_official_construction(case):
+    blocked = tables.window_mask(*case)
     assert blocked.dtype == bool
     assert np.array_equal(~blocked, official_mask(*case).astype(bool))
 
@@ -92,7 +91,7 @@ def test_vectorised_mask_equals_official_construction(module, case):
 def test_w14_mask_quirk_masks_only_the_padded_corner():
     """w14 at 224, last stage: 7x7 valid tokens padded to 14x14.  A valid query may attend to
     the 49 right-padded and 49 bottom-padded keys; only the 49 corner keys are blocked."""
-    blocked = th_rv.window_mask(1, 1, 14, 7, 7)[0]
+    blocked = tables.window_mask(1, 1, 14, 7, 7)[0]
     tok = np.arange(196)
     row_pad, col_pad = tok // 14 >= 7, tok % 14 >= 7
     valid = ~row_pad & ~col_pad
@@ -191,8 +190,8 @@ def test_w14_at_224_takes_the_mask_path_and_the_quirk_matters(layout_spy, monkey
 # Construction: tables vectorised and cached, no loops over positions
 # ---------------------------------------------------------------------------
 
-def _lines_run_in(path, fn):
-    """Number of Python lines executed in file ``path`` while ``fn()`` runs."""
+def _lines_run_in(paths, fn):
+    """Number of Python lines executed in the files ``paths`` while ``fn()`` runs."""
     count = 0
 
     def local(frame, event, arg):
@@ -202,7 +201,7 @@ def _lines_run_in(path, fn):
         return local
 
     def global_(frame, event, arg):
-        return local if frame.f_code.co_filename == path else None
+        return local if frame.f_code.co_filename in paths else None
 
     sys.settrace(global_)
     try:
@@ -216,16 +215,17 @@ def _lines_run_in(path, fn):
 def test_base_w14_builds_its_tables_without_loops_over_positions(module):
     """The official constructor runs ws^4 = 38416 Python iterations per attention (20 of them
     in base_w14).  Ours computes each table once per window size, with numpy."""
-    module.rel_pos_index.cache_clear()
-    module.window_mask.cache_clear()
-    assert _lines_run_in(module.__file__, lambda: module.rel_pos_index(14)) < 30
-    assert _lines_run_in(module.__file__, lambda: module.window_mask(8, 8, 14, 7, 7)) < 30
+    files = (module.__file__, tables.__file__)
+    tables.rel_pos_index.cache_clear()
+    tables.window_mask.cache_clear()
+    assert _lines_run_in(files, lambda: tables.rel_pos_index(14)) < 30
+    assert _lines_run_in(files, lambda: tables.window_mask(8, 8, 14, 7, 7)) < 30
 
-    module.rel_pos_index.cache_clear()
+    tables.rel_pos_index.cache_clear()
     models = []
-    lines = _lines_run_in(module.__file__, lambda: models.append(module.regionvit_base_w14()))
+    lines = _lines_run_in(files, lambda: models.append(module.regionvit_base_w14()))
     assert lines < 5000  # a loop over the 14^4 position pairs alone would be 38416+
-    info = module.rel_pos_index.cache_info()
+    info = tables.rel_pos_index.cache_info()
     assert (info.misses, info.hits) == (1, 19)  # 20 attention modules, one table
     official = official_rel_pos_index(14)
     model = models[0]

@@ -1,0 +1,77 @@
+"""RegionViT variants and the index tables / masks both frameworks build from (numpy only,
+so the Paddle port never imports torch).  Official code IBM/RegionViT @ 77000c2."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RegionViTConfig:
+    embed_dim: tuple
+    depth: tuple
+    num_heads: tuple
+    window_size: int
+    patch_conv_type: str
+    peg: bool = False
+
+
+CONFIGS = {
+    "regionvit_tiny": RegionViTConfig((64, 64, 128, 256, 512), (2, 2, 8, 2), (2, 4, 8, 16), 7, "3conv"),
+    "regionvit_small": RegionViTConfig((96, 96, 192, 384, 768), (2, 2, 8, 2), (3, 6, 12, 24), 7, "3conv"),
+    "regionvit_medium": RegionViTConfig((96, 96, 192, 384, 768), (2, 2, 14, 2), (3, 6, 12, 24), 7, "1conv"),
+    "regionvit_base": RegionViTConfig((128, 128, 256, 512, 1024), (2, 2, 14, 2), (4, 8, 16, 32), 7, "1conv"),
+    "regionvit_small_w14": RegionViTConfig((96, 96, 192, 384, 768), (2, 2, 8, 2), (3, 6, 12, 24), 14, "3conv"),
+    "regionvit_small_w14_peg": RegionViTConfig((96, 96, 192, 384, 768), (2, 2, 8, 2), (3, 6, 12, 24), 14, "3conv", peg=True),
+    "regionvit_base_w14": RegionViTConfig((128, 128, 256, 512, 1024), (2, 2, 14, 2), (4, 8, 16, 32), 14, "1conv"),
+    "regionvit_base_w14_peg": RegionViTConfig((128, 128, 256, 512, 1024), (2, 2, 14, 2), (4, 8, 16, 32), 14, "1conv", peg=True),
+}
+
+
+# Index tables and masks: numpy, vectorised, cached per size.
+
+@functools.lru_cache(maxsize=None)
+def rel_pos_index(ws: int) -> np.ndarray:
+    """Index into ``rel_pos[:, :]`` for every (query, key) pair of a ws x ws window.
+
+    Flattened as (y, x, dy, dx) with query (y, x) and key (dy, dx).  The official
+    table is ``arange(R * R).reshape(R, R)[dy - y + ws // 2, dx - x + ws // 2]`` with
+    R = 2 * ws - 1 and Python's negative-index wrap-around, i.e. modulo R.
+    """
+    size = 2 * ws - 1
+    pos = np.arange(ws)
+    offset = (pos[None, :] - pos[:, None] + ws // 2) % size  # [query, key] along one axis
+    index = offset[:, None, :, None] * size + offset[None, :, None, :]  # (y, x, dy, dx)
+    index = index.reshape(-1).astype(np.int64)
+    index.setflags(write=False)
+    return index
+
+
+@functools.lru_cache(maxsize=None)
+def window_mask(rows: int, cols: int, ws: int, pad_b: int, pad_r: int) -> np.ndarray:
+    """Blocked (True) attention entries per window, shape (rows * cols, 1 + ws^2, 1 + ws^2).
+
+    Token 0 of a window is its regional token; local token t sits at (t // ws, t % ws).
+    Windows are row-major.  The official construction, reproduced exactly:
+    * windows in the last column (except the last row): query and key both in a
+      valid column;
+    * windows in the last row: query and key both in a valid row;
+    * the bottom-right window: the union of the two (the official code starts
+      from the column mask and opens the whole valid-row block), so a valid query
+      still sees right- and bottom-padded keys; only corner keys are blocked;
+    * every other window: nothing blocked.
+    """
+    local = np.arange(ws * ws)
+    col_ok = np.concatenate([[True], local % ws < ws - pad_r])
+    row_ok = np.concatenate([[True], local // ws < ws - pad_b])
+    right = col_ok[:, None] & col_ok[None, :]
+    bottom = row_ok[:, None] & row_ok[None, :]
+    last_row = (np.arange(rows) == rows - 1)[:, None]
+    last_col = (np.arange(cols) == cols - 1)[None, :]
+    kind = (last_row.astype(np.int64) * 2 + last_col).reshape(-1)  # 0 inner, 1 right, 2 bottom, 3 corner
+    allowed = np.stack([np.ones_like(right), right, bottom, right | bottom])[kind]
+    blocked = ~allowed
+    blocked.setflags(write=False)
+    return blocked
