@@ -122,7 +122,10 @@ class ModelSpec:
 
     @property
     def rules(self) -> tuple:
-        return importlib.import_module(self.family.mapping_module).RULES
+        """The family's table, or a variant's own where its keys mean other layers (BiFormer's
+        STL-nchw names 1x1 convs what STL names Linears)."""
+        module = importlib.import_module(self.family.mapping_module)
+        return getattr(module, "VARIANT_RULES", {}).get(self.name, module.RULES)
 
     def check_input_size(self, h: int, w: int) -> None:
         problem = self.family.input_check(h, w)

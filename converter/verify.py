@@ -46,6 +46,7 @@ class VerifyReport:
     max_rel_err: float
     top1_agreement: float
     stages: list = field(default_factory=list)  # [{name, max_abs_err, mean_abs_err, max_rel_err}]
+    routing: list = field(default_factory=list)  # [{module, rows, identical, ties, mismatches, max_gap}]
     torch_seconds: float = 0.0
     paddle_seconds: float = 0.0
     passed: bool = False
@@ -60,6 +61,8 @@ class VerifyReport:
         ]
         for s in self.stages:
             lines.append(f"  {s['name']:<14}max {s['max_abs_err']:.3e}  mean {s['mean_abs_err']:.3e}")
+        if self.routing:
+            lines.append(self._routing_line())
         lines += [
             f"logits          max abs {self.max_abs_err:.3e}  mean abs {self.mean_abs_err:.3e}  "
             f"max rel {self.max_rel_err:.3e}",
@@ -69,6 +72,16 @@ class VerifyReport:
             f"{self.max_abs_err:.3e} {'<=' if self.passed else '>'} {self.max_err:g})",
         ]
         return "\n".join(lines)
+
+
+    def _routing_line(self) -> str:
+        total = sum(r["rows"] for r in self.routing)
+        same = sum(r["identical"] for r in self.routing)
+        ties = sum(r["ties"] for r in self.routing)
+        line = (f"routing         {same}/{total} top-k rows identical across {len(self.routing)} routers, "
+                f"{ties} float ties, {sum(r['mismatches'] for r in self.routing)} mismatches")
+        first = next((r["module"] for r in self.routing if r["identical"] < r["rows"]), None)
+        return line + (f"; first router to differ: {first} (later routers inherit its choice)" if first else "")
 
 
 def resolve_device(device: str) -> str:
@@ -199,6 +212,45 @@ def forward_both(torch_model, paddle_model, batch: np.ndarray, device: str) -> t
     return t_out, p_out, t_sec, p_sec
 
 
+def routing_agreement(reference, other) -> dict:
+    """Compare one router's captured outputs, ``(logits, index)`` per framework.
+
+    logits (N, P, P), index (N, P, topk).  A row is one (sample, query region).  Rows whose
+    selected region sets are equal (order aside: it does not change the attention) are identical.
+    A differing row is a ``tie`` when every region selected by only one framework has a reference
+    logit within twice that row's cross-framework logit error of the k-th largest reference logit
+    (both selections are then a correct top-k within float error); otherwise a ``mismatch``.
+    """
+    ref_logits, ref_index = (np.asarray(a) for a in reference)
+    logits, index = (np.asarray(a) for a in other)
+    topk = ref_index.shape[-1]
+    same = (np.sort(ref_index, -1) == np.sort(index, -1)).all(-1)
+    ties, mismatches, max_gap = 0, 0, 0.0
+    for row in zip(*np.nonzero(~same)):
+        ref_row = ref_logits[row].astype(np.float64)
+        allowed = 2 * np.abs(ref_row - logits[row]).max() + 1e-7 * max(1.0, np.abs(ref_row).max())
+        kth = np.sort(ref_row)[-topk]
+        swapped = np.setxor1d(ref_index[row], index[row])
+        gap = float(np.abs(ref_row[swapped] - kth).max())
+        max_gap = max(max_gap, gap)
+        if gap <= allowed:
+            ties += 1
+        else:
+            mismatches += 1
+    return {"rows": int(same.size), "identical": int(same.sum()), "ties": ties, "mismatches": mismatches,
+            "max_gap": max_gap}
+
+
+def routing_report(torch_outputs: dict, paddle_outputs: dict, names) -> list:
+    """Per router (modules returning ``(logits, top-k index)``, e.g. BiFormer's), how many
+    routing rows agree; differing rows are split into float ties and real mismatches."""
+    rows = []
+    for name in names:
+        if name in torch_outputs and name in paddle_outputs:
+            rows.append({"module": name, **routing_agreement(torch_outputs[name], paddle_outputs[name])})
+    return rows
+
+
 def stage_discrepancies(torch_stages: dict, paddle_stages: dict, names) -> list:
     rows = []
     for name in names:
@@ -255,7 +307,8 @@ def run_verify(name: str, torch_ckpt, paddle_params=None, *, images=None, batch_
                            unsafe_pickle=unsafe_pickle, num_classes=num_classes)
 
     stage_names = tuple(getattr(pair.torch_model, "stage_names", ()))
-    run = run_models(pair.torch_model, pair.paddle_model, batch, device, stage_names)
+    router_names = tuple(getattr(pair.torch_model, "routing_modules", ()))
+    run = run_models(pair.torch_model, pair.paddle_model, batch, device, stage_names + router_names)
     logits = Discrepancy.between(run["torch"], run["paddle"])
     agreement = float(np.mean(run["torch"].argmax(-1) == run["paddle"].argmax(-1)))
     return VerifyReport(
@@ -264,6 +317,7 @@ def run_verify(name: str, torch_ckpt, paddle_params=None, *, images=None, batch_
         max_abs_err=logits.max_abs_err, mean_abs_err=logits.mean_abs_err, max_rel_err=logits.max_rel_err,
         top1_agreement=agreement,
         stages=stage_discrepancies(run["torch_stages"], run["paddle_stages"], stage_names),
+        routing=routing_report(run["torch_stages"], run["paddle_stages"], router_names),
         torch_seconds=run["torch_seconds"], paddle_seconds=run["paddle_seconds"],
         passed=bool(logits.max_abs_err <= max_err),
     )

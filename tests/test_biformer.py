@@ -1,8 +1,9 @@
 """BiFormer specifics: the hard top-k routing agrees between the frameworks (hooked through the
 models' ``routing_modules``), near-ties are told apart from real routing errors, the routed
 key/value gather copies topk regions per query region instead of all p^2, input sizes the
-7x7 region split cannot take fail up front with a clear error, and biformer_stl /
-biformer_stl_nchw (same key names, different module types) get different mapping tables."""
+7x7 region split cannot take fail up front with a clear error, biformer_stl /
+biformer_stl_nchw (same key names, different module types) get different mapping tables, and
+every sub-module has a twin of the same name and output shapes in the other framework."""
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from converter.checkpoint import read_checkpoint
 from converter.engine import convert_state_dict
 from converter.errors import UserError
 from converter.registry import get_spec
-from converter.verify import make_batch, run_models
+from converter.verify import routing_agreement, make_batch, run_models
 from mappings import biformer as bf_map
 from mappings.rules import Transpose
 from model_configs.biformer import CONFIGS
@@ -37,35 +38,6 @@ def table(name):
 # ---------------------------------------------------------------------------
 # Routing agreement
 # ---------------------------------------------------------------------------
-
-def routing_agreement(reference, other) -> dict:
-    """Compare one router's captured outputs, ``(logits, index)`` per framework.
-
-    logits (N, P, P), index (N, P, topk).  A row is one (sample, query region).  Rows whose
-    selected region sets are equal (order aside: it does not change the attention) are identical.
-    A differing row is a ``tie`` when every region selected by only one framework has a reference
-    logit within twice that row's cross-framework logit error of the k-th largest reference logit
-    (both selections are then a correct top-k within float error); otherwise a ``mismatch``.
-    """
-    ref_logits, ref_index = (np.asarray(a) for a in reference)
-    logits, index = (np.asarray(a) for a in other)
-    topk = ref_index.shape[-1]
-    same = (np.sort(ref_index, -1) == np.sort(index, -1)).all(-1)
-    ties, mismatches, max_gap = 0, 0, 0.0
-    for row in zip(*np.nonzero(~same)):
-        ref_row = ref_logits[row].astype(np.float64)
-        allowed = 2 * np.abs(ref_row - logits[row]).max() + 1e-7 * max(1.0, np.abs(ref_row).max())
-        kth = np.sort(ref_row)[-topk]
-        swapped = np.setxor1d(ref_index[row], index[row])
-        gap = float(np.abs(ref_row[swapped] - kth).max())
-        max_gap = max(max_gap, gap)
-        if gap <= allowed:
-            ties += 1
-        else:
-            mismatches += 1
-    return {"rows": int(same.size), "identical": int(same.sum()), "ties": ties, "mismatches": mismatches,
-            "max_gap": max_gap}
-
 
 def converted_pair(name, checkpoint):
     spec = get_spec(name)

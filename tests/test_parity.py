@@ -21,5 +21,5 @@ def test_converted_model_matches_reference(name, official_checkpoint, tmp_path):
     assert report.max_abs_err <= MAX_ABS_ERR, report.format()
     assert report.top1_agreement == 1.0
     assert np.isfinite(report.max_abs_err) and report.stages, "per-stage comparison missing"
-    for stage in report.stages:
-        assert stage["max_abs_err"] < 1e-3, stage
+    for stage in report.stages:  # features grow along residual stacks: judged relative to their scale
+        assert stage["max_rel_err"] < 1e-5, stage
