@@ -223,37 +223,18 @@ def widen_to_float32(values: np.ndarray) -> np.ndarray:
 
 # --- what the unpickler may build ----------------------------------------------------------------
 
-class _StorageClass(_Sealed):
-    """Stands for ``torch.<X>Storage`` in a persistent id."""
+class _Marker(_Sealed):
+    """Stands for a torch class or object the pickle names: ``torch.FloatStorage`` (kind
+    'storage', the dtype it holds), ``torch.float32`` (kind 'dtype') or ``torch.Tensor`` (kind
+    'tensor class')."""
 
-    __slots__ = ("dtype",)
+    __slots__ = ("kind", "dtype")
 
-    def __init__(self, dtype: str):
-        self.dtype = dtype
-
-    def __repr__(self) -> str:
-        return f"the {self.dtype} storage class"
-
-
-class _Dtype(_Sealed):
-    """Stands for ``torch.<dtype>``."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, kind: str, dtype: str = ""):
+        self.kind, self.dtype = kind, dtype
 
     def __repr__(self) -> str:
-        return f"torch.{self.name}"
-
-
-class _TensorClass(_Sealed):
-    """Stands for ``torch.Tensor`` / ``torch.nn.Parameter`` in _rebuild_from_type_v2."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "torch.Tensor"
+        return f"the torch {self.kind} {self.dtype}".rstrip()
 
 
 class _Admitted(_Sealed):
@@ -335,10 +316,10 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
                        metadata=None):
-    if not isinstance(dtype, _Dtype):
+    if not (isinstance(dtype, _Marker) and dtype.kind == "dtype"):
         raise _Corrupt("malformed tensor dtype")
     _no_lazy_bits(metadata)
-    return _tensor(storage, storage_offset, size, stride, dtype.name)
+    return _tensor(storage, storage_offset, size, stride, dtype.dtype)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
@@ -353,7 +334,7 @@ _REBUILD_FUNCTIONS = (_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _
 def _rebuild_from_type(func, new_type, args, state):
     """torch's wrapper for tensors that carry Python attributes: rebuild, drop the attributes."""
     if not (isinstance(func, _Admitted) and func.function in _REBUILD_FUNCTIONS
-            and isinstance(new_type, _TensorClass) and isinstance(args, tuple)):
+            and isinstance(new_type, _Marker) and new_type.kind == "tensor class" and isinstance(args, tuple)):
         raise _Corrupt("malformed tensor subclass record")
     return func(*args)
 
@@ -372,7 +353,7 @@ def _latin1_bytes(text, encoding="latin1"):
     return text.encode("latin1")
 
 
-_TENSOR_CLASS = _TensorClass()
+_TENSOR_CLASS = _Marker("tensor class")
 ADMITTED_GLOBALS = {  # built-in types (immutable), _Admitted functions and the markers above
     ("collections", "OrderedDict"): OrderedDict,
     ("builtins", "set"): set,
@@ -394,10 +375,10 @@ ADMITTED_GLOBALS = {  # built-in types (immutable), _Admitted functions and the 
     ("torch._tensor", "_rebuild_from_type"): _Admitted(_rebuild_from_type),
     ("torch.tensor", "_rebuild_from_type_v2"): _Admitted(_rebuild_from_type),  # module name before torch 1.9
     ("torch.tensor", "_rebuild_from_type"): _Admitted(_rebuild_from_type),
-    **{("torch", name): _StorageClass(dtype) for name, dtype in STORAGE_CLASSES.items()},
-    ("torch.storage", "UntypedStorage"): _StorageClass("uint8"),  # how _rebuild_tensor_v3 names it
-    **{("torch", name): _Dtype(name) for name in ELEMENT_TYPES},
-    **{("torch", alias): _Dtype(name) for alias, name in DTYPE_ALIASES.items()},
+    **{("torch", name): _Marker("storage", dtype) for name, dtype in STORAGE_CLASSES.items()},
+    ("torch.storage", "UntypedStorage"): _Marker("storage", "uint8"),  # how _rebuild_tensor_v3 names it
+    **{("torch", name): _Marker("dtype", name) for name in ELEMENT_TYPES},
+    **{("torch", alias): _Marker("dtype", name) for alias, name in DTYPE_ALIASES.items()},
 }
 
 
@@ -430,7 +411,7 @@ class _SafeUnpickler(pickle.Unpickler):
 
 def _storage_fields(fields: tuple, expected: int) -> tuple:
     """(dtype, key, numel) of a persistent storage id, checked."""
-    if len(fields) != expected or not isinstance(fields[0], _StorageClass):
+    if len(fields) != expected or not (isinstance(fields[0], _Marker) and fields[0].kind == "storage"):
         raise _Corrupt("malformed storage reference")
     key, numel = fields[1], fields[3]
     key = key.decode("ascii") if isinstance(key, bytes) else key

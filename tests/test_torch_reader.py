@@ -20,7 +20,6 @@ import torch
 from converter import convert
 from converter.api import paddle_target_shapes, save_pdparams
 from converter.engine import convert_state_dict
-from converter.errors import UserError
 from converter.registry import get_spec
 from converter.torch_reader import InertObject, RefusedGlobal, TensorView, TorchFileError, load
 
@@ -410,3 +409,19 @@ def test_a_pickle_cannot_alter_the_reader_for_later_files(payload, tmp_path):
         load(tmp_path / "tamper.pth")
     path = _save({"w": torch.arange(4, dtype=torch.float32)}, tmp_path / "after.pth", "zip")
     np.testing.assert_array_equal(load(path)["w"].numpy(), np.arange(4, dtype=np.float32))
+
+
+def test_a_whole_pickled_model_needs_the_explicit_torch_load_fallback(official_checkpoint, tmp_path, capsys):
+    """torch.save(model) pickles the model's class: refused by the reader, naming it; converted
+    (to the same weights) only with --unsafe-pickle, which hands the file to torch.load."""
+    model = get_spec(NAME).create_torch()
+    model.load_state_dict(torch.load(official_checkpoint(NAME), weights_only=True)["state_dict"])
+    torch.save(model, tmp_path / "model.pth")
+    code, _, err = cli(capsys, "convert", NAME, tmp_path / "model.pth", tmp_path / "o.pdparams")
+    assert_one_line_error(code, err, f"refused global '{type(model).__module__}.{type(model).__name__}'")
+    with pytest.warns(UserWarning, match="runs any code"):
+        code, out, err = cli(capsys, "convert", NAME, tmp_path / "model.pth", tmp_path / "o.pdparams",
+                             "--unsafe-pickle")
+    assert code == 0, err
+    convert(NAME, official_checkpoint(NAME), tmp_path / "ref.pdparams")
+    assert _sha(tmp_path / "o.pdparams") == _sha(tmp_path / "ref.pdparams")
