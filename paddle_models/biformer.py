@@ -426,21 +426,9 @@ def _create(name: str, model_cls, pretrained: bool, num_classes: int, kwargs: di
     return model_cls(CONFIGS[name], num_classes=num_classes, **kwargs)
 
 
-def biformer_tiny(pretrained=False, num_classes=1000, **kwargs):
-    return _create("biformer_tiny", BiFormer, pretrained, num_classes, kwargs)
-
-
-def biformer_small(pretrained=False, num_classes=1000, **kwargs):
-    return _create("biformer_small", BiFormer, pretrained, num_classes, kwargs)
-
-
-def biformer_base(pretrained=False, num_classes=1000, **kwargs):
-    return _create("biformer_base", BiFormer, pretrained, num_classes, kwargs)
-
-
-def biformer_stl(pretrained=False, num_classes=1000, **kwargs):
-    return _create("biformer_stl", BiFormerSTL, pretrained, num_classes, kwargs)
-
-
-def biformer_stl_nchw(pretrained=False, num_classes=1000, **kwargs):
-    return _create("biformer_stl_nchw", BiFormerSTL, pretrained, num_classes, kwargs)
+# One factory per variant, named as the official code names it.
+def biformer_tiny(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_tiny", BiFormer, pretrained, num_classes, kwargs)  # noqa: E501,E704
+def biformer_small(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_small", BiFormer, pretrained, num_classes, kwargs)  # noqa: E501,E704
+def biformer_base(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_base", BiFormer, pretrained, num_classes, kwargs)  # noqa: E501,E704
+def biformer_stl(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_stl", BiFormerSTL, pretrained, num_classes, kwargs)  # noqa: E501,E704
+def biformer_stl_nchw(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_stl_nchw", BiFormerSTL, pretrained, num_classes, kwargs)  # noqa: E501,E704
