@@ -14,7 +14,8 @@ from typing import Iterable, Optional
 import numpy as np
 
 from .checkpoint import Checkpoint, atomic_write, check_output_path, read_checkpoint, torch_state_dict
-from .engine import ConversionReport, MappingError, convert_state_dict, shapes_fit, target_key
+from .engine import (ConversionReport, MappingError, convert_state_dict, reverse_state_dict, shapes_fit,
+                     target_key)
 from .errors import UserError
 from .lazy import materialize
 from .pdparams import write_pdparams
@@ -110,6 +111,64 @@ def convert(name: str, src, dst, *, force: bool = False, ema: bool = False, key:
     if dst is not None:
         save_pdparams(state_dict, dst)
     return ConvertResult(spec.name, ckpt, report, state_dict, time.perf_counter() - start, dst)
+
+
+@dataclass
+class ReverseResult:
+    model: str
+    source: Path
+    entry: str  # the container entry the checkpoint is written under
+    report: ConversionReport
+    recreated: list  # torch keys the table drops, written as a fresh torch reference holds them
+    state_dict: dict  # torch tensors, official key order
+    seconds: float
+    output: Optional[Path] = None
+
+    def summary(self) -> str:
+        r = self.report
+        lines = [
+            f"model        {self.model}",
+            f"source       {self.source} (Paddle weights)",
+            f"keys         {r.converted} converted back: {r.transposed} transposed (Linear), {r.renamed} renamed",
+            f"recreated    {len(self.recreated)} key(s) the Paddle weights do not hold, as a fresh reference "
+            f"has them" + (f" (e.g. {self.recreated[0]})" if self.recreated else ""),
+            f"parameters   {r.num_parameters:,}",
+        ]
+        if self.output:
+            lines.append(f"written      {self.output} (entry '{self.entry}')")
+        lines.append(f"time         {self.seconds:.2f} s")
+        return "\n".join(lines)
+
+
+def convert_reverse(name: str, src, dst, *, force: bool = False, num_classes: int = 1000,
+                    img_size: Optional[int] = None) -> ReverseResult:
+    """Paddle weights ``src`` (.pdparams) -> an official-format PyTorch checkpoint ``dst``, by the
+    same mapping table read backwards, saved under the family's official entry.
+
+    Every tensor the Paddle weights hold comes back bit for bit.  Keys the table drops and the
+    torch reference has (BatchNorm ``num_batches_tracked``: Paddle keeps no step counter, so the
+    original count is lost) are written as a freshly built reference holds them (0), which
+    eval never reads; the result loads strictly into the reference."""
+    from .extras import require_torch
+
+    start = time.perf_counter()
+    spec = get_spec(name)
+    if dst is not None:
+        dst = check_output_path(dst, force)
+        if dst.name.endswith(".safetensors"):
+            raise UserError(f"{dst}: --reverse writes an official PyTorch checkpoint (torch.save); "
+                            f"use a .pth path")
+    torch = require_torch("torch2paddle convert --reverse", modules=("torch",))
+    params = load_pdparams(src)
+    reference = spec.create_torch(num_classes=num_classes, img_size=img_size).state_dict()
+    arrays, recreated, report = reverse_state_dict(params, spec.rules,
+                                                   {k: tuple(v.shape) for k, v in reference.items()})
+    state = {k: torch.from_numpy(np.array(arrays[k])) if k in arrays else reference[k].clone()
+             for k in reference}
+    entry = spec.family.checkpoint_entries[0]
+    if dst is not None:
+        atomic_write(dst, lambda tmp: torch.save({entry: state}, tmp))
+    return ReverseResult(spec.name, Path(src), entry, report, recreated, state, time.perf_counter() - start, dst)
 
 
 def load_pdparams(path) -> dict:

@@ -84,17 +84,36 @@ def list_models():
               help="Glob of Paddle keys allowed to stay unfilled (e.g. 'head.*' for another class count).")
 @click.option("--num-classes", type=int, default=1000, show_default=True)
 @click.option("--img-size", type=int, default=None, help="Input size the model is built for (CrossFormer).")
-def convert(model, src, dst, force, ema, entry_key, unsafe_pickle, keep_dtype, allow_missing, num_classes, img_size):
-    """Convert an official PyTorch checkpoint SRC of MODEL into Paddle weights DST (.pdparams)."""
+@click.option("--reverse", is_flag=True,
+              help="The other way: Paddle weights SRC (.pdparams) -> official-format PyTorch checkpoint DST (.pth).")
+def convert(model, src, dst, force, ema, entry_key, unsafe_pickle, keep_dtype, allow_missing, num_classes, img_size,
+            reverse):
+    """Convert an official PyTorch checkpoint SRC of MODEL into Paddle weights DST (.pdparams)
+    (with --reverse, Paddle weights back into an official PyTorch checkpoint)."""
     from .api import convert as run_convert
 
+    if reverse:
+        _convert_reverse(model, src, dst, force=force, num_classes=num_classes, img_size=img_size,
+                         torch_only={"--ema": ema, "--key": entry_key, "--unsafe-pickle": unsafe_pickle,
+                                     "--keep-dtype": keep_dtype, "--allow-missing": allow_missing})
+        return
     result = run_convert(model, src, dst, force=force, ema=ema, key=entry_key, unsafe_pickle=unsafe_pickle,
                          keep_dtype=keep_dtype, allow_missing=allow_missing, num_classes=num_classes,
                          img_size=img_size)
     click.echo(result.summary())
 
 
-verify_options = [
+def _convert_reverse(model, src, dst, *, torch_only: dict, **kwargs):
+    from .api import convert_reverse
+
+    given = [name for name, value in torch_only.items() if value]
+    if given:
+        raise UserError(f"{', '.join(given)} apply to reading PyTorch checkpoints, not to --reverse")
+    click.echo(convert_reverse(model, src, dst, **kwargs).summary())
+
+
+# The batch both models see (verify and diff).
+batch_options = [
     click.option("--images", type=click.Path(file_okay=False, path_type=Path),
                  help="Directory of images fed through the model's official eval preprocessing "
                       "(default: a seeded random batch)."),
@@ -102,10 +121,13 @@ verify_options = [
     click.option("--input-size", type=click.IntRange(16), default=None, help="Square input size (default: official)."),
     click.option("--seed", type=int, default=0, show_default=True),
     click.option("--device", type=click.Choice(["cpu", "gpu", "auto"]), default="cpu", show_default=True),
+]
+json_option = click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+                           help="Write the whole report as JSON.")
+verify_options = batch_options + [
     click.option("--max-err", type=float, default=1e-4, show_default=True,
                  help="Gate: exit 1 when the max abs logit error exceeds this."),
-    click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-                 help="Write the whole report as JSON."),
+    json_option,
 ]
 
 
@@ -157,13 +179,32 @@ def _verify(model, torch_ckpt, paddle_params, *, json_path=None, **kwargs):
 
     report = run_verify(model, torch_ckpt, paddle_params, **kwargs)
     click.echo(report.format())
+    data = report.to_dict()
+    if not report.passed:
+        data["first_divergent_layer"] = _locate_divergence(model, torch_ckpt, paddle_params, **kwargs)
     if json_path:
-        _write_json(json_path, report.to_dict())
+        _write_json(json_path, data)
     if not report.passed:
         click.echo(f"error: {report.model}: max abs logit error {report.max_abs_err:.3e} exceeds "
                    f"--max-err {report.max_err:g}", err=True)
         sys.exit(EXIT_FAILED_GATE)
     return report
+
+
+def _locate_divergence(model, torch_ckpt, paddle_params, *, max_err, **kwargs):
+    """After a failed gate: run diff on the same batch and print its verdict; return the first
+    divergent layer's torch path (None when no single layer exceeds diff's tolerance)."""
+    from .diff import run_diff
+
+    click.echo("locating the divergence layer by layer (torch2paddle diff) ...")
+    try:
+        diff = run_diff(model, torch_ckpt, paddle_params, **kwargs)
+    except UserError as exc:
+        click.echo(f"diff could not run: {exc}")
+        return None
+    click.echo(diff.verdict())
+    first = diff.first_divergent
+    return first.torch if first else None
 
 
 def _verify_all(ckpt_dir, patterns, *, json_path=None, **kwargs):
@@ -183,6 +224,68 @@ def _verify_all(ckpt_dir, patterns, *, json_path=None, **kwargs):
         failed = [m.name for m in report.models if not m.passed]
         click.echo(f"error: {len(failed)} of {len(report.models)} models failed verification: "
                    f"{', '.join(failed)}", err=True)
+        sys.exit(EXIT_FAILED_GATE)
+
+
+@cli.command()
+@click.argument("model")
+@torch_ckpt_option(True)
+@paddle_params_option
+@with_checkpoint_options
+@click.option("--tol", type=float, default=1e-4, show_default=True,
+              help="A layer diverges when its max abs output error exceeds TOL x max(1, max |torch output|).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Draw the error per layer (log scale, first divergent layer marked) to PATH.png (matplotlib).")
+@needs_torch
+def diff(model, torch_ckpt, paddle_params, ema, entry_key, unsafe_pickle, json_path, plot_path, **kwargs):
+    """Compare MODEL's torch reference and Paddle model layer by layer and name the first layer
+    whose output diverges (exit 1 when one does)."""
+    from .diff import check_plot_path, plot_report, run_diff
+
+    if plot_path is not None:
+        check_plot_path(plot_path)  # before the models run, not after
+    report = run_diff(model, torch_ckpt, paddle_params, ema=ema, key=entry_key, unsafe_pickle=unsafe_pickle,
+                      **kwargs)
+    click.echo(report.format())
+    if json_path:
+        _write_json(json_path, report.to_dict())
+    if plot_path:
+        plot_report(report, plot_path)
+        click.echo(f"plot written to {plot_path}")
+    first = report.first_divergent
+    if first is not None:
+        click.echo(f"error: {report.model}: {report.verdict().split(';')[0]}", err=True)
+        sys.exit(EXIT_FAILED_GATE)
+
+
+for _option in reversed(batch_options + [json_option]):
+    diff = _option(diff)
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("params", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="Fix the batch dimension (default: dynamic).")
+@click.option("--input-size", type=click.IntRange(16), default=None, help="Square input size (default: official).")
+@click.option("--max-err", type=float, default=1e-5, show_default=True,
+              help="Gate: the exported model's logits must equal the dynamic model's within this.")
+@click.option("--num-classes", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an earlier export in OUT_DIR.")
+@json_option
+def export(model, params, out_dir, json_path, **kwargs):
+    """Save MODEL with weights PARAMS (.pdparams) as a static Paddle inference model in OUT_DIR,
+    reload it (paddle.jit.load and Paddle Inference) and check it against the dynamic model."""
+    from .export import export_model
+
+    report = export_model(model, params, out_dir, **kwargs)
+    click.echo(report.format())
+    if json_path:
+        _write_json(json_path, report.to_dict())
+    if not report.passed:
+        click.echo(f"error: {report.model}: the exported model's logits differ from the dynamic model's by "
+                   f"{report.max_abs_err:.3e} > --max-err {report.max_err:g}; nothing written", err=True)
         sys.exit(EXIT_FAILED_GATE)
 
 

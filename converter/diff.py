@@ -11,6 +11,11 @@ Every paired call is compared in the order the torch modules finish (a module fi
 the modules inside it), so the first layer whose output exceeds the tolerance is where the two
 computations part: its own weights or code, or — when its input already differs — the code
 that feeds it.
+
+The tolerance is absolute for outputs up to magnitude 1 and relative above: a layer diverges
+when its max abs error exceeds ``tol * max(1, max |torch output|)``.  Deep residual streams
+reach magnitudes in the hundreds (BiFormer's stage 3: 164 on the seeded test checkpoint), where
+float32 rounding alone puts ~1e-4 of absolute error between two correct implementations.
 """
 from __future__ import annotations
 
@@ -20,11 +25,10 @@ from typing import Optional
 
 import numpy as np
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, check_output_path
 from .engine import reverse_key
 from .errors import UserError
-from .registry import get_spec
-from .verify import Discrepancy, _Capture, forward_both, load_model_pair, make_batch, resolve_device
+from .verify import Discrepancy, RunSetting, _Capture, forward_both, prepare_run
 
 DEFAULT_TOL = 1e-4  # the same bound verify's gate puts on the logits
 
@@ -36,11 +40,16 @@ class LayerDiff:
     call: int  # 1 for a module's first call in the forward, 2 for its second, ...
     max_abs_err: Optional[float]  # None when the outputs cannot be compared (see note)
     mean_abs_err: Optional[float]
+    scale: Optional[float] = None  # max |torch output|
     note: str = ""
 
+    def allowed(self, tol: float) -> float:
+        """The largest max abs error within ``tol``: absolute up to magnitude 1, relative above."""
+        return tol * max(1.0, self.scale or 0.0)
+
     def exceeds(self, tol: float) -> bool:
-        # NaN counts as divergent: a NaN never compares <= tol.
-        return self.max_abs_err is not None and not self.max_abs_err <= tol
+        # NaN counts as divergent: a NaN never compares <= anything.
+        return self.max_abs_err is not None and not self.max_abs_err <= self.allowed(tol)
 
     @property
     def label(self) -> str:
@@ -49,14 +58,7 @@ class LayerDiff:
 
 
 @dataclass
-class DiffReport:
-    model: str
-    checkpoint_entry: str
-    paddle_params: str
-    input: str
-    batch_size: int
-    input_size: int
-    device: str
+class DiffReport(RunSetting):
     tol: float
     layers: list  # [LayerDiff] in torch execution order
     logits: Discrepancy
@@ -86,11 +88,12 @@ class DiffReport:
             return f"no layer diverges (every paired layer within --tol {self.tol:g}{where})"
         layer = self.layers[i]
         text = (f"first divergent layer: {layer.label} (max abs err {layer.max_abs_err:.3e} > "
-                f"--tol {self.tol:g})")
+                f"{layer.allowed(self.tol):.3e}, --tol {self.tol:g} at output magnitude {layer.scale:.3g})")
         if i > 0:
             before = self.layers[i - 1]
-            err = "not compared" if before.max_abs_err is None else f"{before.max_abs_err:.3e}"
-            text += f"; the layer before it, {before.label}, is within tolerance ({err})"
+            text += (f"; the layer before it, {before.label}, " + (
+                f"could not be compared ({before.note})" if before.max_abs_err is None
+                else f"is within tolerance ({before.max_abs_err:.3e})"))
         return text
 
     def format(self) -> str:
@@ -100,17 +103,19 @@ class DiffReport:
             f"model   {self.model}  (torch entry '{self.checkpoint_entry}', paddle: {self.paddle_params})",
             f"input   {self.input}, batch {self.batch_size}, {self.input_size}x{self.input_size}, "
             f"{self.device} float32",
-            f"{len(self.layers)} paired layer outputs in execution order (max / mean abs error; "
-            f"'!' exceeds --tol {self.tol:g}):",
+            f"{len(self.layers)} paired layer outputs in execution order: max abs error, mean abs error, "
+            f"max |torch output|; '!' exceeds --tol {self.tol:g} x max(1, max |torch output|)",
         ]
         for i, layer in enumerate(self.layers):
             if layer.max_abs_err is None:
-                numbers = f"{'n/a':>10}  {'':>10}  {layer.note}"
+                numbers = f"{'n/a':>10}  {'':>10}  {'':>9}  {layer.note}"
             else:
                 flag = "!" if layer.exceeds(self.tol) else " "
-                numbers = f"{layer.max_abs_err:10.3e}  {layer.mean_abs_err:10.3e} {flag}"
+                numbers = f"{layer.max_abs_err:10.3e}  {layer.mean_abs_err:10.3e}  {layer.scale:9.3g} {flag}"
                 if i == first:
                     numbers += " <- first divergent"
+                if layer.note:
+                    numbers += f"  ({layer.note})"
             lines.append(f"  {i:4d}  {layer.label:<{width}}  {numbers}")
         if self.unpaired:
             lines.append(f"not paired ({len(self.unpaired)}): {', '.join(self.unpaired[:6])}"
@@ -121,16 +126,10 @@ class DiffReport:
 
     def to_dict(self) -> dict:
         first = self.first_divergent
-        return {
-            "model": self.model, "checkpoint_entry": self.checkpoint_entry, "paddle_params": self.paddle_params,
-            "input": self.input, "batch_size": self.batch_size, "input_size": self.input_size,
-            "device": self.device, "tol": self.tol,
-            "first_divergent_layer": first.torch if first else None,
-            "first_divergent_call": first.call if first else None,
-            "layers": [asdict(layer) for layer in self.layers],
-            "logits": asdict(self.logits),
-            "unpaired": self.unpaired,
-        }
+        data = asdict(self)  # layers and logits become dicts too
+        del data["stage_names"]
+        return {**data, "first_divergent_layer": first.torch if first else None,
+                "first_divergent_call": first.call if first else None}
 
 
 # --- pairing --------------------------------------------------------------------------------
@@ -181,27 +180,34 @@ def _has_state(torch_module) -> bool:
 
 # --- comparison -----------------------------------------------------------------------------
 
-def compare_outputs(expected: Optional[list], actual: list) -> tuple:
-    """(max abs err, mean abs err, note) between one call's torch and Paddle output tensors."""
+def compare_outputs(expected: Optional[list], actual: list) -> dict:
+    """max / mean abs error and max |torch output| over one call's output tensors, or a note
+    saying why they cannot be compared."""
     if expected is None:
-        return None, None, "the torch module made no such call"
-    t_shapes = [a.shape for a in expected]
-    p_shapes = [a.shape for a in actual]
+        return {"note": "the torch module made no such call"}
+    t_shapes = [tuple(a.shape) for a in expected]
+    p_shapes = [tuple(a.shape) for a in actual]
     if t_shapes != p_shapes:
-        return None, None, f"outputs differ in structure: torch {t_shapes} vs paddle {p_shapes}"
-    sizes = [a.size for a in expected]
-    if not sum(sizes):
-        return None, None, "no tensor output"
-    parts = [Discrepancy.between(a, b) for a, b in zip(expected, actual) if a.size]
-    mean = sum(p.mean_abs_err * n for p, n in zip(parts, (s for s in sizes if s))) / sum(sizes)
-    return max(p.max_abs_err for p in parts), float(mean), ""
+        return {"note": f"outputs differ in structure: torch {t_shapes} vs paddle {p_shapes}"}
+    # Integer and boolean outputs are discrete choices (top-k indices, masks): an error size means
+    # nothing there, so they are counted as differing elements instead.
+    pairs = [(a, b) for a, b in zip(expected, actual) if a.size and a.dtype.kind == "f"]
+    changed = sum(int(np.count_nonzero(a != b)) for a, b in zip(expected, actual) if a.dtype.kind != "f")
+    note = f"{changed} integer/boolean output elements differ" if changed else ""
+    if not pairs:
+        return {"note": note or "no floating-point output"}
+    parts = [Discrepancy.between(a, b) for a, b in pairs]
+    sizes = [a.size for a, _ in pairs]
+    return {"max_abs_err": max(p.max_abs_err for p in parts),
+            "mean_abs_err": float(sum(p.mean_abs_err * n for p, n in zip(parts, sizes)) / sum(sizes)),
+            "scale": max(float(np.abs(a).max()) for a, _ in pairs), "note": note}
 
 
 def layer_errors(torch_model, paddle_model, pairs: dict, batch: np.ndarray, device: str) -> tuple:
     """([LayerDiff] in torch execution order, logits Discrepancy).  Torch runs first and keeps
     its outputs; each Paddle output is compared the moment it exists, then both are let go."""
     torch_outputs: dict = {}  # (torch path, call) -> arrays, in execution order
-    results: dict = {}  # (torch path, call) -> (max, mean, note)
+    results: dict = {}  # (torch path, call) -> compare_outputs(...)
     torch_path = {p: t for t, p in pairs.items()}
 
     def keep(name, call, arrays):
@@ -222,8 +228,9 @@ def layer_errors(torch_model, paddle_model, pairs: dict, batch: np.ndarray, devi
         p_cap.remove()
     layers = []
     for (name, call) in torch_outputs:
-        max_err, mean_err, note = results.get((name, call), (None, None, "the Paddle module was not called"))
-        layers.append(LayerDiff(name, pairs[name], call, max_err, mean_err, note))
+        found = results.get((name, call), {"note": "the Paddle module was not called"})
+        layers.append(LayerDiff(name, pairs[name], call, found.get("max_abs_err"), found.get("mean_abs_err"),
+                                found.get("scale"), found.get("note", "")))
     return layers, Discrepancy.between(t_logits, p_logits)
 
 
@@ -233,17 +240,14 @@ def run_diff(name: str, torch_ckpt, paddle_params=None, *, tol: float = DEFAULT_
              num_classes: int = 1000) -> DiffReport:
     """Layer-by-layer comparison of the torch reference and the Paddle model (same arguments as
     ``run_verify``; ``tol`` bounds each layer's max abs output error)."""
-    spec = get_spec(name)
-    batch, described = make_batch(spec, images=images, batch_size=batch_size, input_size=input_size, seed=seed)
-    size = batch.shape[-1]
-    device = resolve_device(device)
-    pair = load_model_pair(spec, torch_ckpt, paddle_params, img_size=size, device=device, ema=ema, key=key,
+    prepared = prepare_run(name, torch_ckpt, paddle_params, images=images, batch_size=batch_size,
+                           input_size=input_size, seed=seed, device=device, ema=ema, key=key,
                            unsafe_pickle=unsafe_pickle, num_classes=num_classes)
-    pairs, unpaired = pair_modules(pair.torch_model, pair.paddle_model, spec.rules)
-    layers, logits = layer_errors(pair.torch_model, pair.paddle_model, pairs, batch, device)
-    return DiffReport(spec.name, pair.checkpoint_entry, pair.paddle_params, described, int(batch.shape[0]),
-                      int(size), device, tol, layers, logits, unpaired,
-                      tuple(getattr(pair.torch_model, "stage_names", ())))
+    torch_model, paddle_model = prepared.pair.torch_model, prepared.pair.paddle_model
+    pairs, unpaired = pair_modules(torch_model, paddle_model, prepared.spec.rules)
+    layers, logits = layer_errors(torch_model, paddle_model, pairs, prepared.batch, prepared.setting.device)
+    return DiffReport(**asdict(prepared.setting), tol=tol, layers=layers, logits=logits, unpaired=unpaired,
+                      stage_names=tuple(getattr(torch_model, "stage_names", ())))
 
 
 # --- plot -----------------------------------------------------------------------------------
@@ -251,23 +255,42 @@ def run_diff(name: str, torch_ckpt, paddle_params=None, *, tol: float = DEFAULT_
 ZERO_FLOOR = 1e-12  # where an exact 0 is drawn on the log scale
 
 
-def plot_report(report: DiffReport, path) -> None:
-    """Max abs error per layer (log scale) in execution order, --tol and the first divergent
-    layer marked; written atomically in the format the suffix names (PNG by default)."""
+def check_plot_path(path) -> Path:
+    """A path ``plot_report`` can write to (matplotlib installed, a format it knows), or a UserError."""
+    path = check_output_path(path, force=True)
+    _require_matplotlib()
+    from matplotlib.figure import Figure
+
+    fmt = path.suffix.lstrip(".").lower()
+    known = Figure().canvas.get_supported_filetypes()
+    if fmt not in known:
+        raise UserError(f"{path}: --plot writes an image; use a suffix matplotlib knows ({', '.join(sorted(known))})")
+    return path
+
+
+def _require_matplotlib() -> None:
     try:
         import matplotlib
     except ImportError:
-        raise UserError("--plot needs matplotlib: pip install 'torch2paddle[plot]' (or pip install matplotlib)") from None
-    matplotlib.use("Agg")
+        raise UserError("--plot needs matplotlib, which the install leaves out: "
+                        "pip install 'torch2paddle[plot]'") from None
+    matplotlib.use("Agg")  # files only: never open a window
+
+
+def plot_report(report: DiffReport, path) -> None:
+    """Max abs error per layer (log scale) in execution order, the tolerance and the first
+    divergent layer marked; written atomically in the format the suffix names (.png, .svg, ...)."""
+    path = check_plot_path(path)
     from matplotlib.figure import Figure
 
-    path = Path(path)
     errors = [np.nan if layer.max_abs_err is None else max(layer.max_abs_err, ZERO_FLOOR)
               for layer in report.layers]
     fig = Figure(figsize=(12, 4.5), dpi=110)
     ax = fig.add_subplot()
+    allowed = [layer.allowed(report.tol) for layer in report.layers]
     ax.plot(range(len(errors)), errors, ".-", lw=0.8, ms=3, label="max abs error of the layer's output")
-    ax.axhline(report.tol, color="tab:orange", ls="--", lw=1, label=f"--tol {report.tol:g}")
+    ax.step(range(len(allowed)), allowed, where="mid", color="tab:orange", ls="--", lw=1,
+            label=f"tolerance: --tol {report.tol:g} x max(1, max |torch output|)")
     first = report.first_divergent_index
     if first is not None:
         ax.axvline(first, color="tab:red", lw=1)
@@ -282,17 +305,19 @@ def plot_report(report: DiffReport, path) -> None:
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    fmt = path.suffix.lstrip(".").lower() or "png"
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".").lower()))
 
 
 def _stage_ticks(layers: list, stage_names=()) -> list:
-    """(index, label) of the first layer of each stage (or top-level module)."""
+    """(index, label) of the first layer of each stage (or top-level module), leaving out any
+    that would crowd the one before it."""
     ticks, seen = [], set()
+    min_gap = len(layers) / 25
     for i, layer in enumerate(layers):
         part = next((s for s in stage_names if layer.torch == s or layer.torch.startswith(s + ".")),
                     layer.torch.split(".")[0])
         if part not in seen:
             seen.add(part)
-            ticks.append((i, part))
+            if not ticks or i - ticks[-1][0] >= min_gap:
+                ticks.append((i, part))
     return ticks

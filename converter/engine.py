@@ -121,19 +121,10 @@ def convert_state_dict(
     report.allowed_missing = [k for k in missing if allowed(k)]
     missing = [k for k in missing if not allowed(k)]
 
-    problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected),
-                         ("shape mismatch", mismatched), ("filled twice", duplicated),
-                         ("dropped-key check failed", failed_checks),
-                         ("transpose rule on a non-2-D tensor", bad_transpose)):
-        if items:
-            problems.append((label, items))
-    if problems:
-        summary = "; ".join(f"{len(items)} {label} (e.g. {items[0]})" for label, items in problems)
-        details = [f"{label} ({len(items)}): " + ", ".join(items[:6]) + (", ..." if len(items) > 6 else "")
-                   for label, items in problems]
-        raise MappingError(f"checkpoint does not match the model: {summary}", details,
-                           sum(len(items) for _, items in problems))
+    _raise_problems("checkpoint does not match the model", (
+        ("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched),
+        ("filled twice", duplicated), ("dropped-key check failed", failed_checks),
+        ("transpose rule on a non-2-D tensor", bad_transpose)))
 
     # Emit in the model's own order, so output files are deterministic and read naturally.
     ordered = {k: out[k] for k in target_shapes if k in out}
@@ -160,3 +151,64 @@ def reverse_key(key: str, rules: Iterable) -> str:
         if old is not None:
             return old
     return key
+
+
+def _raise_problems(what: str, groups) -> None:
+    """Raise one MappingError for every non-empty (label, items) group: a one-line summary,
+    then one detail line per group."""
+    problems = [(label, items) for label, items in groups if items]
+    if not problems:
+        return
+    summary = "; ".join(f"{len(items)} {label} (e.g. {items[0]})" for label, items in problems)
+    details = [f"{label} ({len(items)}): " + ", ".join(items[:6]) + (", ..." if len(items) > 6 else "")
+               for label, items in problems]
+    raise MappingError(f"{what}: {summary}", details, sum(len(items) for _, items in problems))
+
+
+def reverse_state_dict(params: Mapping[str, np.ndarray], rules: Iterable,
+                       reference_shapes: Mapping[str, tuple]) -> tuple:
+    """The table read backwards: a Paddle state dict -> the official torch state dict.
+
+    Each Paddle key goes back to the torch key the table maps onto it (renames undone, Linear
+    weights transposed back by the same Transpose rules), and every tensor must come back to a
+    key of ``reference_shapes`` (the torch reference's state dict) with its shape.  Keys the
+    reference has but the table drops (e.g. BatchNorm ``num_batches_tracked``) cannot come from
+    Paddle weights: they are returned by name for the caller to fill.  Returns
+    ``(state_dict without those keys, [dropped keys], report)``, in the reference's key order;
+    raises MappingError when the weights do not fit.
+    """
+    rules = tuple(rules)
+    _, _, transposes = _split(rules)
+    report = ConversionReport()
+    out: dict = {}
+    unexpected, mismatched, bad_transpose = [], [], []
+    reported = set()  # torch keys already named as a problem, not to be listed as missing too
+    for key, value in params.items():
+        torch_key = reverse_key(key, rules)
+        if torch_key not in reference_shapes or target_key(torch_key, rules) != key:
+            unexpected.append(key)  # no official key the table maps onto this one
+            continue
+        if torch_key != key:
+            report.renamed += 1
+        if any(t.matches(torch_key) for t in transposes):
+            if np.ndim(value) != 2:
+                bad_transpose.append(f"{key} {tuple(np.shape(value))}")
+                reported.add(torch_key)
+                continue
+            value = transposed(value)
+            report.transposed += 1
+        expected = tuple(reference_shapes[torch_key])
+        if tuple(np.shape(value)) != expected:
+            mismatched.append(f"{key} {tuple(np.shape(value))} -> {torch_key} expects {expected}")
+            reported.add(torch_key)
+            continue
+        out[torch_key] = value
+        report.converted += 1
+        report.num_parameters += int(np.size(value))
+    dropped = [k for k in reference_shapes if target_key(k, rules) is None]
+    missing = [target_key(k, rules) for k in reference_shapes if k not in out and k not in dropped
+               and k not in reported]  # named as the Paddle key that should have been there
+    _raise_problems("Paddle weights do not match the torch reference", (
+        ("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched),
+        ("transpose rule on a non-2-D tensor", bad_transpose)))
+    return {k: out[k] for k in reference_shapes if k in out}, dropped, report

@@ -32,14 +32,20 @@ class Discrepancy:
 
 
 @dataclass
-class VerifyReport:
+class RunSetting:
+    """What a comparison ran: the model, where each framework's weights came from, the batch
+    (the first fields of verify's and diff's reports)."""
     model: str
-    checkpoint_entry: str
-    paddle_params: str
+    checkpoint_entry: str  # the container entry the torch weights came from
+    paddle_params: str  # where the Paddle weights came from
     input: str
     batch_size: int
     input_size: int
     device: str
+
+
+@dataclass
+class VerifyReport(RunSetting):
     max_err: float
     max_abs_err: float
     mean_abs_err: float
@@ -293,27 +299,46 @@ def load_model_pair(spec: ModelSpec, torch_ckpt, paddle_params=None, *, img_size
     return ModelPair(torch_model, paddle_model, ckpt.entry, params_label)
 
 
-def run_verify(name: str, torch_ckpt, paddle_params=None, *, images=None, batch_size: int = 2,
-               input_size: Optional[int] = None, seed: int = 0, device: str = "cpu", max_err: float = 1e-4,
-               ema: bool = False, key: Optional[str] = None, unsafe_pickle: bool = False,
-               num_classes: int = 1000) -> VerifyReport:
-    """Compare the torch reference (loaded from ``torch_ckpt``) with the Paddle model (loaded from
-    ``paddle_params``, or converted in memory from the same checkpoint when None)."""
+@dataclass
+class PreparedRun:
+    spec: ModelSpec
+    batch: np.ndarray
+    pair: ModelPair
+    setting: RunSetting
+
+
+def prepare_run(name: str, torch_ckpt, paddle_params=None, *, images=None, batch_size: int = 2,
+                input_size: Optional[int] = None, seed: int = 0, device: str = "cpu", ema: bool = False,
+                key: Optional[str] = None, unsafe_pickle: bool = False, num_classes: int = 1000) -> PreparedRun:
+    """The batch, and both models loaded for it: where verify and diff start."""
     spec = get_spec(name)
     batch, described = make_batch(spec, images=images, batch_size=batch_size, input_size=input_size, seed=seed)
     size = batch.shape[-1]
     device = resolve_device(device)
     pair = load_model_pair(spec, torch_ckpt, paddle_params, img_size=size, device=device, ema=ema, key=key,
                            unsafe_pickle=unsafe_pickle, num_classes=num_classes)
+    setting = RunSetting(spec.name, pair.checkpoint_entry, pair.paddle_params, described, int(batch.shape[0]),
+                         int(size), device)
+    return PreparedRun(spec, batch, pair, setting)
 
+
+def run_verify(name: str, torch_ckpt, paddle_params=None, *, images=None, batch_size: int = 2,
+               input_size: Optional[int] = None, seed: int = 0, device: str = "cpu", max_err: float = 1e-4,
+               ema: bool = False, key: Optional[str] = None, unsafe_pickle: bool = False,
+               num_classes: int = 1000) -> VerifyReport:
+    """Compare the torch reference (loaded from ``torch_ckpt``) with the Paddle model (loaded from
+    ``paddle_params``, or converted in memory from the same checkpoint when None)."""
+    prepared = prepare_run(name, torch_ckpt, paddle_params, images=images, batch_size=batch_size,
+                           input_size=input_size, seed=seed, device=device, ema=ema, key=key,
+                           unsafe_pickle=unsafe_pickle, num_classes=num_classes)
+    pair, batch, device = prepared.pair, prepared.batch, prepared.setting.device
     stage_names = tuple(getattr(pair.torch_model, "stage_names", ()))
     router_names = tuple(getattr(pair.torch_model, "routing_modules", ()))
     run = run_models(pair.torch_model, pair.paddle_model, batch, device, stage_names + router_names)
     logits = Discrepancy.between(run["torch"], run["paddle"])
     agreement = float(np.mean(run["torch"].argmax(-1) == run["paddle"].argmax(-1)))
     return VerifyReport(
-        model=spec.name, checkpoint_entry=pair.checkpoint_entry, paddle_params=pair.paddle_params, input=described,
-        batch_size=int(batch.shape[0]), input_size=int(size), device=device, max_err=max_err,
+        **asdict(prepared.setting), max_err=max_err,
         max_abs_err=logits.max_abs_err, mean_abs_err=logits.mean_abs_err, max_rel_err=logits.max_rel_err,
         top1_agreement=agreement,
         stages=stage_discrepancies(run["torch_stages"], run["paddle_stages"], stage_names),

@@ -82,6 +82,7 @@ def _region_means(x, n):
     return _permute(numerics.mean(x, axis=2), [1, 0, 2]).reshape([n, n_p // n, m * d])
 
 
+@paddle.jit.not_to_static  # a shape check in plain Python; export traces the model without it
 def _check_input(cfg: BiFormerConfig, x):
     problem = cfg.input_size_problem(x.shape[-2], x.shape[-1])
     if problem:

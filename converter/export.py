@@ -1,0 +1,237 @@
+"""export: the converted model as a static Paddle inference model, checked before it is kept.
+
+``paddle.jit.save`` traces the Paddle model into a static graph (``inference.json`` +
+``inference.pdiparams``, what Paddle Inference and ``paddle.jit.load`` read).  The export is then
+reloaded both ways and run on a seeded batch: its logits must equal the dynamic model's within
+``max_err``.  With a dynamic batch the check also runs a second batch size, so a batch size
+baked into the graph cannot pass.  Paddle Inference runs with oneDNN off: with it on, CPU
+kernels are swapped for oneDNN ones that change results (BiFormer by 2.3e-3 on the seeded test
+checkpoint) or fail outright (CrossFormer, RegionViT under Paddle 3.3.1).
+
+Everything is written to a temporary directory beside OUT_DIR and moved into place only after
+the check passes: a failed export leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .api import create_paddle_model
+from .errors import UserError
+from .registry import ModelSpec, get_spec
+from .verify import Discrepancy
+
+PREFIX = "inference"  # inference.json / inference.pdiparams, the name Paddle's deployment tools expect
+METADATA = "export.json"
+DEFAULT_MAX_ERR = 1e-5
+RUNTIMES = ("paddle.jit.load", "Paddle Inference (CPU, oneDNN off)")
+
+
+@dataclass
+class ExportReport:
+    model: str
+    out_dir: str
+    input_spec: list  # [batch or None, 3, H, W]
+    max_err: float
+    checks: list = field(default_factory=list)  # [{runtime, batch_size, max_abs_err, mean_abs_err}]
+    files: list = field(default_factory=list)
+
+    @property
+    def max_abs_err(self) -> float:
+        return max(c["max_abs_err"] for c in self.checks)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c["max_abs_err"] <= self.max_err for c in self.checks)
+
+    def format(self) -> str:
+        batch = "dynamic batch" if self.input_spec[0] is None else f"fixed batch {self.input_spec[0]}"
+        lines = [f"model      {self.model}",
+                 f"input      image float32 {self.input_spec} ({batch})"]
+        for c in self.checks:
+            lines.append(f"  {c['runtime']:<36} batch {c['batch_size']}: max abs {c['max_abs_err']:.3e}  "
+                         f"mean abs {c['mean_abs_err']:.3e}  vs the dynamic model")
+        verdict = "PASS" if self.passed else "FAIL"
+        lines.append(f"result     {verdict} (max abs error {self.max_abs_err:.3e} "
+                     f"{'<=' if self.passed else '>'} {self.max_err:g})")
+        if self.passed:
+            lines.append(f"written    {self.out_dir}/ ({', '.join(self.files)})")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed, "max_abs_err": self.max_abs_err}
+
+
+def check_out_dir(out_dir, force: bool) -> Path:
+    """OUT_DIR may be new or empty; --force replaces an earlier export, never another directory."""
+    out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not (out_dir / METADATA).is_file():
+            raise UserError(f"{out_dir}: already exists and holds something other than an export; "
+                            f"choose a new or empty directory")
+        if not force:
+            raise UserError(f"{out_dir}: already holds an export; pass --force to replace it")
+    if not out_dir.parent.is_dir():
+        raise UserError(f"{out_dir.parent}: output directory does not exist")
+    return out_dir
+
+
+def export_model(name: str, params, out_dir, *, batch_size: Optional[int] = None,
+                 input_size: Optional[int] = None, max_err: float = DEFAULT_MAX_ERR, seed: int = 0,
+                 num_classes: int = 1000, force: bool = False) -> ExportReport:
+    """Export ``name`` with weights ``params`` (a .pdparams path or state dict) to ``out_dir``.
+
+    ``batch_size`` None exports a dynamic batch dimension.  Returns the report; ``out_dir`` is
+    written only when every check passed.  Raises UserError when the model cannot be traced."""
+    import paddle
+
+    spec = get_spec(name)
+    size = input_size or spec.preprocessing.input_size
+    spec.check_input_size(size, size)
+    out_dir = check_out_dir(out_dir, force)
+    paddle.set_device("cpu")
+    model = create_paddle_model(spec.name, params, num_classes=num_classes,
+                                img_size=size if spec.family.size_dependent else None)
+    input_spec = [batch_size, 3, size, size]
+    report = ExportReport(spec.name, str(out_dir), input_spec, max_err)
+    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _save_static(spec, model, staging / PREFIX, input_spec)
+        for n in _check_batch_sizes(batch_size):
+            report.checks += _check_runtimes(model, staging / PREFIX, _batch(n, size, seed))
+        _write_metadata(staging, spec, report)
+        report.files = sorted(p.name for p in staging.iterdir())
+        if report.passed:
+            _move_into_place(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def _check_batch_sizes(batch_size: Optional[int]) -> tuple:
+    # Dynamic: two different sizes, so a batch dimension frozen into the graph shows up.
+    return (2, 1) if batch_size is None else (batch_size,)
+
+
+def _batch(n: int, size: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, size, size), dtype=np.float32)
+
+
+def _save_static(spec: ModelSpec, model, path_prefix: Path, input_spec: list) -> None:
+    import paddle
+
+    spec_in = [paddle.static.InputSpec(list(input_spec), "float32", "image")]  # InputSpec edits its list
+    try:
+        paddle.jit.save(model, str(path_prefix), input_spec=spec_in)
+    except Exception as exc:  # dy2static raises whatever the failing conversion step raised
+        raise UserError(f"{spec.name} cannot be exported to a static graph: {describe_trace_failure(exc, type(model).__name__)}") from None
+
+
+def describe_trace_failure(exc: BaseException, model_class: str) -> str:
+    """One line from a paddle.jit conversion error: the underlying error (the message's last
+    line) and the innermost model-code frame it names (frames inside Paddle itself skipped)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = lines[-1] if lines else type(exc).__name__
+    if not reason.startswith(type(exc).__name__):
+        reason = f"{type(exc).__name__}: {reason}"
+    frames = [m.groups() for m in (re.match(r'File "(.+)", line (\d+), in (\S+)', line) for line in lines)
+              if m and "site-packages" not in m.group(1) and "/lib/python" not in m.group(1)]
+    if frames:
+        path, line, func = frames[-1]
+        short = "/".join(Path(path).parts[-2:])
+        reason += f" (raised while tracing {short} line {line}, in {func})"
+    else:  # Paddle names no frame when the failing conversion is forward itself
+        reason += f" (raised while converting {model_class}.forward)"
+    return reason
+
+
+def _check_runtimes(model, path_prefix: Path, batch: np.ndarray) -> list:
+    """The exported graph's logits on ``batch`` in each runtime, against the dynamic model's."""
+    import paddle
+
+    with paddle.no_grad():
+        expected = model(paddle.to_tensor(batch)).numpy()
+    outputs = {RUNTIMES[0]: _run_jit_load(path_prefix, batch), RUNTIMES[1]: _run_inference(path_prefix, batch)}
+    checks = []
+    for runtime, actual in outputs.items():
+        d = Discrepancy.between(expected, actual)
+        checks.append({"runtime": runtime, "batch_size": int(batch.shape[0]),
+                       "max_abs_err": d.max_abs_err, "mean_abs_err": d.mean_abs_err})
+    return checks
+
+
+def _run_jit_load(path_prefix: Path, batch: np.ndarray) -> np.ndarray:
+    import paddle
+
+    try:
+        loaded = paddle.jit.load(str(path_prefix))
+        loaded.eval()
+        with paddle.no_grad():
+            return loaded(paddle.to_tensor(batch)).numpy()
+    except Exception as exc:
+        raise UserError(f"the exported model does not run under paddle.jit.load: {_last_line(exc)}") from None
+
+
+def _run_inference(path_prefix: Path, batch: np.ndarray) -> np.ndarray:
+    from paddle import inference
+
+    config = inference.Config(str(graph_file(path_prefix)), str(path_prefix.with_suffix(".pdiparams")))
+    config.disable_gpu()
+    config.disable_mkldnn()  # see the module docstring
+    config.disable_glog_info()
+    try:
+        predictor = inference.create_predictor(config)
+        feed = predictor.get_input_handle(predictor.get_input_names()[0])
+        feed.reshape(list(batch.shape))
+        feed.copy_from_cpu(batch)
+        predictor.run()
+        return predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
+    except Exception as exc:
+        raise UserError(f"the exported model does not run under Paddle Inference: {_last_line(exc)}") from None
+
+
+def graph_file(path_prefix: Path) -> Path:
+    """The program paddle.jit.save wrote: ``.json`` (PIR, Paddle 3) or ``.pdmodel`` (Paddle 2)."""
+    for suffix in (".json", ".pdmodel"):
+        if path_prefix.with_suffix(suffix).is_file():
+            return path_prefix.with_suffix(suffix)
+    raise UserError(f"paddle.jit.save wrote no {path_prefix.name}.json or .pdmodel")
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _write_metadata(staging: Path, spec: ModelSpec, report: ExportReport) -> None:
+    """What a deployment needs besides the graph: the input it takes and how to prepare images."""
+    p = spec.preprocessing
+    (staging / METADATA).write_text(json.dumps({
+        "model": spec.name,
+        "files": {"graph": graph_file(staging / PREFIX).name, "params": f"{PREFIX}.pdiparams"},
+        "input": {"name": "image", "shape": report.input_spec, "dtype": "float32", "layout": "NCHW"},
+        "output": "logits (batch, num_classes), before softmax",
+        "preprocessing": {"resize_shorter_side": p.resize_shorter_side, "interpolation": p.interpolation,
+                          "center_crop": p.input_size, "crop_pct": p.crop_pct, "mean": list(p.mean),
+                          "std": list(p.std)},
+        "checks": report.checks,
+    }, indent=2) + "\n")
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` with ``staging``; the old one is removed only once the new is in place."""
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,88 @@
+"""export: a static inference model that reloads and computes what the dynamic model computes
+(one variant per family), and a clear error with nothing written when a model cannot be traced."""
+import json
+
+import numpy as np
+import paddle
+import pytest
+
+from converter import convert, create_paddle_model
+from converter.errors import UserError
+from converter.export import export_model
+
+from test_cli import assert_one_line_error, cli
+
+MAX_ABS_ERR = 1e-5
+
+ONE_PER_FAMILY = ["fcvit_tiny", "biformer_tiny", "crossformer_tiny", "regionvit_tiny"]
+
+
+@pytest.mark.parametrize("name", ONE_PER_FAMILY)
+def test_exported_model_equals_the_dynamic_model(name, official_checkpoint, tmp_path):
+    params = tmp_path / f"{name}.pdparams"
+    convert(name, official_checkpoint(name), params)
+    out = tmp_path / "export"
+    report = export_model(name, params, out)  # raises UserError when the model cannot be traced
+    assert report.passed, report.format()
+    assert {c["batch_size"] for c in report.checks} == {1, 2} and len(report.checks) == 4
+    assert all(c["max_abs_err"] <= MAX_ABS_ERR for c in report.checks)
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "inference.json", "inference.pdiparams"]
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["input"]["shape"] == [None, 3, 224, 224] and meta["preprocessing"]["interpolation"] == "bicubic"
+
+    # Independently of the report: reload and run a batch size the export never saw.
+    batch = np.random.default_rng(7).standard_normal((3, 3, 224, 224), dtype=np.float32)
+    dynamic = create_paddle_model(name, params)
+    static = paddle.jit.load(str(out / "inference"))
+    with paddle.no_grad():
+        expected = dynamic(paddle.to_tensor(batch)).numpy()
+        actual = static(paddle.to_tensor(batch)).numpy()
+    assert actual.shape == (3, 1000)
+    assert np.abs(actual - expected).max() <= MAX_ABS_ERR
+
+
+def test_fixed_batch_and_a_failed_check_writes_nothing(official_checkpoint, tmp_path):
+    params = tmp_path / "w.pdparams"
+    convert("fcvit_tiny", official_checkpoint("fcvit_tiny"), params)
+    # A gate no output can pass: the export runs, is checked, and must not be kept.
+    report = export_model("fcvit_tiny", params, tmp_path / "export", batch_size=2, max_err=-1.0)
+    assert not report.passed and report.input_spec == [2, 3, 224, 224]
+    assert [c["batch_size"] for c in report.checks] == [2, 2]
+    assert all(c["max_abs_err"] <= MAX_ABS_ERR for c in report.checks)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pdparams"]
+
+
+def _untraceable_forward(self, x):
+    # A return inside a loop over enumerate() with a tuple target: Paddle 3.3.1's dy2static
+    # cannot convert it (the pattern that stops BiFormer's input check).
+    for i, (h, w) in enumerate([(x.shape[-2], x.shape[-1])]):
+        if h != w:
+            return None
+    return self.head(self.forward_features(x).mean(axis=[-2, -1]))
+
+
+def test_a_model_that_cannot_be_traced_fails_clearly(official_checkpoint, tmp_path, capsys, monkeypatch):
+    import paddle_models.fcvit
+
+    params = tmp_path / "w.pdparams"
+    convert("fcvit_tiny", official_checkpoint("fcvit_tiny"), params)
+    monkeypatch.setattr(paddle_models.fcvit.FCViT, "forward", _untraceable_forward)
+    code, _, err = cli(capsys, "export", "fcvit_tiny", params, tmp_path / "export")
+    assert_one_line_error(code, err, "fcvit_tiny cannot be exported to a static graph",
+                          "AttributeError", "while converting FCViT.forward")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pdparams"]
+
+
+def test_output_directory_rules(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    code, _, err = cli(capsys, "export", "fcvit_tiny", tmp_path / "w.pdparams", taken, "--force")
+    assert_one_line_error(code, err, "holds something other than an export")
+    (taken / "notes.txt").unlink()
+    (taken / "export.json").write_text("{}")
+    code, _, err = cli(capsys, "export", "fcvit_tiny", tmp_path / "w.pdparams", taken)
+    assert_one_line_error(code, err, "already holds an export; pass --force")
+    code, _, err = cli(capsys, "export", "fcvit_tiny", tmp_path / "w.pdparams", tmp_path / "new")
+    assert_one_line_error(code, err, "w.pdparams: no such file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
