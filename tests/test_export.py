@@ -7,7 +7,6 @@ import paddle
 import pytest
 
 from converter import convert, create_paddle_model
-from converter.errors import UserError
 from converter.export import export_model
 
 from test_cli import assert_one_line_error, cli
