@@ -353,9 +353,16 @@ def _quiet_framework_logs() -> None:
     warnings.filterwarnings("ignore", message="No ccache found")
 
 
+def _same_threads_for_both_frameworks() -> None:
+    """Paddle pins itself to one CPU thread at import unless OMP_NUM_THREADS is set, while
+    torch uses every core: give both the same count, so speed figures compare like with like."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+
+
 def main(argv=None):
     """Entry point: turns every user-facing error into one line and an exit code."""
     _quiet_framework_logs()
+    _same_threads_for_both_frameworks()
     try:
         cli.main(args=argv, prog_name="torch2paddle", standalone_mode=False)
     except click.exceptions.Abort:
