@@ -39,7 +39,7 @@ class ConvertResult:
             f"source       {self.checkpoint.path} ({self.checkpoint.describe()})",
             f"keys         {r.converted} converted: {r.transposed} transposed (Linear), {r.renamed} renamed; "
             f"{r.num_dropped} dropped ({dropped})",
-            f"parameters   {r.num_parameters:,}",
+            f"values       {r.num_parameters:,} (parameters and BatchNorm statistics)",
         ]
         if r.allowed_missing:
             lines.append(f"left unset   {len(r.allowed_missing)} (allowed): {', '.join(r.allowed_missing[:4])}"
@@ -132,7 +132,7 @@ class ReverseResult:
             f"keys         {r.converted} converted back: {r.transposed} transposed (Linear), {r.renamed} renamed",
             f"recreated    {len(self.recreated)} key(s) the Paddle weights do not hold, as a fresh reference "
             f"has them" + (f" (e.g. {self.recreated[0]})" if self.recreated else ""),
-            f"parameters   {r.num_parameters:,}",
+            f"values       {r.num_parameters:,} (parameters and BatchNorm statistics)",
         ]
         if self.output:
             lines.append(f"written      {self.output} (entry '{self.entry}')")

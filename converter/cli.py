@@ -34,10 +34,16 @@ checkpoint_options = [
 ]
 
 
-def with_checkpoint_options(fn):
-    for option in reversed(checkpoint_options):
-        fn = option(fn)
-    return fn
+def option_group(options):
+    """One decorator applying a list of click options in the order listed."""
+    def apply(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return apply
+
+
+with_checkpoint_options = option_group(checkpoint_options)
 
 
 def needs_torch(command):
@@ -152,6 +158,7 @@ paddle_params_option = click.option("--paddle-params", type=click.Path(dir_okay=
 @click.option("--models", "patterns", multiple=True, metavar="GLOB",
               help="With --all: only models matching this glob, e.g. 'fcvit_*' (repeatable).")
 @with_checkpoint_options
+@option_group(verify_options)
 @needs_torch
 def verify(model, torch_ckpt, paddle_params, all_models, ckpt_dir, patterns, ema, entry_key, unsafe_pickle,
            **kwargs):
@@ -168,10 +175,6 @@ def verify(model, torch_ckpt, paddle_params, all_models, ckpt_dir, patterns, ema
         raise UserError("verify needs MODEL and --torch-ckpt (or --all to verify every registered model)")
     else:
         _verify(model, torch_ckpt, paddle_params, **checkpoint_kwargs, **kwargs)
-
-
-for _option in reversed(verify_options):
-    verify = _option(verify)
 
 
 def _verify(model, torch_ckpt, paddle_params, *, json_path=None, **kwargs):
@@ -236,6 +239,7 @@ def _verify_all(ckpt_dir, patterns, *, json_path=None, **kwargs):
               help="A layer diverges when its max abs output error exceeds TOL x max(1, max |torch output|).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Draw the error per layer (log scale, first divergent layer marked) to PATH.png (matplotlib).")
+@option_group(batch_options + [json_option])
 @needs_torch
 def diff(model, torch_ckpt, paddle_params, ema, entry_key, unsafe_pickle, json_path, plot_path, **kwargs):
     """Compare MODEL's torch reference and Paddle model layer by layer and name the first layer
@@ -258,8 +262,6 @@ def diff(model, torch_ckpt, paddle_params, ema, entry_key, unsafe_pickle, json_p
         sys.exit(EXIT_FAILED_GATE)
 
 
-for _option in reversed(batch_options + [json_option]):
-    diff = _option(diff)
 
 
 @cli.command()
