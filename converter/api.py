@@ -158,7 +158,7 @@ def convert_reverse(name: str, src, dst, *, force: bool = False, num_classes: in
         if dst.name.endswith(".safetensors"):
             raise UserError(f"{dst}: --reverse writes an official PyTorch checkpoint (torch.save); "
                             f"use a .pth path")
-    torch = require_torch("torch2paddle convert --reverse", modules=("torch",))
+    torch = require_torch("torch2paddle convert --reverse")
     params = load_pdparams(src)
     reference = spec.create_torch(num_classes=num_classes, img_size=img_size).state_dict()
     arrays, recreated, report = reverse_state_dict(params, spec.rules,

@@ -85,7 +85,7 @@ def _load_torch_file(path: Path, unsafe_pickle: bool):
 def _load_with_torch_pickle(path: Path):
     """``--unsafe-pickle``: torch.load with full pickle -- the file's code runs.  Kept apart from
     the reader so that nothing else can reach it."""
-    torch = require_torch("--unsafe-pickle (torch.load)", modules=("torch",))
+    torch = require_torch("--unsafe-pickle (torch.load)")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file, not a checkpoint")
     warnings.warn(f"{path}: loading with full pickle (--unsafe-pickle); this runs any code the file "

@@ -10,15 +10,9 @@ from .errors import UserError
 VERIFY_EXTRA = "pip install 'torch2paddle[verify]'"
 
 
-def require_torch(what: str, modules: tuple = ("torch", "timm")):
-    """Import ``modules`` (torch first) for ``what``; return torch, or raise a UserError naming
-    the command that installs them."""
-    missing = []
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise UserError(f"{what} needs {' and '.join(missing)}, which the base install leaves out: {VERIFY_EXTRA}")
-    return importlib.import_module("torch")
+def require_torch(what: str):
+    """Import and return torch for ``what``, or raise a UserError naming the command that installs it."""
+    try:
+        return importlib.import_module("torch")
+    except ImportError:
+        raise UserError(f"{what} needs torch, which the base install leaves out: {VERIFY_EXTRA}") from None

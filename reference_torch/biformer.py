@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
-from timm.models import register_model
 
 from model_configs.biformer import CONFIGS, BiFormerConfig
+
+from .registration import TIMM_BOOKKEEPING_KWARGS, register_model
 
 __all__ = ["BiFormer", "BiFormerSTL", "biformer_tiny", "biformer_small", "biformer_base",
            "biformer_stl", "biformer_stl_nchw"]
@@ -365,7 +365,7 @@ class _BiFormerBase(nn.Module):
         """The official initialisation: Linear trunc-normal(0.02) with zero bias, LayerNorm 1 / 0."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
+                nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
@@ -429,12 +429,8 @@ class BiFormerSTL(_BiFormerBase):
 # Factories
 # ---------------------------------------------------------------------------------------------
 
-# Keyword arguments timm.create_model passes to every entrypoint; these models take none of them.
-_TIMM_BOOKKEEPING = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
-
-
 def _create(name: str, model_cls, pretrained: bool, num_classes: int, kwargs: dict):
-    for key in _TIMM_BOOKKEEPING:
+    for key in TIMM_BOOKKEEPING_KWARGS:
         kwargs.pop(key, None)
     if pretrained:
         raise ValueError(f"{name}: this reference does not download weights; load an official checkpoint "

@@ -29,9 +29,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import register_model
 
 from model_configs.crossformer import CONFIGS, NEG_INF, CrossFormerConfig, block_layout, check_img_size
+
+from .registration import register_model
 
 __all__ = ["CrossFormer", "CrossFormerConfig", "CONFIGS"]
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.models import register_model
 
 from model_configs.fcvit import CONFIGS, FCViTConfig
+
+from .registration import register_model
 
 __all__ = ["FCViT", "FCViTConfig", "CONFIGS"]
 
@@ -158,7 +159,7 @@ def _create(name, pretrained=False, num_classes=1000, **kwargs):
     return FCViT(CONFIGS[name], num_classes=num_classes)
 
 
-# One factory per variant, named as the official code names them (timm registers them by name).
+# One factory per variant, named as the official code names them.
 @register_model
 def fcvit_tiny(pretrained=False, **kwargs): return _create("fcvit_tiny", pretrained, **kwargs)  # noqa: E704
 @register_model

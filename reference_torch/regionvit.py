@@ -31,9 +31,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import register_model
 
 from model_configs.regionvit import CONFIGS, RegionViTConfig, rel_pos_index, window_mask
+
+from .registration import TIMM_BOOKKEEPING_KWARGS, register_model
 
 __all__ = ["RegionViT"]
 
@@ -293,14 +294,10 @@ class RegionViT(nn.Module):
 # Variants (configs in model_configs/regionvit.py, the official `_model_cfg`)
 # ---------------------------------------------------------------------------
 
-# Arguments timm.create_model passes to every entrypoint; these models have no pretrained config.
-_TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
-
-
 def _create(name: str, pretrained: bool = False, num_classes: int = 1000, **kwargs) -> RegionViT:
     if pretrained:
         raise ValueError("no bundled weights: convert an official RegionViT checkpoint with torch2paddle")
-    for key in _TIMM_ONLY_KWARGS:
+    for key in TIMM_BOOKKEEPING_KWARGS:
         kwargs.pop(key, None)
     cfg: RegionViTConfig = CONFIGS[name]
     return RegionViT(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,

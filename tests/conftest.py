@@ -17,6 +17,18 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("GLOG_minloglevel", "2")  # Paddle's C++ warnings would drown test output
 
 
+def _timm_imports() -> bool:
+    from reference_torch.registration import timm_registration_active
+
+    return timm_registration_active()
+
+
+# timm (and the torchvision it imports) is an optional extra; on CPU-only machines its torchvision
+# needs the CUDA build of torch.  Tests of the timm integration run wherever it imports.
+requires_timm = pytest.mark.skipif(not _timm_imports(), reason="timm/torchvision do not import here "
+                                   "(optional extra: pip install 'torch2paddle[timm]')")
+
+
 def load_manifest(name: str) -> dict:
     return json.loads((MANIFESTS / f"{name}.json").read_text())
 

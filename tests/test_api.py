@@ -1,4 +1,6 @@
 """The Python API and the registry, as the README documents them."""
+import os
+
 import numpy as np
 import paddle
 import pytest
@@ -8,7 +10,10 @@ import converter
 from converter.errors import UserError
 from converter.registry import MODELS, get_spec
 
+from conftest import requires_timm
 
+
+@requires_timm
 def test_timm_creates_registered_references():
     import timm
 
@@ -16,6 +21,30 @@ def test_timm_creates_registered_references():
 
     model = timm.create_model("fcvit_tiny", num_classes=7)
     assert type(model).__name__ == "FCViT" and model.head.out_features == 7
+
+
+BREAK_TIMM = """import sys
+class _BrokenTimm:  # what importing timm does next to the CPU torch: its torchvision fails to load
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "timm":
+            raise RuntimeError("operator torchvision::nms does not exist")
+sys.meta_path.insert(0, _BrokenTimm())
+"""
+
+
+def test_references_work_where_timm_is_installed_but_broken(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    (tmp_path / "sitecustomize.py").write_text(BREAK_TIMM)
+    code = "import reference_torch.fcvit as m; print(type(m.fcvit_tiny(num_classes=3)).__name__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "FCViT", proc.stderr
+    assert ("timm is installed but does not import (RuntimeError: operator torchvision::nms does not exist); "
+            "the reference models are not registered with timm") in proc.stderr
 
 
 def test_create_models_by_name_in_eval_mode(official_checkpoint, tmp_path):

@@ -3,6 +3,7 @@ a non-zero exit and no output file."""
 import json
 import os
 import pickle
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -113,9 +114,9 @@ def test_unknown_model_suggests_close_names(capsys, src, tmp_path):
 
 
 def test_wrong_architecture_checkpoint(capsys, tmp_path):
-    import timm
-
-    torch.save({"state_dict": timm.create_model("resnet18").state_dict()}, tmp_path / "resnet.pth")
+    resnet_stem = torch.nn.Sequential(OrderedDict(conv1=torch.nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+                                                  bn1=torch.nn.BatchNorm2d(64), fc=torch.nn.Linear(512, 1000)))
+    torch.save({"state_dict": resnet_stem.state_dict()}, tmp_path / "resnet.pth")
     code, _, err = cli(capsys, "convert", NAME, tmp_path / "resnet.pth", tmp_path / "o.pdparams")
     assert_one_line_error(code, err, "does not match the model", "missing", "unexpected")
     assert_no_output(tmp_path, keep=["resnet.pth"])

@@ -3,6 +3,7 @@ and top-1 / top-5 of both frameworks against expectations computed here by hand.
 
 No ImageNet here: the images are the photographs scikit-image ships plus generated ones.
 """
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from converter.evaluate import load_batches, topk_hits
 from converter.preprocess import load_image
 from converter.registry import MODELS, EvalPreprocessing, get_spec
 
+from conftest import requires_timm
 from test_cli import assert_one_line_error, cli
 
 NAME = "fcvit_tiny"
@@ -63,11 +65,43 @@ def write_corrupt_images(directory: Path) -> list:
 
 
 # --- preprocessing vs timm ------------------------------------------------------------------
+# timm's eval transform is the yardstick.  timm cannot be imported on every machine that runs
+# these tests (reference_torch/registration.py says why), so its output on the lossless test
+# images is recorded in tests/data (tests/record_timm_eval.py); where timm imports, the tests
+# below also check that recording and compare with timm live, on every image at full size.
+
+TIMM_RECORDING = Path(__file__).parent / "data" / "timm_eval_recording.npz"
+RECORDED_CROP = 64  # small crops keep the recording ~250 KB; the official size is recorded once per pipeline
+OFFICIAL_PIPELINES = sorted({spec.preprocessing for spec in MODELS.values()}, key=repr)
+
+
+def pipeline_id(pre: EvalPreprocessing) -> str:
+    return f"{pre.interpolation}-crop{pre.crop_pct:g}"
+
+
+def recorded_cases(directory: Path) -> dict:
+    """key -> (image, pipeline, crop size) of each recorded timm output: every lossless image (JPEG
+    decoders differ between builds) through every official pipeline, plus the gradient at 224."""
+    images = [p for p in photo_paths() + generated_images(directory) if p.suffix != ".jpg"]
+    cases = {}
+    for pre in OFFICIAL_PIPELINES:
+        for path in images:
+            cases[f"{pipeline_id(pre)}/{RECORDED_CROP}/{path.name}"] = (path, pre, RECORDED_CROP)
+        cases[f"{pipeline_id(pre)}/{pre.input_size}/gradient.png"] = (directory / "gradient.png", pre, pre.input_size)
+    return cases
+
 
 def gray_level_difference(ours: np.ndarray, theirs: np.ndarray, pre: EvalPreprocessing) -> float:
     """Max |ours - theirs| in units of 1/255 before normalisation."""
     std = np.asarray(pre.std, dtype=np.float64)[:, None, None]
     return float((np.abs(ours.astype(np.float64) - theirs) * std * 255).max())
+
+
+def normalized(chw_uint8: np.ndarray, pre: EvalPreprocessing) -> np.ndarray:
+    """A recorded crop as timm's ToTensor + Normalize turn it into the model input (float64)."""
+    mean = np.asarray(pre.mean, dtype=np.float64)[:, None, None]
+    std = np.asarray(pre.std, dtype=np.float64)[:, None, None]
+    return (chw_uint8 / 255.0 - mean) / std
 
 
 def timm_eval(path: Path, pre: EvalPreprocessing, **overrides) -> np.ndarray:
@@ -81,43 +115,90 @@ def timm_eval(path: Path, pre: EvalPreprocessing, **overrides) -> np.ndarray:
         return transform(img.convert("RGB")).numpy()
 
 
-OFFICIAL_PIPELINES = sorted({spec.preprocessing for spec in MODELS.values()}, key=repr)
+def timm_eval_uint8(path: Path, pre: EvalPreprocessing, size: int) -> np.ndarray:
+    """timm's output with the normalisation undone: the CHW uint8 crop its PIL pipeline made."""
+    mean = np.asarray(pre.mean, dtype=np.float64)[:, None, None]
+    std = np.asarray(pre.std, dtype=np.float64)[:, None, None]
+    levels = (timm_eval(path, pre, img_size=size) * std + mean) * 255
+    crop = np.rint(levels)
+    assert np.abs(levels - crop).max() < 1e-3, "timm's pipeline no longer works on whole gray levels"
+    return crop.astype(np.uint8)
 
 
-@pytest.mark.parametrize("pre", OFFICIAL_PIPELINES, ids=lambda p: f"{p.interpolation}-crop{p.crop_pct:g}")
-def test_preprocessing_matches_timm_within_one_gray_level(pre, tmp_path):
+def recorded_timm_outputs() -> dict:
+    with np.load(TIMM_RECORDING) as recording:
+        return {key: recording[key] for key in recording.files}
+
+
+@pytest.mark.parametrize("pre", OFFICIAL_PIPELINES, ids=pipeline_id)
+def test_preprocessing_matches_recorded_timm_output_within_one_gray_level(pre, tmp_path):
+    recorded = recorded_timm_outputs()
+    cases = {k: c for k, c in recorded_cases(tmp_path).items() if c[1] == pre}
+    assert cases and set(cases) <= set(recorded), "re-record: python tests/record_timm_eval.py"
+    worst = max(gray_level_difference(load_image(path, pre, size), normalized(recorded[key], pre), pre)
+                for key, (path, pre, size) in cases.items())
+    print(f"max difference from timm's recorded eval transform: {worst:g} gray levels over {len(cases)} crops")
+    assert worst <= 1.0
+
+
+@pytest.mark.parametrize("wrong", [{"interpolation": "bilinear"}, {"crop_pct": 0.875}],
+                         ids=["bilinear", "crop0.875"])
+def test_timm_comparison_detects_the_seed_pipeline_errors(wrong, tmp_path):
+    """The 1-gray-level check has teeth: the seed port's mistakes are far outside it."""
+    pre = get_spec(NAME).preprocessing
+    key = f"{pipeline_id(pre)}/{pre.input_size}/gradient.png"
+    path, _, size = recorded_cases(tmp_path)[key]
+    ours_wrong = load_image(path, dataclasses.replace(pre, **wrong), size)
+    assert gray_level_difference(ours_wrong, normalized(recorded_timm_outputs()[key], pre), pre) > 10
+
+
+@requires_timm
+def test_recording_is_what_timm_gives(tmp_path):
+    recorded = recorded_timm_outputs()
+    for key, (path, pre, size) in recorded_cases(tmp_path).items():
+        np.testing.assert_array_equal(timm_eval_uint8(path, pre, size), recorded[key], err_msg=key)
+
+
+@requires_timm
+@pytest.mark.parametrize("pre", OFFICIAL_PIPELINES, ids=pipeline_id)
+def test_preprocessing_matches_live_timm_within_one_gray_level(pre, tmp_path):
     images = photo_paths() + generated_images(tmp_path)
     worst = max(gray_level_difference(load_image(p, pre), timm_eval(p, pre), pre) for p in images)
     print(f"max difference from timm's eval transform: {worst:g} gray levels over {len(images)} images")
     assert worst <= 1.0
 
 
-@pytest.mark.parametrize("wrong", [{"interpolation": "bilinear"}, {"crop_pct": 0.875}],
-                         ids=["bilinear", "crop0.875"])
-def test_timm_comparison_detects_the_seed_pipeline_errors(wrong):
-    """The 1-gray-level check has teeth: the seed port's mistakes are far outside it."""
-    pre = get_spec(NAME).preprocessing
-    photo = photo_paths()[0]
-    assert gray_level_difference(load_image(photo, pre), timm_eval(photo, pre, **wrong), pre) > 10
-
-
 # --- layouts ----------------------------------------------------------------------------------
 
-def test_image_folder_orders_classes_and_images_as_torchvision(tmp_path):
-    from torchvision.datasets import ImageFolder
-
-    root = tmp_path / "val"
+def class_folders_with_nested_images(root: Path) -> None:
+    """Three class folders; in each, an image on top named b_*, one in a sub-folder named a_*, and a
+    text file.  torchvision lists a folder's own files before its sub-folders' (os.walk order)."""
     photos = photo_paths()
     for i, wnid in enumerate(["n04517823", "n01440764", "n02102040"]):
         (root / wnid / "sub").mkdir(parents=True)
         shutil.copy(photos[i], root / wnid / f"b_{photos[i].name}")
         shutil.copy(photos[i + 3], root / wnid / "sub" / f"a_{photos[i + 3].name}")
         (root / wnid / "notes.txt").write_text("not an image")
+
+
+def test_image_folder_orders_classes_and_images_as_torchvision(tmp_path):
+    root = tmp_path / "val"
+    class_folders_with_nested_images(root)
     dataset = image_folder(root)
-    expected = ImageFolder(str(root)).samples
-    assert [(str(s.path), s.label) for s in dataset.samples] == expected
-    assert dataset.num_classes == 3 and len(dataset) == 6
-    assert [s.label for s in dataset.samples] == [0, 0, 1, 1, 2, 2]  # n01440764 < n02102040 < n04517823
+    assert [(s.path.relative_to(root).as_posix(), s.label) for s in dataset.samples] == [
+        ("n01440764/b_chelsea.png", 0), ("n01440764/sub/a_motorcycle_left.png", 0),
+        ("n02102040/b_coffee.png", 1), ("n02102040/sub/a_hubble_deep_field.jpg", 1),
+        ("n04517823/b_astronaut.png", 2), ("n04517823/sub/a_rocket.jpg", 2)]
+    assert dataset.num_classes == 3
+
+
+@requires_timm
+def test_image_folder_order_is_torchvisions(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    root = tmp_path / "val"
+    class_folders_with_nested_images(root)
+    assert [(str(s.path), s.label) for s in image_folder(root).samples] == ImageFolder(str(root)).samples
 
 
 def test_list_file_layout(tmp_path):

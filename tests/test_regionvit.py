@@ -19,6 +19,8 @@ from converter.fixtures import randomize_
 from converter.registry import get_spec
 from converter.verify import run_verify
 
+from conftest import requires_timm
+
 MAX_ABS_ERR = 1e-5
 
 
@@ -310,12 +312,18 @@ def test_conversion_is_strict_where_the_official_loader_is_not(damage, problem):
 # Factories
 # ---------------------------------------------------------------------------
 
-def test_official_names_resolve_in_timm_and_registry():
+@requires_timm
+def test_official_names_resolve_in_timm():
     import timm
 
     model = timm.create_model("regionvit_tiny_224", num_classes=10)
     assert isinstance(model, th_rv.RegionViT) and model.head.out_features == 10
     assert isinstance(timm.create_model("regionvit_base_w14_peg"), th_rv.RegionViT)
+
+
+def test_official_names_resolve_in_registry_and_factories():
+    model = th_rv.regionvit_tiny_224(num_classes=10)
+    assert isinstance(model, th_rv.RegionViT) and model.head.out_features == 10
     assert get_spec("regionvit_small_w14_peg_224").name == "regionvit_small_w14_peg"
     assert pd_rv.regionvit_tiny_224 is pd_rv.regionvit_tiny
     with pytest.raises(ValueError):

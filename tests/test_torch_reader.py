@@ -353,7 +353,7 @@ def test_a_tensor_running_past_its_storage_is_refused(tmp_path):
 BLOCK_TORCH = '''import sys
 class _NoTorch:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "timm"):
+        if name.split(".")[0] in ("torch", "timm", "torchvision"):
             raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
         return None
 sys.meta_path.insert(0, _NoTorch())
@@ -391,7 +391,7 @@ def test_convert_and_list_run_where_torch_cannot_be_imported(official_checkpoint
 def test_commands_that_need_torch_say_what_to_install(official_checkpoint, tmp_path):
     code, _, err = _run_without_torch(tmp_path, "verify", NAME, "--torch-ckpt", official_checkpoint(NAME))
     assert code == 2 and error_lines(err) == [
-        "error: torch2paddle verify needs torch and timm, which the base install leaves out: "
+        "error: torch2paddle verify needs torch, which the base install leaves out: "
         "pip install 'torch2paddle[verify]'"], err
 
 
