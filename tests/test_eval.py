@@ -67,10 +67,10 @@ def write_corrupt_images(directory: Path) -> list:
 # --- preprocessing vs timm ------------------------------------------------------------------
 # timm's eval transform is the yardstick.  timm cannot be imported on every machine that runs
 # these tests (reference_torch/registration.py says why), so its output on the lossless test
-# images is recorded in tests/data (tests/record_timm_eval.py); where timm imports, the tests
+# images is recorded in tests/data/timm_eval as PNG crops (tests/record_timm_eval.py); where timm imports, the tests
 # below also check that recording and compare with timm live, on every image at full size.
 
-TIMM_RECORDING = Path(__file__).parent / "data" / "timm_eval_recording.npz"
+TIMM_RECORDING = Path(__file__).parent / "data" / "timm_eval"  # <pipeline>/<crop size>/<image>.png
 RECORDED_CROP = 64  # small crops keep the recording ~250 KB; the official size is recorded once per pipeline
 OFFICIAL_PIPELINES = sorted({spec.preprocessing for spec in MODELS.values()}, key=repr)
 
@@ -125,9 +125,19 @@ def timm_eval_uint8(path: Path, pre: EvalPreprocessing, size: int) -> np.ndarray
     return crop.astype(np.uint8)
 
 
+def recording_path(key: str) -> Path:
+    return TIMM_RECORDING / f"{key}.png"
+
+
 def recorded_timm_outputs() -> dict:
-    with np.load(TIMM_RECORDING) as recording:
-        return {key: recording[key] for key in recording.files}
+    """key -> CHW uint8 crop, for every recorded case."""
+    from PIL import Image
+
+    recorded = {}
+    for path in TIMM_RECORDING.rglob("*.png"):
+        with Image.open(path) as img:
+            recorded[path.relative_to(TIMM_RECORDING).as_posix()[:-len(".png")]] = np.asarray(img).transpose(2, 0, 1)
+    return recorded
 
 
 @pytest.mark.parametrize("pre", OFFICIAL_PIPELINES, ids=pipeline_id)
