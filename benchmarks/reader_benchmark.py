@@ -6,6 +6,8 @@ in the same run.
 Floors: a process that only starts Python and imports Paddle (wall time, peak RSS), and a
 plain copy of the checkpoint file (fsync'd).  Targets (issue 8), for the reader:
 (convert process - import floor) <= 3x the copy time; peak RSS <= the floor's + 1.2x the file.
+convert needs no Paddle at all (the Paddle layouts are recorded, converter.layouts), so it
+is also measured over a lower floor: a process that starts Python and imports numpy.
 Both converts run the real CLI in a fresh process (``torch2paddle convert``; the torch one with
 ``--unsafe-pickle``, i.e. torch.load with mmap feeding the same conversion and writer), so the
 two differ only in how the file is read.  Times are the best of --repeat, RSS the worst.
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from convert_benchmark import benchmark_arguments, checkpoint_and_copy_floor, run_child
 
+IMPORT_NUMPY = "import numpy"
 IMPORT_PADDLE = "import paddle"
 IMPORT_TORCH_AND_PADDLE = "import torch, paddle"
 CONVERT = """
@@ -25,7 +28,7 @@ import sys, warnings
 warnings.simplefilter("ignore")
 from converter.cli import main
 main(sys.argv[1:])
-print("torch imported:", "torch" in sys.modules)
+print("torch imported:", "torch" in sys.modules, "/ paddle imported:", "paddle" in sys.modules)
 """
 
 
@@ -43,6 +46,7 @@ def main():
         for _ in range(args.repeat):  # interleaved, so load drifts hit every kind alike
             for label, code, argv in [
                 ("floor", IMPORT_PADDLE, ()),
+                ("numpy floor", IMPORT_NUMPY, ()),
                 ("floor+torch", IMPORT_TORCH_AND_PADDLE, ()),
                 ("reader", CONVERT, ("convert", args.model, src, tmp / "reader.pdparams")),
                 ("torch", CONVERT, ("convert", args.model, src, tmp / "torch.pdparams", "--unsafe-pickle")),
@@ -58,12 +62,13 @@ def main():
         ("checkpoint", f"{args.model}, {size_mib:.1f} MiB"),
         ("copy (floor)", f"{copy_s:.3f} s"),
         ("python + import paddle (floor)", f"{floor_s:.2f} s, peak RSS {floor_rss:.0f} MiB"),
+        ("python + import numpy", "{:.2f} s, peak RSS {:.0f} MiB".format(*best(runs["numpy floor"])[:2])),
         ("python + import torch + paddle", "{:.2f} s, peak RSS {:.0f} MiB".format(*best(runs["floor+torch"])[:2])),
     ]
-    for label, floors in (("reader", ("floor",)), ("torch", ("floor", "floor+torch"))):
+    for label, floors in (("reader", ("floor", "numpy floor")), ("torch", ("floor", "floor+torch"))):
         wall, rss, out = best(runs[label])
         rows.append((f"convert via {label}", f"{wall:.2f} s, peak RSS {rss:.0f} MiB "
-                                              f"(torch imported: {out.strip().splitlines()[-1].split(': ')[-1]})"))
+                                              f"({out.strip().splitlines()[-1]})"))
         for floor in floors:
             rows.append((f"  over the {floor}", _over(best(runs[label]), best(runs[floor]), copy_s, size_mib)))
     rows.append(("targets (reader, over the floor)", "<= 3x copy, <= 1.2x checkpoint"))

@@ -15,6 +15,7 @@ Containers: a raw state dict, or a dict holding one under ``model`` / ``state_di
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 import zipfile
@@ -27,8 +28,8 @@ import numpy as np
 from .errors import UserError, first_sentence
 from .extras import require_torch
 from .lazy import LazyArray
-from .torch_reader import (ELEMENT_TYPES, RefusedGlobal, Storage, TensorView, bfloat16_to_float32, load,
-                           widen_to_float32)
+from .torch_reader import (ELEMENT_TYPES, RefusedGlobal, Storage, TensorView, bfloat16_to_float32,
+                           contiguous_strides, load, widen_to_float32)
 
 TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".tar", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -138,8 +139,8 @@ def _load_safetensors(path: Path) -> dict:
     views = {}
     for key, (dtype, shape) in specs.items():
         dtype = SAFETENSORS_DTYPES[dtype]
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(ELEMENT_TYPES[dtype]).itemsize
-        views[key] = TensorView(Storage(path, key, nbytes, reader(key)), dtype, shape, _contiguous_strides(shape), 0)
+        nbytes = math.prod(shape) * np.dtype(ELEMENT_TYPES[dtype]).itemsize
+        views[key] = TensorView(Storage(path, key, nbytes, reader(key)), dtype, shape, contiguous_strides(shape), 0)
     return views
 
 
@@ -150,14 +151,6 @@ def _safetensors_offsets(path: Path) -> dict:
         header = json.loads(f.read(length))
     return {k: (8 + length + v["data_offsets"][0], 8 + length + v["data_offsets"][1])
             for k, v in header.items() if k != "__metadata__"}
-
-
-def _contiguous_strides(shape: tuple) -> tuple:
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= n
-    return tuple(reversed(strides))
 
 
 def _pick_entry(obj, family_entries: tuple, ema: bool, key: Optional[str], path: Path):
@@ -202,7 +195,7 @@ def _as_arrays(tensors: dict, keep_dtype: bool) -> tuple:
     ``keep_dtype``.  Returns (arrays, {original dtype: number of tensors cast})."""
     arrays, cast = {}, {}
     for key, view in tensors.items():
-        array = LazyArray(view.numpy, view.shape, ELEMENT_TYPES[view.dtype])
+        array = LazyArray(view.numpy, view.shape, ELEMENT_TYPES[view.dtype], file_span=view.file_span)
         if view.dtype in CAST_TO_FLOAT32 and not keep_dtype:
             cast[view.dtype] = cast.get(view.dtype, 0) + 1
             array = array.then(CAST_TO_FLOAT32[view.dtype], dtype=np.float32)

@@ -106,7 +106,8 @@ class ModelSpec:
         module = importlib.import_module(module_name)
         return getattr(module, self.factory or self.name)
 
-    def _kwargs(self, num_classes: int, img_size: Optional[int]) -> dict:
+    def factory_kwargs(self, num_classes: int = 1000, img_size: Optional[int] = None) -> dict:
+        """What both frameworks' factories are called with (the models depend on nothing else)."""
         if img_size is not None:
             self.check_input_size(img_size, img_size)
         kwargs = dict(self.extra_kwargs, num_classes=num_classes)
@@ -115,10 +116,10 @@ class ModelSpec:
         return kwargs
 
     def create_torch(self, num_classes: int = 1000, img_size: Optional[int] = None):
-        return self._factory(self.family.torch_module)(**self._kwargs(num_classes, img_size))
+        return self._factory(self.family.torch_module)(**self.factory_kwargs(num_classes, img_size))
 
     def create_paddle(self, num_classes: int = 1000, img_size: Optional[int] = None):
-        return self._factory(self.family.paddle_module)(**self._kwargs(num_classes, img_size))
+        return self._factory(self.family.paddle_module)(**self.factory_kwargs(num_classes, img_size))
 
     @property
     def rules(self) -> tuple:

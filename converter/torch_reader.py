@@ -40,13 +40,13 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .errors import UserError, first_sentence
-from .lazy import HasShape, array_protocol
+from .lazy import FileSpan, HasShape, array_protocol, run_check
 
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
@@ -123,18 +123,26 @@ class _Sealed:
 
 
 class Storage:
-    """One storage record of a file.  ``read()`` returns its bytes (uint8, read-only), mapped
-    from the file when first asked for; ``nbytes`` is what the pickle says the record holds."""
+    """One storage record of a file.  ``read()`` returns its bytes (uint8, read-only), read from
+    the file when first asked for and checked the first time (``verify``: a zip record's CRC-32,
+    given the bytes as a sequence of chunks); ``nbytes`` is what the pickle says the record
+    holds.  ``locate``, where the file holds the record plainly, gives (file descriptor, offset,
+    length), for copying without reading."""
 
-    def __init__(self, path, name: str, nbytes: int, read: Callable[[], np.ndarray], byteorder: str = "<"):
+    def __init__(self, path, name: str, nbytes: int, read: Callable[[], np.ndarray], byteorder: str = "<",
+                 verify: Optional[Callable[[Iterable], None]] = None, locate: Optional[Callable[[], tuple]] = None):
         self.path = path
         self.name = name
         self.nbytes = nbytes
         self.byteorder = byteorder
         self._read = read
+        self._verify = verify
+        self._verified = verify is None
+        self._locate = locate
 
     def read(self) -> np.ndarray:
-        """Errors surface here, possibly long after load(): as TorchFileError naming the file."""
+        """Errors surface here, possibly long after load(): as TorchFileError naming the file
+        (inside lazy.checks_in_background, a failed check surfaces at the end of that block)."""
         try:
             data = self._read()
         except _Corrupt as exc:
@@ -142,7 +150,50 @@ class Storage:
         if data.size != self.nbytes:
             raise TorchFileError(f"{self.path}: {self.name} holds {data.size} bytes, the pickle expects "
                                  f"{self.nbytes} (corrupted checkpoint)")
+        self.ensure_checked(data)
         return data
+
+    def ensure_checked(self, data: Optional[np.ndarray] = None) -> None:
+        """Verify the record once (``data``: its bytes, if already at hand)."""
+        if not self._verified:
+            self._verified = True  # a check that fails resets it
+            run_check(lambda: self._run_check(data), self.nbytes)
+
+    def _run_check(self, data: Optional[np.ndarray]) -> None:
+        try:
+            self._verify([data] if data is not None else self._chunks())
+        except _Corrupt as exc:
+            self._verified = False
+            raise TorchFileError(f"{self.path}: {exc}") from None
+
+    def _chunks(self, size: int = 1 << 20):
+        """The record's bytes as consecutive chunks, read into one reused buffer: a check of
+        bytes the caller does not otherwise need maps nothing (unmapping in a two-thread
+        process interrupts the other core)."""
+        if self._locate is None:
+            yield self._read()
+            return
+        fd, offset, length = self._locate()
+        buffer = memoryview(bytearray(min(size, length)))
+        while length:
+            n = os.preadv(fd, [buffer[:min(size, length)]], offset)
+            if n == 0:
+                raise _Corrupt("the file ends early (truncated?)")
+            yield buffer[:n]
+            offset, length = offset + n, length - n
+
+    def file_span(self, start: int, nbytes: int) -> Optional[FileSpan]:
+        """Bytes [start, start + nbytes) of the record as a FileSpan, if the file holds the
+        record plainly and whole (anything else is left to read() to read or to report)."""
+        if self._locate is None or start + nbytes > self.nbytes:
+            return None
+        try:
+            fd, offset, length = self._locate()
+        except _Corrupt:
+            return None
+        if length != self.nbytes:
+            return None
+        return FileSpan(fd, offset + start, nbytes, self.ensure_checked)
 
 
 @dataclass(frozen=True)
@@ -178,8 +229,23 @@ class TensorView(HasShape, _Sealed):
             raise TorchFileError(f"{self.storage.path}: a {self.dtype} tensor of shape {self.shape} runs past "
                                  f"the end of {self.storage.name} (corrupted checkpoint)")
         base = raw[start:start + span * element.itemsize].view(element)
-        array = as_strided(base, self.shape, tuple(s * element.itemsize for s in self.stride), writeable=False)
+        if self._dense():
+            array = base.reshape(self.shape)  # the common case, and 10x cheaper than as_strided
+        else:
+            array = as_strided(base, self.shape, tuple(s * element.itemsize for s in self.stride), writeable=False)
         return array if element.isnative else array.astype(element.newbyteorder("="))
+
+    def file_span(self) -> Optional[FileSpan]:
+        """The tensor's bytes as one run of the file, if the file holds them exactly as the
+        tensor's C-ordered numpy array would (native byte order, dense C strides)."""
+        element = np.dtype(ELEMENT_TYPES[self.dtype]).newbyteorder(self.storage.byteorder)
+        if self.dtype == "bfloat16" or not element.isnative or self.size == 0 or not self._dense():
+            return None
+        return self.storage.file_span(self.offset * element.itemsize, self.size * element.itemsize)
+
+    def _dense(self) -> bool:
+        """Whether the elements lie in C order with no gaps (strides of size-1 dims do not matter)."""
+        return all(n == 1 or s == c for n, s, c in zip(self.shape, self.stride, contiguous_strides(self.shape)))
 
     def _span(self) -> int:
         """Elements from the first to one past the last element the view touches (0 if empty)."""
@@ -195,6 +261,15 @@ class TensorView(HasShape, _Sealed):
 
     def __repr__(self) -> str:
         return f"TensorView({self.dtype}, shape={self.shape}, {self.storage.name})"
+
+
+def contiguous_strides(shape: tuple) -> tuple:
+    """Element strides of a C-ordered array of ``shape``."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
 
 
 def tensor_order(array: np.ndarray) -> str:
@@ -426,11 +501,16 @@ def _element_size(dtype: str) -> int:
 
 # --- the two file formats ----------------------------------------------------------------------
 
+# Records smaller than this are read (one pread) rather than mapped: a mapping costs three system
+# calls and, in a process with a second thread running, an interrupt of the other core to unmap.
+SMALL_RECORD_BYTES = 64 * 1024
+
+
 class _RecordFile:
     """The checkpoint file, open for reading records.  Each record is memory-mapped on its own
     when asked for (pages populated up front, far cheaper than faulting them in one by one) and
     unmapped when the last array viewing it is gone, so reading a checkpoint keeps only the
-    tensors in use resident."""
+    tensors in use resident; small records are simply read."""
 
     def __init__(self, path: Path):
         self.fd = os.open(path, os.O_RDONLY)
@@ -448,6 +528,8 @@ class _RecordFile:
             raise _Corrupt("a storage runs past the end of the file (truncated?)")
         if nbytes == 0:
             return np.empty(0, np.uint8)
+        if nbytes < SMALL_RECORD_BYTES:
+            return np.frombuffer(self.read(offset, nbytes), np.uint8)
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         mapped = mmap.mmap(self.fd, offset + nbytes - start, flags=mmap.MAP_SHARED | _MAP_POPULATE,
                            prot=mmap.PROT_READ, offset=start)
@@ -476,7 +558,6 @@ class _ZipCheckpoint:
             self.byteorder = ">" if recorded == b"big" else "<"
         self.file = _RecordFile(path)
         self._storages: dict = {}  # key -> Storage: every reference to a record shares one
-        self._checked: set = set()
 
     def load(self):
         return _SafeUnpickler(io.BytesIO(self.pickle), self._storage).load()
@@ -488,7 +569,8 @@ class _ZipCheckpoint:
             raise _Corrupt(f"the pickle references storage {name}, which the archive does not hold")
         if key not in self._storages:
             self._storages[key] = Storage(self.path, name, numel * _element_size(dtype), lambda: self._record(name),
-                                          self.byteorder)
+                                          self.byteorder, verify=self._crc_check(name),
+                                          locate=lambda: self._location(name))
         return _TypedStorage(self._storages[key], dtype)
 
     def _record(self, name: str) -> np.ndarray:
@@ -496,13 +578,31 @@ class _ZipCheckpoint:
         if info.compress_type != zipfile.ZIP_STORED:
             with zipfile.ZipFile(self.path) as archive:  # zipfile checks the CRC
                 return np.frombuffer(archive.read(info), np.uint8)
-        data = self.file.bytes_at(self._data_offset(info), info.file_size)
-        if name not in self._checked:
-            # torch writes CRC 0 when told not to compute CRCs; then there is nothing to check.
-            if info.CRC and zlib.crc32(data) != info.CRC:
+        return self.file.bytes_at(self._data_offset(info), info.file_size)
+
+    def _crc_check(self, name: str) -> Optional[Callable[[np.ndarray], None]]:
+        """The CRC-32 check of a stored record.  None for a compressed one (zipfile checks those
+        as it inflates them) and for CRC 0, which torch writes when told not to compute CRCs."""
+        info = self.records[name]
+        if info.compress_type != zipfile.ZIP_STORED or not info.CRC:
+            return None
+
+        def check(chunks) -> None:
+            crc = 0
+            for chunk in chunks:
+                crc = zlib.crc32(chunk, crc)
+            if crc != info.CRC:
                 raise _Corrupt(f"{name} fails its CRC-32 check (corrupted checkpoint)")
-            self._checked.add(name)
-        return data
+        return check
+
+    def _location(self, name: str) -> tuple:
+        info = self.records[name]
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise _Corrupt(f"{name} is compressed")
+        offset = self._data_offset(info)
+        if offset + info.file_size > self.file.size:
+            raise _Corrupt("a storage runs past the end of the file (truncated?)")
+        return self.file.fd, offset, info.file_size
 
     def _data_offset(self, info: zipfile.ZipInfo) -> int:
         """Where a stored record's bytes start: after its local header (whose name and extra
@@ -548,7 +648,8 @@ class _LegacyCheckpoint:
         if key not in self.declared:
             self.declared[key] = (dtype, numel)
             self.storages[key] = Storage(self.path, f"storage {key}", numel * _element_size(dtype),
-                                         lambda: self._record(key), self.byteorder)
+                                         lambda: self._record(key), self.byteorder,
+                                         locate=lambda: (self.file.fd, self.offsets[key], numel * _element_size(dtype)))
         root_dtype = self.declared[key][0]
         storage = self.storages[key]
         if view is None:
