@@ -46,14 +46,16 @@ def option_group(options):
 with_checkpoint_options = option_group(checkpoint_options)
 
 
-def needs_torch(command):
-    """For commands that run the PyTorch reference: without the verify extra they stop with one
-    line naming the pip command (the base install converts without torch)."""
+def runs_both_frameworks(command):
+    """For commands that run the PyTorch reference next to the Paddle model: without the verify
+    extra they stop with one line naming the pip command (the base install converts without
+    torch); with it, both frameworks get the same number of CPU threads."""
     @functools.wraps(command)
     def run(*args, **kwargs):
         from .extras import require_torch
 
-        require_torch(f"torch2paddle {click.get_current_context().info_name}")
+        torch = require_torch(f"torch2paddle {click.get_current_context().info_name}")
+        _same_threads_for_both_frameworks(torch)
         return command(*args, **kwargs)
     return run
 
@@ -159,7 +161,7 @@ paddle_params_option = click.option("--paddle-params", type=click.Path(dir_okay=
               help="With --all: only models matching this glob, e.g. 'fcvit_*' (repeatable).")
 @with_checkpoint_options
 @option_group(verify_options)
-@needs_torch
+@runs_both_frameworks
 def verify(model, torch_ckpt, paddle_params, all_models, ckpt_dir, patterns, ema, entry_key, unsafe_pickle,
            **kwargs):
     """Run the torch reference and the Paddle model on the same batch and compare them."""
@@ -240,7 +242,7 @@ def _verify_all(ckpt_dir, patterns, *, json_path=None, **kwargs):
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Draw the error per layer (log scale, first divergent layer marked) to PATH.png (matplotlib).")
 @option_group(batch_options + [json_option])
-@needs_torch
+@runs_both_frameworks
 def diff(model, torch_ckpt, paddle_params, ema, entry_key, unsafe_pickle, json_path, plot_path, **kwargs):
     """Compare MODEL's torch reference and Paddle model layer by layer and name the first layer
     whose output diverges (exit 1 when one does)."""
@@ -310,7 +312,7 @@ def export(model, params, out_dir, json_path, **kwargs):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the whole report as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (it is only shown on a terminal anyway).")
-@needs_torch
+@runs_both_frameworks
 def evaluate(model, data, list_path, torch_ckpt, paddle_params, ema, entry_key, unsafe_pickle, json_path,
              no_progress, **kwargs):
     """Top-1 / top-5 of the torch reference and the Paddle model on the same labelled images."""
@@ -327,7 +329,7 @@ def evaluate(model, data, list_path, torch_ckpt, paddle_params, ema, entry_key, 
 @click.option("--model", default="fcvit_b12", show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               help="Where to write the example checkpoint and weights (default: a temporary directory).")
-@needs_torch
+@runs_both_frameworks
 def demo(model, workdir):
     """The whole job on a built-in example: an official-format checkpoint with seeded RANDOM
     weights -> convert -> verify."""
@@ -355,16 +357,21 @@ def _quiet_framework_logs() -> None:
     warnings.filterwarnings("ignore", message="No ccache found")
 
 
-def _same_threads_for_both_frameworks() -> None:
-    """Paddle pins itself to one CPU thread at import unless OMP_NUM_THREADS is set, while
-    torch uses every core: give both the same count, so speed figures compare like with like."""
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+def _same_threads_for_both_frameworks(torch) -> None:
+    """Paddle pins itself to one CPU thread at import unless OMP_NUM_THREADS is set, while torch
+    uses every core: give Paddle torch's count, so speed figures compare like with like.  Set
+    through Paddle's API after import: setting OMP_NUM_THREADS before it makes Paddle print a
+    two-line warning on import.  A user's own OMP_NUM_THREADS holds for both."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    import paddle
+
+    paddle.base.core.set_num_threads(torch.get_num_threads())
 
 
 def main(argv=None):
     """Entry point: turns every user-facing error into one line and an exit code."""
     _quiet_framework_logs()
-    _same_threads_for_both_frameworks()
     try:
         cli.main(args=argv, prog_name="torch2paddle", standalone_mode=False)
     except click.exceptions.Abort:

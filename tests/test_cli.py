@@ -237,3 +237,20 @@ def test_real_process_exit_codes(src, tmp_path):
     assert code == 2 and error_lines(err) == ["error: unknown model 'no_such_model'; run 'torch2paddle list' for all models"]
     code, out, err = run_cli("convert", NAME, src, tmp_path / "o.pdparams")
     assert code == 0 and (tmp_path / "o.pdparams").is_file(), err
+
+
+@pytest.mark.parametrize("user_setting", [None, "1"])
+def test_commands_that_time_both_frameworks_give_paddle_torchs_thread_count(user_setting, monkeypatch, capsys):
+    """Paddle pins itself to one thread at import, torch uses every core; a user's own
+    OMP_NUM_THREADS is left to both."""
+    import paddle
+
+    calls = []
+    monkeypatch.setattr(paddle.base.core, "set_num_threads", calls.append)
+    if user_setting is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", user_setting)
+    code, _, err = cli(capsys, "verify", "fcvit_tiny", "--torch-ckpt", "/nonexistent.pth")
+    assert code == 2 and "no such file" in err  # the thread count is set before the command runs
+    assert calls == ([torch.get_num_threads()] if user_setting is None else [])
