@@ -163,6 +163,9 @@ class _Output:
                     return False
                 raise
             if copied == 0:
+                if offset == span.offset:  # some file systems copy nothing rather than refuse
+                    self.can_copy = False
+                    return False
                 raise OSError(errno.EIO, "the checkpoint file ended during the copy (changed while reading?)")
             offset, left = offset + copied, left - copied
         return True

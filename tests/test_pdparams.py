@@ -115,11 +115,17 @@ def test_spanned_values_are_copied_unread_and_written_as_their_arrays(tmp_path):
     assert (tmp_path / "w.pdparams").read_bytes() == _pickle_dump_without_memo_or_frames(state)
 
 
-def test_where_the_kernel_cannot_copy_the_values_are_read_and_written(tmp_path, monkeypatch):
-    def cannot(*args):
-        raise OSError(errno.EXDEV, "cross-device copy")
+def _refuses(*args):
+    raise OSError(errno.EXDEV, "cross-device copy")
 
-    monkeypatch.setattr(os, "copy_file_range", cannot)
+
+def _copies_nothing(*args):
+    return 0
+
+
+@pytest.mark.parametrize("kernel_copy", [_refuses, _copies_nothing])
+def test_where_the_kernel_cannot_copy_the_values_are_read_and_written(kernel_copy, tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "copy_file_range", kernel_copy)
     state = {"a": np.ones((200, 100), np.float32), "b": np.zeros(40_000, np.float16)}  # 80 kB each: spans
     lazy, reads, fd = _spanned(tmp_path, state)
     with open(tmp_path / "w.pdparams", "wb") as f:
