@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,8 @@ import numpy as np
 from .checkpoint import Checkpoint, atomic_write, check_output_path, read_checkpoint, torch_state_dict
 from .engine import (ConversionReport, MappingError, convert_state_dict, reverse_state_dict, shapes_fit,
                      target_key)
-from .errors import UserError
-from .layouts import paddle_layout
+from .errors import UserError, first_sentence, one_line
+from .layouts import paddle_layout, paddle_skeleton
 from .lazy import materialize
 from .pdparams import write_pdparams
 from .registry import MODELS, ModelSpec, get_spec
@@ -53,10 +54,9 @@ class ConvertResult:
         return "\n".join(lines)
 
 
-def paddle_target_shapes(spec: ModelSpec, num_classes: int = 1000, img_size: Optional[int] = None) -> dict:
-    """Names and shapes of the Paddle model's state dict (recorded, or read off a weightless
-    skeleton for a non-default configuration; see converter.layouts)."""
-    return paddle_layout(spec, num_classes, img_size)
+# Names and shapes of the Paddle model's state dict (recorded, or read off a weightless skeleton
+# for a non-default configuration; see converter.layouts).
+paddle_target_shapes = paddle_layout
 
 
 def convert_checkpoint(spec: ModelSpec, ckpt: Checkpoint, *, allow_missing: Iterable[str] = (),
@@ -179,8 +179,7 @@ def convert_reverse(name: str, src, dst, *, force: bool = False, num_classes: in
     reference = spec.create_torch(num_classes=num_classes, img_size=img_size).state_dict()
     arrays, recreated, report = reverse_state_dict(params, spec.rules,
                                                    {k: tuple(v.shape) for k, v in reference.items()})
-    state = {k: torch.from_numpy(np.array(arrays[k])) if k in arrays else reference[k].clone()
-             for k in reference}
+    state = {k: torch.from_numpy(np.asarray(arrays[k])) if k in arrays else reference[k] for k in reference}
     entry = spec.family.checkpoint_entries[0]
     if dst is not None:
         atomic_write(dst, lambda tmp: torch.save({entry: state}, tmp))
@@ -196,7 +195,7 @@ def load_pdparams(path) -> dict:
     try:
         params = paddle.load(str(path), return_numpy=True)
     except Exception as exc:  # paddle raises assorted types for non-pdparams input
-        raise UserError(f"{path}: not a readable .pdparams file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise UserError(f"{path}: not a readable .pdparams file ({first_sentence(exc)})") from None
     if not isinstance(params, dict):
         raise UserError(f"{path}: holds a {type(params).__name__}, not a Paddle state dict")
     params.pop("StructuredToParameterName@@", None)
@@ -249,7 +248,7 @@ def create_torch_model(name: str, checkpoint=None, *, num_classes: int = 1000, i
             model.load_state_dict(reference_state_dict(spec, ckpt, model), strict=True)
         except RuntimeError as exc:
             raise UserError(f"{ckpt.path}: does not fit the torch reference of {spec.name}: "
-                            f"{' '.join(str(exc).split())[:300]}") from None
+                            f"{one_line(str(exc), 300)}") from None
     model.eval()
     return model
 
@@ -258,8 +257,5 @@ def count_parameters(spec: ModelSpec) -> int:
     """Trainable parameter count (shared modules counted once), without initialising weights.
     Paddle keeps BatchNorm running statistics as non-trainable parameters: not counted, as
     torch counts them as buffers."""
-    import paddle
-
-    with paddle.LazyGuard():
-        model = spec.create_paddle()
-    return int(sum(int(np.prod(p.shape)) for p in model.parameters() if p.trainable))
+    model = paddle_skeleton(spec)
+    return sum(math.prod(p.shape) for p in model.parameters() if p.trainable)

@@ -29,7 +29,7 @@ from .errors import UserError, first_sentence
 from .extras import require_torch
 from .lazy import LazyArray
 from .torch_reader import (ELEMENT_TYPES, RefusedGlobal, Storage, TensorView, bfloat16_to_float32,
-                           contiguous_strides, load, widen_to_float32)
+                           contiguous_strides, element_size, load, widen_to_float32)
 
 TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".tar", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -122,7 +122,8 @@ def _load_safetensors(path: Path) -> dict:
 
     try:
         handle = safe_open(str(path), framework="numpy")
-        specs = {k: (handle.get_slice(k).get_dtype(), tuple(handle.get_slice(k).get_shape())) for k in handle.keys()}
+        slices = {k: handle.get_slice(k) for k in handle.keys()}
+        specs = {k: (s.get_dtype(), tuple(s.get_shape())) for k, s in slices.items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({first_sentence(exc)})") from None
     unknown = sorted({dtype for dtype, _ in specs.values()} - set(SAFETENSORS_DTYPES))
@@ -139,7 +140,7 @@ def _load_safetensors(path: Path) -> dict:
     views = {}
     for key, (dtype, shape) in specs.items():
         dtype = SAFETENSORS_DTYPES[dtype]
-        nbytes = math.prod(shape) * np.dtype(ELEMENT_TYPES[dtype]).itemsize
+        nbytes = math.prod(shape) * element_size(dtype)
         views[key] = TensorView(Storage(path, key, nbytes, reader(key)), dtype, shape, contiguous_strides(shape), 0)
     return views
 

@@ -1,6 +1,7 @@
 """The one mapping engine: applies a family's declarative rules to a state dict and proves
 coverage (every source key converted or deliberately dropped, every target key filled
-exactly once, shapes equal).  Works on numpy arrays; imports neither torch nor paddle."""
+exactly once, shapes equal).  Works on numpy arrays and LazyArrays (checking keys and shapes
+reads no data); imports neither torch nor paddle."""
 from __future__ import annotations
 
 import fnmatch
@@ -16,7 +17,8 @@ from .lazy import transposed
 
 
 class MappingError(UserError):
-    """The checkpoint does not fit the model: a one-line summary plus the full lists."""
+    """The checkpoint does not fit the model: a one-line summary, plus one line per kind of
+    problem (``details``, at most six examples each)."""
 
     def __init__(self, summary: str, details: list, count: int = 0):
         super().__init__(summary)
@@ -179,13 +181,14 @@ def reverse_state_dict(params: Mapping[str, np.ndarray], rules: Iterable,
     """
     rules = tuple(rules)
     _, _, transposes = _split(rules)
+    targets = {k: target_key(k, rules) for k in reference_shapes}  # None: the table drops it
     report = ConversionReport()
     out: dict = {}
     unexpected, mismatched, bad_transpose = [], [], []
     reported = set()  # torch keys already named as a problem, not to be listed as missing too
     for key, value in params.items():
         torch_key = reverse_key(key, rules)
-        if torch_key not in reference_shapes or target_key(torch_key, rules) != key:
+        if targets.get(torch_key) != key:
             unexpected.append(key)  # no official key the table maps onto this one
             continue
         if torch_key != key:
@@ -205,8 +208,8 @@ def reverse_state_dict(params: Mapping[str, np.ndarray], rules: Iterable,
         out[torch_key] = value
         report.converted += 1
         report.num_parameters += int(np.size(value))
-    dropped = [k for k in reference_shapes if target_key(k, rules) is None]
-    missing = [target_key(k, rules) for k in reference_shapes if k not in out and k not in dropped
+    dropped = [k for k, target in targets.items() if target is None]
+    missing = [target for k, target in targets.items() if target is not None and k not in out
                and k not in reported]  # named as the Paddle key that should have been there
     _raise_problems("Paddle weights do not match the torch reference", (
         ("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched),

@@ -10,3 +10,8 @@ def first_sentence(exc: BaseException, limit: int = 100) -> str:
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     text = text.split(". ")[0]
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def one_line(text: str, limit: int) -> str:
+    """``text`` with every run of whitespace (newlines too) made one space, cut at ``limit``."""
+    return " ".join(text.split())[:limit]

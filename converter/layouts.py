@@ -36,11 +36,16 @@ def paddle_layout(spec: ModelSpec, num_classes: int = 1000, img_size: Optional[i
 
 def built_layout(spec: ModelSpec, num_classes: int = 1000, img_size: Optional[int] = None) -> dict:
     """The layout read off a weightless skeleton of the Paddle model."""
+    model = paddle_skeleton(spec, num_classes, img_size)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def paddle_skeleton(spec: ModelSpec, num_classes: int = 1000, img_size: Optional[int] = None):
+    """The Paddle model built under ``paddle.LazyGuard``: names and shapes, no weights initialised."""
     import paddle
 
     with paddle.LazyGuard():
-        model = spec.create_paddle(num_classes=num_classes, img_size=img_size)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        return spec.create_paddle(num_classes=num_classes, img_size=img_size)
 
 
 @functools.lru_cache(maxsize=None)

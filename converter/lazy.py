@@ -107,11 +107,10 @@ class LazyArray(HasShape):
         step is queued on them)."""
         return self._file_span() if self._file_span is not None else None
 
-    def then(self, step: Callable[[np.ndarray], np.ndarray], shape=None, dtype=None) -> "LazyArray":
-        """A LazyArray that applies ``step`` to this one's values when read."""
+    def then(self, step: Callable[[np.ndarray], np.ndarray], dtype=None) -> "LazyArray":
+        """A LazyArray that applies ``step`` (same shape) to this one's values when read."""
         make = self._make
-        return LazyArray(lambda: step(make()), self.shape if shape is None else shape,
-                         self.dtype if dtype is None else dtype)
+        return LazyArray(lambda: step(make()), self.shape, self.dtype if dtype is None else dtype)
 
     def read(self, scratch: Optional["Scratch"] = None) -> np.ndarray:
         """The values.  With ``scratch`` they may be left in that buffer, valid until its next

@@ -58,15 +58,10 @@ class Family:
     name: str
     # Container entries the official loader reads, in its order of preference.
     checkpoint_entries: tuple
-    # Where the EMA copy lives, for --ema.
-    ema_entries: tuple = ("state_dict_ema", "model_ema")
     # Returns an error message for an input size the models cannot take.
     input_check: Callable[[int, int], Optional[str]] = _any_size
     # The models are built for one input size (their factories take img_size).
     size_dependent: bool = False
-    # Extra checkpoint keys the official loader tolerates (strict=False) and our
-    # torch reference does not have; the mapping table drops them by rule.
-    extra_key_note: str = ""
 
     @property
     def torch_module(self) -> str:
@@ -86,9 +81,7 @@ BIFORMER = Family("biformer", checkpoint_entries=("model",),
                   input_check=_multiple_of(112, "BiFormer splits stages 1-3 into 7x7 regions at strides 4, 8, 16"))
 CROSSFORMER = Family("crossformer", checkpoint_entries=("model",), size_dependent=True,
                      input_check=lambda h, w: importlib.import_module("model_configs.crossformer")
-                     .input_size_problem(h, w),  # framework-free: square, a multiple of 32
-                     extra_key_note="v1 release checkpoints carry every block's attn.biases and "
-                                    "attn.relative_position_index: checked against the recomputed tables, then dropped")
+                     .input_size_problem(h, w))  # framework-free: square, a multiple of 32
 REGIONVIT = Family("regionvit", checkpoint_entries=("model",))
 
 
@@ -155,7 +148,6 @@ for _spec in (
     MODELS[_spec.name] = _spec
 
 ALIASES = {alias: spec.name for spec in MODELS.values() for alias in spec.aliases}
-FAMILIES = {spec.family.name: spec.family for spec in MODELS.values()}
 
 
 def get_spec(name: str) -> ModelSpec:

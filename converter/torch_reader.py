@@ -11,8 +11,9 @@ Formats
             storage keys), then every storage as an int64 element count followed by its bytes.
 
 Nothing is read until a tensor is materialised: then its storage record alone is memory-mapped
-(and, in a zip, checked against its CRC-32), and unmapped once no array views it -- so a
-conversion keeps only the tensors in use resident, never a copy of the checkpoint.  Views are
+(small records are simply read) and, in a zip, checked against its CRC-32 the first time, and
+unmapped once no array views it -- so a conversion keeps only the tensors in use resident, never
+a copy of the checkpoint.  Views are
 kept exactly as torch saved them: storage offset, strides (non-contiguous and shared-storage
 tensors), 0-d tensors.
 
@@ -124,7 +125,7 @@ class _Sealed:
 
 class Storage:
     """One storage record of a file.  ``read()`` returns its bytes (uint8, read-only), read from
-    the file when first asked for and checked the first time (``verify``: a zip record's CRC-32,
+    the file each time it is asked for (nothing is cached) and checked the first time (``verify``: a zip record's CRC-32,
     given the bytes as a sequence of chunks); ``nbytes`` is what the pickle says the record
     holds.  ``locate``, where the file holds the record plainly, gives (file descriptor, offset,
     length), for copying without reading."""
@@ -169,10 +170,7 @@ class Storage:
     def _chunks(self, size: int = 1 << 20):
         """The record's bytes as consecutive chunks, read into one reused buffer: a check of
         bytes the caller does not otherwise need maps nothing (unmapping in a two-thread
-        process interrupts the other core)."""
-        if self._locate is None:
-            yield self._read()
-            return
+        process interrupts the other core).  Only FileSpan checks get here: there is a ``locate``."""
         fd, offset, length = self._locate()
         buffer = memoryview(bytearray(min(size, length)))
         while length:
@@ -495,7 +493,8 @@ def _storage_fields(fields: tuple, expected: int) -> tuple:
     return fields[0].dtype, key, numel
 
 
-def _element_size(dtype: str) -> int:
+def element_size(dtype: str) -> int:
+    """Bytes per element of a torch dtype as stored."""
     return np.dtype(ELEMENT_TYPES[dtype]).itemsize
 
 
@@ -558,6 +557,7 @@ class _ZipCheckpoint:
             self.byteorder = ">" if recorded == b"big" else "<"
         self.file = _RecordFile(path)
         self._storages: dict = {}  # key -> Storage: every reference to a record shares one
+        self._locations: dict = {}  # record name -> (fd, offset, length), once its header is read
 
     def load(self):
         return _SafeUnpickler(io.BytesIO(self.pickle), self._storage).load()
@@ -568,7 +568,7 @@ class _ZipCheckpoint:
         if name not in self.records:
             raise _Corrupt(f"the pickle references storage {name}, which the archive does not hold")
         if key not in self._storages:
-            self._storages[key] = Storage(self.path, name, numel * _element_size(dtype), lambda: self._record(name),
+            self._storages[key] = Storage(self.path, name, numel * element_size(dtype), lambda: self._record(name),
                                           self.byteorder, verify=self._crc_check(name),
                                           locate=lambda: self._location(name))
         return _TypedStorage(self._storages[key], dtype)
@@ -578,7 +578,8 @@ class _ZipCheckpoint:
         if info.compress_type != zipfile.ZIP_STORED:
             with zipfile.ZipFile(self.path) as archive:  # zipfile checks the CRC
                 return np.frombuffer(archive.read(info), np.uint8)
-        return self.file.bytes_at(self._data_offset(info), info.file_size)
+        _, offset, nbytes = self._location(name)
+        return self.file.bytes_at(offset, nbytes)
 
     def _crc_check(self, name: str) -> Optional[Callable[[np.ndarray], None]]:
         """The CRC-32 check of a stored record.  None for a compressed one (zipfile checks those
@@ -596,13 +597,16 @@ class _ZipCheckpoint:
         return check
 
     def _location(self, name: str) -> tuple:
-        info = self.records[name]
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise _Corrupt(f"{name} is compressed")
-        offset = self._data_offset(info)
-        if offset + info.file_size > self.file.size:
-            raise _Corrupt("a storage runs past the end of the file (truncated?)")
-        return self.file.fd, offset, info.file_size
+        """(file descriptor, offset, length) of a stored record's bytes, its local header read once."""
+        if name not in self._locations:
+            info = self.records[name]
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise _Corrupt(f"{name} is compressed")
+            offset = self._data_offset(info)
+            if offset + info.file_size > self.file.size:
+                raise _Corrupt("a storage runs past the end of the file (truncated?)")
+            self._locations[name] = (self.file.fd, offset, info.file_size)
+        return self._locations[name]
 
     def _data_offset(self, info: zipfile.ZipInfo) -> int:
         """Where a stored record's bytes start: after its local header (whose name and extra
@@ -647,9 +651,8 @@ class _LegacyCheckpoint:
         view = fields[4]
         if key not in self.declared:
             self.declared[key] = (dtype, numel)
-            self.storages[key] = Storage(self.path, f"storage {key}", numel * _element_size(dtype),
-                                         lambda: self._record(key), self.byteorder,
-                                         locate=lambda: (self.file.fd, self.offsets[key], numel * _element_size(dtype)))
+            self.storages[key] = Storage(self.path, f"storage {key}", numel * element_size(dtype),
+                                         lambda: self._record(key), self.byteorder, locate=lambda: self._location(key))
         root_dtype = self.declared[key][0]
         storage = self.storages[key]
         if view is None:
@@ -667,13 +670,15 @@ class _LegacyCheckpoint:
             if numel != declared:
                 raise _Corrupt(f"storage {key} holds {numel} elements, the pickle expects {declared}")
             self.offsets[key] = offset + 8
-            offset += 8 + numel * _element_size(dtype)
+            offset += 8 + numel * element_size(dtype)
         if offset > self.file.size:
             raise _Corrupt("the file ends inside its storages (truncated?)")
 
+    def _location(self, key: str) -> tuple:
+        return self.file.fd, self.offsets[key], self.storages[key].nbytes
+
     def _record(self, key: str) -> np.ndarray:
-        dtype, numel = self.declared[key]
-        return self.file.bytes_at(self.offsets[key], numel * _element_size(dtype))
+        return self.file.bytes_at(self.offsets[key], self.storages[key].nbytes)
 
 
 # --- entry point ---------------------------------------------------------------------------------
@@ -702,9 +707,10 @@ def checkpoint_kind(path: Path) -> str:
     """'zip' or 'legacy' from the first bytes, or a TorchFileError saying what the file is not."""
     with open(path, "rb") as f:
         head = f.read(4)
+        is_zip = zipfile.is_zipfile(f)
     if not head:
         raise TorchFileError(f"{path}: empty file, not a checkpoint")
-    if zipfile.is_zipfile(path):
+    if is_zip:
         return "zip"
     if head.startswith(b"PK\x03\x04"):
         raise TorchFileError(f"{path}: a zip archive without its central directory, truncated or corrupted?")
