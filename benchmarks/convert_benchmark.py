@@ -56,6 +56,18 @@ def run_child(code: str, *args) -> tuple:
         return out, wall, int(peak.read()) / 1024
 
 
+def best(runs) -> tuple:
+    """(best wall seconds, worst peak RSS MiB, last stdout) of run_child results."""
+    return min(w for _, w, _ in runs), max(r for _, _, r in runs), runs[-1][0]
+
+
+def print_rows(rows) -> None:
+    """(label, value) rows as two aligned columns."""
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
 def benchmark_arguments(doc: str, default_model: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--model", default=default_model)
@@ -86,11 +98,9 @@ def main():
             (tmp / "out.pdparams").unlink(missing_ok=True)
             runs.append(run_child(CONVERT, args.model, src, tmp / "out.pdparams"))
 
-    import_s = min(w for _, w, _ in baseline)
-    base_rss = max(r for _, _, r in baseline)
+    import_s, base_rss, _ = best(baseline)
     convert_s = min(float(out.strip().splitlines()[-1]) for out, _, _ in runs)
-    process_s = min(w for _, w, _ in runs)
-    peak_rss = max(r for _, _, r in runs)
+    process_s, peak_rss, _ = best(runs)
     rows = [
         ("checkpoint", f"{args.model}, {size_mib:.1f} MiB"),
         ("copy (floor)", f"{copy_s:.3f} s"),
@@ -100,9 +110,7 @@ def main():
         ("convert peak RSS", f"{peak_rss:.0f} MiB = baseline + {peak_rss - base_rss:.0f} MiB = baseline + "
                              f"{(peak_rss - base_rss) / size_mib:.2f}x checkpoint  (target <= 2x)"),
     ]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    print_rows(rows)
 
 
 def timed_copy(src: Path, dst: Path) -> float:

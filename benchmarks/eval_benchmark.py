@@ -1,12 +1,13 @@
 """Eval throughput of each framework: images per second of model forward time at a given batch
 size, on a generated labelled folder (JPEGs of ImageNet's typical 500x375), through
-``converter.evaluate.run_eval`` exactly as ``torch2paddle eval`` runs it.
+``converter.evaluate.run_eval`` exactly as ``torch2paddle eval`` runs it, Paddle given torch's
+CPU thread count first.
 
     python benchmarks/eval_benchmark.py [--model fcvit_b12] [--batch-size 32] [--batches 5]
 
 The first batch is warm-up and is excluded from images/s (run_eval does that); the weights are
 seeded random ones (speed does not depend on them).  Run it on an otherwise idle machine: both
-frameworks use every core.
+frameworks use every core (or OMP_NUM_THREADS threads, when it is set).
 """
 from __future__ import annotations
 
@@ -48,7 +49,10 @@ def main():
     import torch
 
     from converter.evaluate import run_eval
+    from converter.extras import same_threads_for_both_frameworks
     from converter.fixtures import make_official_checkpoint
+
+    same_threads_for_both_frameworks(torch)  # as the CLI does before eval runs
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

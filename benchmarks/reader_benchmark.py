@@ -14,11 +14,11 @@ two differ only in how the file is read.  Times are the best of --repeat, RSS th
 """
 from __future__ import annotations
 
-import hashlib
+import filecmp
 import tempfile
 from pathlib import Path
 
-from convert_benchmark import benchmark_arguments, checkpoint_and_copy_floor, run_child
+from convert_benchmark import benchmark_arguments, best, checkpoint_and_copy_floor, print_rows, run_child
 
 IMPORT_NUMPY = "import numpy"
 IMPORT_PADDLE = "import paddle"
@@ -30,11 +30,6 @@ from converter.cli import main
 main(sys.argv[1:])
 print("torch imported:", "torch" in sys.modules, "/ paddle imported:", "paddle" in sys.modules)
 """
-
-
-def best(runs) -> tuple:
-    """(best wall seconds, worst peak RSS MiB, last stdout) of run_child results."""
-    return min(w for _, w, _ in runs), max(r for _, _, r in runs), runs[-1][0]
 
 
 def main():
@@ -55,38 +50,31 @@ def main():
                 # while it still holds its page cache costs measurably more.
                 (tmp / f"{label}.pdparams").unlink(missing_ok=True)
                 runs.setdefault(label, []).append(run_child(code, *argv))
-        same = _sha(tmp / "reader.pdparams") == _sha(tmp / "torch.pdparams")
+        same = filecmp.cmp(tmp / "reader.pdparams", tmp / "torch.pdparams", shallow=False)
 
-    floor_s, floor_rss, _ = best(runs["floor"])
+    bests = {label: best(label_runs) for label, label_runs in runs.items()}
     rows = [
         ("checkpoint", f"{args.model}, {size_mib:.1f} MiB"),
         ("copy (floor)", f"{copy_s:.3f} s"),
-        ("python + import paddle (floor)", f"{floor_s:.2f} s, peak RSS {floor_rss:.0f} MiB"),
-        ("python + import numpy", "{:.2f} s, peak RSS {:.0f} MiB".format(*best(runs["numpy floor"])[:2])),
-        ("python + import torch + paddle", "{:.2f} s, peak RSS {:.0f} MiB".format(*best(runs["floor+torch"])[:2])),
+        ("python + import paddle (floor)", "{:.2f} s, peak RSS {:.0f} MiB".format(*bests["floor"][:2])),
+        ("python + import numpy", "{:.2f} s, peak RSS {:.0f} MiB".format(*bests["numpy floor"][:2])),
+        ("python + import torch + paddle", "{:.2f} s, peak RSS {:.0f} MiB".format(*bests["floor+torch"][:2])),
     ]
     for label, floors in (("reader", ("floor", "numpy floor")), ("torch", ("floor", "floor+torch"))):
-        wall, rss, out = best(runs[label])
+        wall, rss, out = bests[label]
         rows.append((f"convert via {label}", f"{wall:.2f} s, peak RSS {rss:.0f} MiB "
                                               f"({out.strip().splitlines()[-1]})"))
         for floor in floors:
-            rows.append((f"  over the {floor}", _over(best(runs[label]), best(runs[floor]), copy_s, size_mib)))
+            rows.append((f"  over the {floor}", _over(bests[label], bests[floor], copy_s, size_mib)))
     rows.append(("targets (reader, over the floor)", "<= 3x copy, <= 1.2x checkpoint"))
     rows.append(("outputs byte-identical", str(same)))
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    print_rows(rows)
 
 
 def _over(run: tuple, floor: tuple, copy_s: float, size_mib: float) -> str:
     extra_s, extra_mib = run[0] - floor[0], run[1] - floor[1]
     return (f"{extra_s:+.2f} s = {extra_s / copy_s:.1f}x copy; "
             f"{extra_mib:+.0f} MiB = {extra_mib / size_mib:.2f}x checkpoint")
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from .errors import UserError
+from .verify import DEFAULT_MAX_ERR
 
 EXIT_FAILED_GATE = 1
 EXIT_USER_ERROR = 2
@@ -52,10 +53,10 @@ def runs_both_frameworks(command):
     torch); with it, both frameworks get the same number of CPU threads."""
     @functools.wraps(command)
     def run(*args, **kwargs):
-        from .extras import require_torch
+        from .extras import require_torch, same_threads_for_both_frameworks
 
         torch = require_torch(f"torch2paddle {click.get_current_context().info_name}")
-        _same_threads_for_both_frameworks(torch)
+        same_threads_for_both_frameworks(torch)
         return command(*args, **kwargs)
     return run
 
@@ -71,14 +72,14 @@ def list_models():
     """Every model, with parameter count and official eval preprocessing."""
     from .registry import MODELS
     from .api import count_parameters
+    from .verify_all import table_lines
 
     rows = [("model", "family", "params", "eval preprocessing", "aliases")]
     for spec in MODELS.values():
         rows.append((spec.name, spec.family.name, f"{count_parameters(spec) / 1e6:.2f}M",
                      spec.preprocessing.describe(), ", ".join(spec.aliases)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for line in table_lines(rows):
+        click.echo(line)
 
 
 @cli.command()
@@ -120,20 +121,24 @@ def _convert_reverse(model, src, dst, *, torch_only: dict, **kwargs):
     click.echo(convert_reverse(model, src, dst, **kwargs).summary())
 
 
+device_option = click.option("--device", type=click.Choice(["cpu", "gpu", "auto"]), default="cpu", show_default=True)
+input_size_option = click.option("--input-size", type=click.IntRange(16), default=None,
+                                 help="Square input size (default: official).")
+json_option = click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+                           help="Write the whole report as JSON.")
+
 # The batch both models see (verify and diff).
 batch_options = [
     click.option("--images", type=click.Path(file_okay=False, path_type=Path),
                  help="Directory of images fed through the model's official eval preprocessing "
                       "(default: a seeded random batch)."),
     click.option("--batch-size", type=click.IntRange(1), default=2, show_default=True),
-    click.option("--input-size", type=click.IntRange(16), default=None, help="Square input size (default: official)."),
+    input_size_option,
     click.option("--seed", type=int, default=0, show_default=True),
-    click.option("--device", type=click.Choice(["cpu", "gpu", "auto"]), default="cpu", show_default=True),
+    device_option,
 ]
-json_option = click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-                           help="Write the whole report as JSON.")
 verify_options = batch_options + [
-    click.option("--max-err", type=float, default=1e-4, show_default=True,
+    click.option("--max-err", type=float, default=DEFAULT_MAX_ERR, show_default=True,
                  help="Gate: exit 1 when the max abs logit error exceeds this."),
     json_option,
 ]
@@ -237,7 +242,7 @@ def _verify_all(ckpt_dir, patterns, *, json_path=None, **kwargs):
 @torch_ckpt_option(True)
 @paddle_params_option
 @with_checkpoint_options
-@click.option("--tol", type=float, default=1e-4, show_default=True,
+@click.option("--tol", type=float, default=DEFAULT_MAX_ERR, show_default=True,
               help="A layer diverges when its max abs output error exceeds TOL x max(1, max |torch output|).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Draw the error per layer (log scale, first divergent layer marked) to PATH.png (matplotlib).")
@@ -264,15 +269,13 @@ def diff(model, torch_ckpt, paddle_params, ema, entry_key, unsafe_pickle, json_p
         sys.exit(EXIT_FAILED_GATE)
 
 
-
-
 @cli.command()
 @click.argument("model")
 @click.argument("params", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Fix the batch dimension (default: dynamic).")
-@click.option("--input-size", type=click.IntRange(16), default=None, help="Square input size (default: official).")
+@input_size_option
 @click.option("--max-err", type=float, default=1e-5, show_default=True,
               help="Gate: the exported model's logits must equal the dynamic model's within this.")
 @click.option("--num-classes", type=click.IntRange(1), default=1000, show_default=True)
@@ -307,10 +310,9 @@ def export(model, params, out_dir, json_path, **kwargs):
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=2, show_default=True,
               help="Threads decoding and preprocessing images ahead of the models (0: none).")
-@click.option("--device", type=click.Choice(["cpu", "gpu", "auto"]), default="cpu", show_default=True)
+@device_option
 @click.option("--num-classes", type=click.IntRange(1), default=1000, show_default=True)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the whole report as JSON.")
+@json_option
 @click.option("--no-progress", is_flag=True, help="No progress bar (it is only shown on a terminal anyway).")
 @runs_both_frameworks
 def evaluate(model, data, list_path, torch_ckpt, paddle_params, ema, entry_key, unsafe_pickle, json_path,
@@ -346,7 +348,7 @@ def demo(model, workdir):
         click.echo(f"2/3 torch2paddle convert {model} {src} {dst} --force")
         click.echo(run_convert(model, src, dst, force=True).summary())
         click.echo(f"3/3 torch2paddle verify {model} --torch-ckpt {src} --paddle-params {dst} --max-err 1e-4")
-        _verify(model, src, dst, max_err=1e-4)
+        _verify(model, src, dst, max_err=DEFAULT_MAX_ERR)
 
 
 def _quiet_framework_logs() -> None:
@@ -355,18 +357,6 @@ def _quiet_framework_logs() -> None:
 
     os.environ.setdefault("GLOG_minloglevel", "2")
     warnings.filterwarnings("ignore", message="No ccache found")
-
-
-def _same_threads_for_both_frameworks(torch) -> None:
-    """Paddle pins itself to one CPU thread at import unless OMP_NUM_THREADS is set, while torch
-    uses every core: give Paddle torch's count, so speed figures compare like with like.  Set
-    through Paddle's API after import: setting OMP_NUM_THREADS before it makes Paddle print a
-    two-line warning on import.  A user's own OMP_NUM_THREADS holds for both."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    import paddle
-
-    paddle.base.core.set_num_threads(torch.get_num_threads())
 
 
 def main(argv=None):

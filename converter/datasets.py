@@ -13,12 +13,13 @@ Layouts:
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import UserError
+from .errors import UserError, one_line
 from .preprocess import IMAGE_SUFFIXES, load_image
 from .registry import EvalPreprocessing
 
@@ -129,6 +130,7 @@ def open_dataset(data, list_path=None, limit: Optional[int] = None) -> Dataset:
 
 # What PIL raises for a file it cannot decode: unknown format, truncated data, a broken PNG
 # chunk, a decompression bomb; our own crop raises UserError.  A missing file is OSError.
+@functools.lru_cache(maxsize=None)
 def _unreadable_errors() -> tuple:
     from PIL import Image
 
@@ -146,5 +148,5 @@ def read_sample(sample: Sample, pre: EvalPreprocessing):
     try:
         return load_image(sample.path, pre), None
     except _unreadable_errors() as exc:
-        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+        reason = one_line(str(exc), 120) or type(exc).__name__
         return None, Unreadable(sample.path, reason)

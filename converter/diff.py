@@ -25,12 +25,13 @@ from typing import Optional
 
 import numpy as np
 
+from . import extras
 from .checkpoint import atomic_write, check_output_path
 from .engine import reverse_key
 from .errors import UserError
-from .verify import Discrepancy, RunSetting, _Capture, forward_both, prepare_run
+from .verify import DEFAULT_MAX_ERR, Discrepancy, RunSetting, _Capture, forward_both, prepare_run
 
-DEFAULT_TOL = 1e-4  # the same bound verify's gate puts on the logits
+DEFAULT_TOL = DEFAULT_MAX_ERR  # the same bound verify's gate puts on the logits
 
 
 @dataclass
@@ -100,9 +101,7 @@ class DiffReport(RunSetting):
         first = self.first_divergent_index
         width = max([len(layer.label) for layer in self.layers] + [5])
         lines = [
-            f"model   {self.model}  (torch entry '{self.checkpoint_entry}', paddle: {self.paddle_params})",
-            f"input   {self.input}, batch {self.batch_size}, {self.input_size}x{self.input_size}, "
-            f"{self.device} float32",
+            *self.header(8),
             f"{len(self.layers)} paired layer outputs in execution order: max abs error, mean abs error, "
             f"max |torch output|; '!' exceeds --tol {self.tol:g} x max(1, max |torch output|)",
         ]
@@ -167,10 +166,10 @@ def pair_modules(torch_model, paddle_model, rules) -> tuple:
             continue  # the whole model: its output is the logits, reported on their own
         if path in by_table and by_table[path] in paddle_modules:
             pairs[path] = by_table[path]
-        elif not _has_state(module) and path in paddle_modules:
-            pairs[path] = path
         elif _has_state(module):
             unpaired.append(path)
+        elif path in paddle_modules:
+            pairs[path] = path
     return pairs, unpaired
 
 
@@ -269,11 +268,7 @@ def check_plot_path(path) -> Path:
 
 
 def _require_matplotlib() -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError("--plot needs matplotlib, which the install leaves out: "
-                        "pip install 'torch2paddle[plot]'") from None
+    matplotlib = extras.require("matplotlib", "--plot", "plot")
     matplotlib.use("Agg")  # files only: never open a window
 
 

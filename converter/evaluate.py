@@ -21,9 +21,9 @@ import numpy as np
 from .datasets import open_dataset, read_sample
 from .errors import UserError
 from .registry import get_spec
-from .verify import Discrepancy, load_model_pair, resolve_device, run_models
+from .verify import Discrepancy, forward_both, load_model_pair, model_line, resolve_device
 
-PREFETCH_BATCHES = 2  # batches decoded ahead of the models, per the bounded memory they take
+PREFETCH_BATCHES = 2  # batches decoded ahead of the models: bounds the memory they take
 SHOWN_SKIPPED = 10  # unreadable files listed in the text report (the JSON lists all)
 
 
@@ -93,15 +93,16 @@ class _Tally:
         self.timings = []  # (images, torch seconds, paddle seconds) per batch
         self.unreadable = []
 
-    def add(self, run: dict, labels: np.ndarray) -> None:
-        for framework in self.hits:
-            logits = run[framework]
+    def add(self, run: tuple, labels: np.ndarray) -> None:
+        """``run``: what ``forward_both`` returns for the batch with these labels."""
+        t_logits, p_logits, t_sec, p_sec = run
+        for framework, logits in (("torch", t_logits), ("paddle", p_logits)):
             self.hits[framework] += (int(topk_hits(logits, labels, 1).sum()),
                                      int(topk_hits(logits, labels, self.k).sum()))
-        self.agree += int((run["torch"].argmax(-1) == run["paddle"].argmax(-1)).sum())
-        self.max_abs_err = max(self.max_abs_err, Discrepancy.between(run["torch"], run["paddle"]).max_abs_err)
+        self.agree += int((t_logits.argmax(-1) == p_logits.argmax(-1)).sum())
+        self.max_abs_err = max(self.max_abs_err, Discrepancy.between(t_logits, p_logits).max_abs_err)
         self.images += len(labels)
-        self.timings.append((len(labels), run["torch_seconds"], run["paddle_seconds"]))
+        self.timings.append((len(labels), t_sec, p_sec))
 
     def percent(self, count: int) -> float:
         return 100.0 * count / self.images
@@ -140,7 +141,7 @@ class EvalReport:
     def format(self) -> str:
         t, p = self.torch, self.paddle
         lines = [
-            f"model        {self.model}  (torch entry '{self.checkpoint_entry}', paddle: {self.paddle_params})",
+            model_line(13, self.model, self.checkpoint_entry, self.paddle_params),
             f"data         {self.data}",
             f"preprocess   {self.preprocessing}",
             f"images       {self.images} evaluated, {self.skipped} skipped (unreadable); batch {self.batch_size}, "
@@ -193,7 +194,7 @@ def run_eval(name: str, data, torch_ckpt, paddle_params=None, *, list_path=None,
         for batch in load_batches(dataset.samples, spec.preprocessing, batch_size, workers):
             tally.unreadable += batch.unreadable
             if batch.images is not None:
-                tally.add(run_models(pair.torch_model, pair.paddle_model, batch.images, device), batch.labels)
+                tally.add(forward_both(pair.torch_model, pair.paddle_model, batch.images, device), batch.labels)
             bar.update(batch.size)
             if tally.images:
                 bar.set_postfix(top1_torch=f"{tally.percent(tally.hits['torch'][0]):.2f}%",

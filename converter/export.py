@@ -13,6 +13,7 @@ the check passes: a failed export leaves nothing behind.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -26,7 +27,7 @@ import numpy as np
 from .api import create_paddle_model
 from .errors import UserError
 from .registry import ModelSpec, get_spec
-from .verify import Discrepancy
+from .verify import Discrepancy, checked_input_size, random_batch
 
 PREFIX = "inference"  # inference.json / inference.pdiparams, the name Paddle's deployment tools expect
 METADATA = "export.json"
@@ -95,20 +96,18 @@ def export_model(name: str, params, out_dir, *, batch_size: Optional[int] = None
     import paddle
 
     spec = get_spec(name)
-    size = input_size or spec.preprocessing.input_size
-    spec.check_input_size(size, size)
+    size = checked_input_size(spec, input_size)
     out_dir = check_out_dir(out_dir, force)
     paddle.set_device("cpu")
-    model = create_paddle_model(spec.name, params, num_classes=num_classes,
-                                img_size=size if spec.family.size_dependent else None)
+    model = create_paddle_model(spec.name, params, num_classes=num_classes, img_size=size)
     input_spec = [batch_size, 3, size, size]
     report = ExportReport(spec.name, str(out_dir), input_spec, max_err)
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         _save_static(spec, model, staging / PREFIX, input_spec)
-        for n in _check_batch_sizes(batch_size):
-            report.checks += _check_runtimes(model, staging / PREFIX, _batch(n, size, seed))
+        batches = [random_batch(n, size, seed) for n in _check_batch_sizes(batch_size)]
+        report.checks = _check_runtimes(model, staging / PREFIX, batches)
         _write_metadata(staging, spec, report)
         report.files = sorted(p.name for p in staging.iterdir())
         if report.passed:
@@ -121,10 +120,6 @@ def export_model(name: str, params, out_dir, *, batch_size: Optional[int] = None
 def _check_batch_sizes(batch_size: Optional[int]) -> tuple:
     # Dynamic: two different sizes, so a batch dimension frozen into the graph shows up.
     return (2, 1) if batch_size is None else (batch_size,)
-
-
-def _batch(n: int, size: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, 3, size, size), dtype=np.float32)
 
 
 def _save_static(spec: ModelSpec, model, path_prefix: Path, input_spec: list) -> None:
@@ -140,8 +135,8 @@ def _save_static(spec: ModelSpec, model, path_prefix: Path, input_spec: list) ->
 def describe_trace_failure(exc: BaseException, model_class: str) -> str:
     """One line from a paddle.jit conversion error: the underlying error (the message's last
     line) and the innermost model-code frame it names (frames inside Paddle itself skipped)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    reason = lines[-1] if lines else type(exc).__name__
+    reason = _last_line(exc)
+    lines = [line.strip() for line in str(exc).splitlines()]
     if not reason.startswith(type(exc).__name__):
         reason = f"{type(exc).__name__}: {reason}"
     frames = [m.groups() for m in (re.match(r'File "(.+)", line (\d+), in (\S+)', line) for line in lines)
@@ -155,49 +150,72 @@ def describe_trace_failure(exc: BaseException, model_class: str) -> str:
     return reason
 
 
-def _check_runtimes(model, path_prefix: Path, batch: np.ndarray) -> list:
-    """The exported graph's logits on ``batch`` in each runtime, against the dynamic model's."""
+def _check_runtimes(model, path_prefix: Path, batches: list) -> list:
+    """The exported graph's logits on each batch in each runtime, against the dynamic model's:
+    one check per batch and runtime, in that order.  Each runtime loads the export once, when
+    first run."""
     import paddle
 
-    with paddle.no_grad():
-        expected = model(paddle.to_tensor(batch)).numpy()
-    outputs = {RUNTIMES[0]: _run_jit_load(path_prefix, batch), RUNTIMES[1]: _run_inference(path_prefix, batch)}
+    openers = {RUNTIMES[0]: _jit_load_runner, RUNTIMES[1]: _inference_runner}
+    runners: dict = {}
     checks = []
-    for runtime, actual in outputs.items():
-        d = Discrepancy.between(expected, actual)
-        checks.append({"runtime": runtime, "batch_size": int(batch.shape[0]),
-                       "max_abs_err": d.max_abs_err, "mean_abs_err": d.mean_abs_err})
+    for batch in batches:
+        with paddle.no_grad():
+            expected = model(paddle.to_tensor(batch)).numpy()
+        outputs = {}
+        for runtime, opener in openers.items():
+            if runtime not in runners:
+                runners[runtime] = opener(path_prefix)
+            outputs[runtime] = runners[runtime](batch)
+        for runtime, actual in outputs.items():
+            d = Discrepancy.between(expected, actual)
+            checks.append({"runtime": runtime, "batch_size": int(batch.shape[0]),
+                           "max_abs_err": d.max_abs_err, "mean_abs_err": d.mean_abs_err})
     return checks
 
 
-def _run_jit_load(path_prefix: Path, batch: np.ndarray) -> np.ndarray:
+@contextlib.contextmanager
+def _fails_under(runtime: str):
+    """Any error inside the block becomes one line: the export does not run under ``runtime``."""
+    try:
+        yield
+    except Exception as exc:
+        raise UserError(f"the exported model does not run under {runtime}: {_last_line(exc)}") from None
+
+
+def _jit_load_runner(path_prefix: Path):
+    """The export loaded by paddle.jit.load: a function from a batch to its logits."""
     import paddle
 
-    try:
+    with _fails_under("paddle.jit.load"):
         loaded = paddle.jit.load(str(path_prefix))
         loaded.eval()
-        with paddle.no_grad():
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        with _fails_under("paddle.jit.load"), paddle.no_grad():
             return loaded(paddle.to_tensor(batch)).numpy()
-    except Exception as exc:
-        raise UserError(f"the exported model does not run under paddle.jit.load: {_last_line(exc)}") from None
+    return run
 
 
-def _run_inference(path_prefix: Path, batch: np.ndarray) -> np.ndarray:
+def _inference_runner(path_prefix: Path):
+    """The export loaded by Paddle Inference (CPU, oneDNN off): a function from a batch to its logits."""
     from paddle import inference
 
     config = inference.Config(str(graph_file(path_prefix)), str(path_prefix.with_suffix(".pdiparams")))
     config.disable_gpu()
     config.disable_mkldnn()  # see the module docstring
     config.disable_glog_info()
-    try:
+    with _fails_under("Paddle Inference"):
         predictor = inference.create_predictor(config)
-        feed = predictor.get_input_handle(predictor.get_input_names()[0])
-        feed.reshape(list(batch.shape))
-        feed.copy_from_cpu(batch)
-        predictor.run()
-        return predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
-    except Exception as exc:
-        raise UserError(f"the exported model does not run under Paddle Inference: {_last_line(exc)}") from None
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        with _fails_under("Paddle Inference"):
+            feed = predictor.get_input_handle(predictor.get_input_names()[0])
+            feed.reshape(list(batch.shape))
+            feed.copy_from_cpu(batch)
+            predictor.run()
+            return predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
+    return run
 
 
 def graph_file(path_prefix: Path) -> Path:

@@ -15,6 +15,8 @@ from .errors import UserError
 from .preprocess import image_files, load_image
 from .registry import ModelSpec, get_spec
 
+DEFAULT_MAX_ERR = 1e-4  # the gate on the max abs logit error (verify, verify --all, demo; diff's --tol)
+
 
 @dataclass
 class Discrepancy:
@@ -43,6 +45,17 @@ class RunSetting:
     input_size: int
     device: str
 
+    def header(self, label_width: int) -> list:
+        """The report's first two lines: the model and where its weights came from, the batch."""
+        return [model_line(label_width, self.model, self.checkpoint_entry, self.paddle_params),
+                f"{'input':<{label_width}}{self.input}, batch {self.batch_size}, "
+                f"{self.input_size}x{self.input_size}, {self.device} float32"]
+
+
+def model_line(label_width: int, model: str, checkpoint_entry: str, paddle_params: str) -> str:
+    """A report's first line (verify, diff, eval), its label padded to ``label_width``."""
+    return f"{'model':<{label_width}}{model}  (torch entry '{checkpoint_entry}', paddle: {paddle_params})"
+
 
 @dataclass
 class VerifyReport(RunSetting):
@@ -61,10 +74,7 @@ class VerifyReport(RunSetting):
         return asdict(self)
 
     def format(self) -> str:
-        lines = [
-            f"model           {self.model}  (torch entry '{self.checkpoint_entry}', paddle: {self.paddle_params})",
-            f"input           {self.input}, batch {self.batch_size}, {self.input_size}x{self.input_size}, {self.device} float32",
-        ]
+        lines = self.header(16)
         for s in self.stages:
             lines.append(f"  {s['name']:<14}max {s['max_abs_err']:.3e}  mean {s['mean_abs_err']:.3e}")
         if self.routing:
@@ -78,7 +88,6 @@ class VerifyReport(RunSetting):
             f"{self.max_abs_err:.3e} {'<=' if self.passed else '>'} {self.max_err:g})",
         ]
         return "\n".join(lines)
-
 
     def _routing_line(self) -> str:
         total = sum(r["rows"] for r in self.routing)
@@ -116,14 +125,24 @@ def make_batch(spec: ModelSpec, *, images=None, batch_size: int = 2, input_size:
                seed: int = 0) -> tuple:
     """(NCHW float32 batch, description): real images through the official preprocessing,
     or a seeded standard-normal batch."""
-    size = input_size or spec.preprocessing.input_size
-    spec.check_input_size(size, size)
+    size = checked_input_size(spec, input_size)
     if images is not None:
         files = image_files(images)[:batch_size]
         batch = np.stack([load_image(f, spec.preprocessing, size) for f in files])
         return batch, f"{len(files)} images from {images} ({spec.preprocessing.describe()})"
-    batch = np.random.default_rng(seed).standard_normal((batch_size, 3, size, size), dtype=np.float32)
-    return batch, f"random normal batch (seed {seed})"
+    return random_batch(batch_size, size, seed), f"random normal batch (seed {seed})"
+
+
+def checked_input_size(spec: ModelSpec, input_size: Optional[int] = None) -> int:
+    """``input_size``, or the model's official one, once the model is known to take it."""
+    size = input_size or spec.preprocessing.input_size
+    spec.check_input_size(size, size)
+    return size
+
+
+def random_batch(batch_size: int, size: int, seed: int) -> np.ndarray:
+    """A seeded standard-normal NCHW float32 batch of ``size`` x ``size`` images."""
+    return np.random.default_rng(seed).standard_normal((batch_size, 3, size, size), dtype=np.float32)
 
 
 class _Capture:
@@ -283,8 +302,8 @@ def load_model_pair(spec: ModelSpec, torch_ckpt, paddle_params=None, *, img_size
                     unsafe_pickle: bool = False, num_classes: int = 1000) -> ModelPair:
     """The torch reference loaded from ``torch_ckpt`` and the Paddle model loaded from
     ``paddle_params`` (or converted in memory from the same checkpoint when None), both in eval
-    mode on ``device`` (already resolved).  ``img_size`` matters only to size-dependent families."""
-    img_size = img_size if spec.family.size_dependent else None
+    mode on ``device`` (already resolved).  ``img_size`` matters only to size-dependent families
+    (``ModelSpec.factory_kwargs`` passes it to no others)."""
     ckpt = read_checkpoint(torch_ckpt, spec.family.checkpoint_entries, ema=ema, key=key,
                            unsafe_pickle=unsafe_pickle)
     torch_model = create_torch_model(spec.name, ckpt, num_classes=num_classes, img_size=img_size)
@@ -323,9 +342,9 @@ def prepare_run(name: str, torch_ckpt, paddle_params=None, *, images=None, batch
 
 
 def run_verify(name: str, torch_ckpt, paddle_params=None, *, images=None, batch_size: int = 2,
-               input_size: Optional[int] = None, seed: int = 0, device: str = "cpu", max_err: float = 1e-4,
-               ema: bool = False, key: Optional[str] = None, unsafe_pickle: bool = False,
-               num_classes: int = 1000) -> VerifyReport:
+               input_size: Optional[int] = None, seed: int = 0, device: str = "cpu",
+               max_err: float = DEFAULT_MAX_ERR, ema: bool = False, key: Optional[str] = None,
+               unsafe_pickle: bool = False, num_classes: int = 1000) -> VerifyReport:
     """Compare the torch reference (loaded from ``torch_ckpt``) with the Paddle model (loaded from
     ``paddle_params``, or converted in memory from the same checkpoint when None)."""
     prepared = prepare_run(name, torch_ckpt, paddle_params, images=images, batch_size=batch_size,

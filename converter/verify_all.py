@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .checkpoint import SAFETENSORS_SUFFIX, TORCH_SUFFIXES
-from .errors import UserError
+from .errors import UserError, one_line
 from .registry import MODELS, ModelSpec
+from .verify import DEFAULT_MAX_ERR
 
 SEEDED = "seeded official-format (random weights)"
 
@@ -59,8 +60,7 @@ class ZooReport:
             else:
                 rows.append((m.name, f"{m.max_abs_err:.2e}", f"{m.mean_abs_err:.2e}",
                              f"{m.top1_agreement * 100:.0f}%", f"{m.seconds:.1f}s", "PASS" if m.passed else "FAIL"))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines = table_lines(rows)
         lines += [f"  {m.name}: {m.error}" for m in self.models if m.error]
         if self.not_found:
             lines.append(f"no checkpoint for {len(self.not_found)} model(s): {', '.join(self.not_found)}")
@@ -68,6 +68,12 @@ class ZooReport:
         lines.append(f"{len(self.models) - failed} passed, {failed} failed (--max-err {self.max_err:g}) "
                      f"in {self.wall_seconds:.0f} s")
         return "\n".join(lines)
+
+
+def table_lines(rows: list) -> list:
+    """Rows of cells (the first row the header) as text lines, each column as wide as its widest cell."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
 
 
 def select_models(patterns=()) -> list:
@@ -93,7 +99,7 @@ def find_checkpoint(ckpt_dir: Path, spec: ModelSpec) -> Optional[Path]:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())[:200]
+    text = one_line(str(exc), 200)
     return text if isinstance(exc, UserError) else f"{type(exc).__name__}: {text}"
 
 
@@ -121,7 +127,7 @@ def verify_one(spec: ModelSpec, checkpoint: Optional[Path], workdir: Path, max_e
     return result
 
 
-def verify_all(*, ckpt_dir=None, patterns=(), max_err: float = 1e-4,
+def verify_all(*, ckpt_dir=None, patterns=(), max_err: float = DEFAULT_MAX_ERR,
                on_result: Callable[[int, int, ModelResult], None] = lambda i, n, r: None,
                **verify_kwargs) -> ZooReport:
     """Verify every selected model; ``verify_kwargs`` go to ``run_verify`` (batch_size, images,
