@@ -12,6 +12,8 @@ from typing import Optional
 
 import numpy as np
 
+from model_configs.crossformer import coordinate_table, relative_position_index
+
 from .rules import Drop, linear_weights
 
 
@@ -23,20 +25,6 @@ def _group_size(rows: int, cols: int) -> Optional[int]:
     if cols == 2:  # offset table: side = 2G - 1
         return (side + 1) // 2 if side % 2 else None
     return side  # index table: side = G
-
-
-def coordinate_table(group_size: int) -> np.ndarray:
-    """All relative offsets (dh, dw) in [1-G, G-1]^2, dh-major: ((2G-1)^2, 2) float32."""
-    r = np.arange(1 - group_size, group_size)
-    return np.stack(np.meshgrid(r, r, indexing="ij"), axis=-1).reshape(-1, 2).astype(np.float32)
-
-
-def relative_position_index(group_size: int) -> np.ndarray:
-    """Row of ``coordinate_table`` holding the offset from token j to token i: (G^2, G^2) int64."""
-    g = np.arange(group_size)
-    coords = np.stack(np.meshgrid(g, g, indexing="ij"), axis=-1).reshape(-1, 2)
-    rel = coords[:, None, :] - coords[None, :, :] + (group_size - 1)
-    return (rel[..., 0] * (2 * group_size - 1) + rel[..., 1]).astype(np.int64)
 
 
 def _check_table(value, build, square, dtype_kinds, dtype_name) -> Optional[str]:

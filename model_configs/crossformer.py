@@ -1,6 +1,6 @@
-"""CrossFormer / CrossFormer++ variants: the resolved official configuration and the size-dependent
-layout rules, shared by the torch reference and the Paddle port (framework-free, so the Paddle side
-never imports torch).
+"""CrossFormer / CrossFormer++ variants: the resolved official configuration, the size-dependent
+layout rules and the index tables / masks, shared by the torch reference, the Paddle port and the
+key mapping (numpy only, so the Paddle side never imports torch).
 
 Official source: cheerss/CrossFormer @ 7952010, ``configs/crossformer*/`` (YAML) on top of the
 ``config.py`` defaults, built by ``models/build.py``.  The v1 YAMLs leave INTERVAL at its default
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
+
+import numpy as np
 
 NEG_INF = -1000000.0  # additive mask for padded keys (the official constant, not -inf)
 SIZE_MULTIPLE = 32  # patch stride 4, then three stride-2 merges that need even maps
@@ -84,3 +86,41 @@ def block_layout(resolution: tuple, group_size: int, interval: int, lsda_flag: i
     size_div = group_size * stride
     pad_h, pad_w = ((size_div - side % size_div) % size_div for side in resolution)
     return BlockLayout(group_size, lsda_flag, stride, pad_h, pad_w)
+
+
+def scale_dims(total: int, n: int) -> tuple:
+    """Output channels of the ``n`` cross-scale convs sharing ``total`` channels: total/2, total/4,
+    ..., and the last (largest kernel) the same as the one before it, e.g. 64 -> (32, 16, 8, 8)."""
+    return tuple(total // 2 ** (i if i == n - 1 else i + 1) for i in range(n))
+
+
+# DPB index tables and padding masks: numpy, built once per block and registered by both models.
+
+def coordinate_table(group_size: int) -> np.ndarray:
+    """All relative offsets (dh, dw) in [1-G, G-1]^2, dh-major: ((2G-1)^2, 2) float32."""
+    r = np.arange(1 - group_size, group_size)
+    return np.stack(np.meshgrid(r, r, indexing="ij"), axis=-1).reshape(-1, 2).astype(np.float32)
+
+
+def relative_position_index(group_size: int) -> np.ndarray:
+    """Row of ``coordinate_table`` holding the offset from token j to token i of a group: (G^2, G^2) int64."""
+    g = np.arange(group_size)
+    coords = np.stack(np.meshgrid(g, g, indexing="ij"), axis=-1).reshape(-1, 2)
+    rel = coords[:, None, :] - coords[None, :, :] + (group_size - 1)
+    return (rel[..., 0] * (2 * group_size - 1) + rel[..., 1]).astype(np.int64)
+
+
+def padding_mask(resolution: tuple, layout: BlockLayout) -> Optional[np.ndarray]:
+    """(nG, G*G, G*G) float32 additive mask, NEG_INF on the key columns that are padding and 0
+    elsewhere; None without padding.  Groups are ordered as the models' ``group_tokens`` orders them."""
+    if not (layout.pad_h or layout.pad_w):
+        return None
+    (H, W), G, I = resolution, layout.group_size, layout.group_interval
+    Hp, Wp = H + layout.pad_h, W + layout.pad_w
+    padded = (np.arange(Hp)[:, None] >= H) | (np.arange(Wp)[None, :] >= W)
+    # group_tokens without batch and channel axes: (rows, g, i) x (cols, g, i) -> (rows, cols, i, i, g, g)
+    keys = padded.reshape(Hp // (G * I), G, I, Wp // (G * I), G, I).transpose(0, 3, 2, 5, 1, 4)
+    keys = keys.reshape(-1, 1, G * G)  # (nG, 1, G*G): one row of key flags per group
+    mask = np.zeros((keys.shape[0], G * G, G * G), dtype=np.float32)
+    mask[np.broadcast_to(keys, mask.shape)] = NEG_INF
+    return mask

@@ -147,8 +147,6 @@ class QKVLinear(nn.Layer):
 
     def __init__(self, dim: int, qk_dim: int):
         super().__init__()
-        self.dim = dim
-        self.qk_dim = qk_dim
         self.qkv = nn.Linear(dim, 2 * qk_dim + dim)
 
     def forward(self, x):
@@ -162,7 +160,6 @@ class BiLevelRoutingAttention(nn.Layer):
 
     def __init__(self, dim: int, num_heads: int, n_win: int, topk: int, side_dwconv: int):
         super().__init__()
-        self.dim = dim
         self.qk_dim = dim
         self.num_heads = num_heads
         self.n_win = n_win
@@ -191,7 +188,6 @@ class BiLevelRoutingAttentionNCHW(nn.Layer):
 
     def __init__(self, dim: int, num_heads: int, n_win: int, topk: int, side_dwconv: int):
         super().__init__()
-        self.dim = dim
         self.num_heads = num_heads
         self.n_win = n_win
         self.scale = dim ** -0.5
@@ -420,16 +416,18 @@ class BiFormerSTL(_BiFormerBase):
 # Factories
 # ---------------------------------------------------------------------------------------------
 
-def _create(name: str, model_cls, pretrained: bool, num_classes: int, kwargs: dict):
+def _create(name: str, pretrained: bool, num_classes: int, kwargs: dict):
     if pretrained:
         raise ValueError(f"{name}: no bundled weights; convert an official checkpoint with torch2paddle "
                          f"and load it with model.set_state_dict(paddle.load(path))")
-    return model_cls(CONFIGS[name], num_classes=num_classes, **kwargs)
+    cfg = CONFIGS[name]
+    model_cls = BiFormer if cfg.layout == "biformer" else BiFormerSTL
+    return model_cls(cfg, num_classes=num_classes, **kwargs)
 
 
 # One factory per variant, named as the official code names it.
-def biformer_tiny(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_tiny", BiFormer, pretrained, num_classes, kwargs)  # noqa: E501,E704
-def biformer_small(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_small", BiFormer, pretrained, num_classes, kwargs)  # noqa: E501,E704
-def biformer_base(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_base", BiFormer, pretrained, num_classes, kwargs)  # noqa: E501,E704
-def biformer_stl(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_stl", BiFormerSTL, pretrained, num_classes, kwargs)  # noqa: E501,E704
-def biformer_stl_nchw(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_stl_nchw", BiFormerSTL, pretrained, num_classes, kwargs)  # noqa: E501,E704
+def biformer_tiny(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_tiny", pretrained, num_classes, kwargs)  # noqa: E501,E704
+def biformer_small(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_small", pretrained, num_classes, kwargs)  # noqa: E501,E704
+def biformer_base(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_base", pretrained, num_classes, kwargs)  # noqa: E501,E704
+def biformer_stl(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_stl", pretrained, num_classes, kwargs)  # noqa: E501,E704
+def biformer_stl_nchw(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_stl_nchw", pretrained, num_classes, kwargs)  # noqa: E501,E704

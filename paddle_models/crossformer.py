@@ -16,23 +16,10 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from model_configs.crossformer import CONFIGS, NEG_INF, CrossFormerConfig, block_layout, check_img_size
+from model_configs.crossformer import (CONFIGS, CrossFormerConfig, block_layout, check_img_size, coordinate_table,
+                                       padding_mask, relative_position_index, scale_dims)
 
 __all__ = ["CrossFormer", "CrossFormerConfig", "CONFIGS"]
-
-
-def coordinate_table(group_size):
-    """All relative offsets (dh, dw) in [1-G, G-1]^2, dh-major: ((2G-1)^2, 2) float."""
-    r = paddle.arange(1 - group_size, group_size)
-    return paddle.stack(paddle.meshgrid(r, r), axis=-1).reshape([-1, 2]).astype("float32")
-
-
-def relative_position_index(group_size):
-    """Row of ``coordinate_table`` holding the offset from token j to token i of a group: (G^2, G^2)."""
-    g = paddle.arange(group_size)
-    coords = paddle.stack(paddle.meshgrid(g, g), axis=-1).reshape([-1, 2])
-    rel = coords[:, None, :] - coords[None, :, :] + (group_size - 1)
-    return rel[..., 0] * (2 * group_size - 1) + rel[..., 1]
 
 
 def group_tokens(x, group_size, interval):
@@ -49,16 +36,6 @@ def ungroup_tokens(x, batch, height, width, group_size, interval):
     G, I = group_size, interval
     x = x.reshape([batch, height // (G * I), width // (G * I), I, I, G, G, -1]).transpose([0, 1, 5, 3, 2, 6, 4, 7])
     return x.reshape([batch, height, width, -1])
-
-
-def padding_mask(resolution, layout):
-    """(nG, G*G, G*G) additive mask, NEG_INF on the key columns that are padding; None without padding."""
-    if not (layout.pad_h or layout.pad_w):
-        return None
-    (H, W), G = resolution, layout.group_size
-    padded = (paddle.arange(H + layout.pad_h)[:, None] >= H) | (paddle.arange(W + layout.pad_w)[None, :] >= W)
-    keys = group_tokens(padded.astype("float32")[None, :, :, None], G, layout.group_interval).transpose([0, 2, 1])
-    return paddle.zeros([keys.shape[0], G * G, G * G]).masked_fill(keys > 0, NEG_INF)  # keys: (nG, 1, G*G)
 
 
 class Mlp(nn.Layer):
@@ -98,8 +75,9 @@ class Attention(nn.Layer):
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.pos = DynamicPosBias(dim // 16, num_heads)  # official: DPB(dim // 4) with pos_dim = dim // 4
-        self.register_buffer("biases", coordinate_table(group_size), persistable=False)
-        self.register_buffer("relative_position_index", relative_position_index(group_size), persistable=False)
+        self.register_buffer("biases", paddle.to_tensor(coordinate_table(group_size)), persistable=False)
+        self.register_buffer("relative_position_index", paddle.to_tensor(relative_position_index(group_size)),
+                             persistable=False)
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
@@ -139,7 +117,8 @@ class CrossFormerBlock(nn.Layer):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-        self.register_buffer("attn_mask", padding_mask(input_resolution, self.layout), persistable=False)
+        mask = padding_mask(input_resolution, self.layout)
+        self.register_buffer("attn_mask", None if mask is None else paddle.to_tensor(mask), persistable=False)
 
     def forward(self, x):
         H, W = self.input_resolution
@@ -168,8 +147,7 @@ class PatchMerging(nn.Layer):
         self.input_resolution = input_resolution
         self.reductions = nn.LayerList()  # registered before norm, as in the official key order
         self.norm = nn.LayerNorm(dim)
-        for i, ps in enumerate(patch_size):
-            out_dim = 2 * dim // 2 ** (i if i == len(patch_size) - 1 else i + 1)
+        for ps, out_dim in zip(patch_size, scale_dims(2 * dim, len(patch_size))):
             self.reductions.append(nn.Conv2D(dim, out_dim, ps, stride=2, padding=(ps - 2) // 2))
 
     def forward(self, x):
@@ -206,8 +184,7 @@ class PatchEmbed(nn.Layer):
         super().__init__()
         self.img_size = img_size
         self.projs = nn.LayerList()
-        for i, ps in enumerate(patch_size):
-            dim = embed_dim // 2 ** (i if i == len(patch_size) - 1 else i + 1)
+        for ps, dim in zip(patch_size, scale_dims(embed_dim, len(patch_size))):
             self.projs.append(nn.Conv2D(3, dim, ps, stride=patch_size[0], padding=(ps - patch_size[0]) // 2))
         self.norm = nn.LayerNorm(embed_dim)
 

@@ -10,6 +10,7 @@ its bottom-right-window quirk, ``proj_cls`` aliasing ``proj``).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -17,7 +18,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from model_configs.regionvit import CONFIGS, RegionViTConfig, rel_pos_index, window_mask
+from model_configs.regionvit import CONFIGS, rel_pos_index, window_mask
 
 __all__ = ["RegionViT"]
 
@@ -279,10 +280,8 @@ class RegionViT(nn.Layer):
 def _create(name: str, pretrained: bool = False, num_classes: int = 1000, **kwargs) -> RegionViT:
     if pretrained:
         raise ValueError("no bundled weights: convert an official RegionViT checkpoint with torch2paddle")
-    cfg: RegionViTConfig = CONFIGS[name]
-    return RegionViT(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
-                     window_size=cfg.window_size, patch_conv_type=cfg.patch_conv_type, peg=cfg.peg,
-                     num_classes=num_classes, **kwargs)
+    # RegionViTConfig's fields are RegionViT's leading __init__ parameters, name for name.
+    return RegionViT(**dataclasses.asdict(CONFIGS[name]), num_classes=num_classes, **kwargs)
 
 
 # One factory per variant, under its name and the official `<name>_224` entrypoint name.

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from model_configs.biformer import CONFIGS, BiFormerConfig
 
-from .registration import TIMM_BOOKKEEPING_KWARGS, register_model
+from .registration import register_model
 
 __all__ = ["BiFormer", "BiFormerSTL", "biformer_tiny", "biformer_small", "biformer_base",
            "biformer_stl", "biformer_stl_nchw"]
@@ -138,8 +138,6 @@ class QKVLinear(nn.Module):
 
     def __init__(self, dim: int, qk_dim: int):
         super().__init__()
-        self.dim = dim
-        self.qk_dim = qk_dim
         self.qkv = nn.Linear(dim, 2 * qk_dim + dim)
 
     def forward(self, x):
@@ -183,7 +181,6 @@ class BiLevelRoutingAttentionNCHW(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, n_win: int, topk: int, side_dwconv: int):
         super().__init__()
-        self.dim = dim
         self.num_heads = num_heads
         self.n_win = n_win
         self.scale = dim ** -0.5
@@ -362,15 +359,13 @@ class _BiFormerBase(nn.Module):
         return tuple(name for name, mod in self.named_modules() if isinstance(mod, TopkRouting))
 
     def _init_weights(self):
-        """The official initialisation: Linear trunc-normal(0.02) with zero bias, LayerNorm 1 / 0."""
+        """The official initialisation: Linear trunc-normal(0.02) with zero bias.  Its other half,
+        LayerNorm weight 1 / bias 0, is what torch initialises them to already."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def forward_features(self, x):
         _check_input(self.cfg, x)
@@ -429,23 +424,23 @@ class BiFormerSTL(_BiFormerBase):
 # Factories
 # ---------------------------------------------------------------------------------------------
 
-def _create(name: str, model_cls, pretrained: bool, num_classes: int, kwargs: dict):
-    for key in TIMM_BOOKKEEPING_KWARGS:
-        kwargs.pop(key, None)
+def _create(name: str, pretrained: bool, num_classes: int, kwargs: dict):
     if pretrained:
         raise ValueError(f"{name}: this reference does not download weights; load an official checkpoint "
                          f"with model.load_state_dict(torch.load(path)['model'])")
-    return model_cls(CONFIGS[name], num_classes=num_classes, **kwargs)
+    cfg = CONFIGS[name]
+    model_cls = BiFormer if cfg.layout == "biformer" else BiFormerSTL
+    return model_cls(cfg, num_classes=num_classes, **kwargs)
 
 
 # One factory per variant, named as the official code names it.
 @register_model
-def biformer_tiny(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_tiny", BiFormer, pretrained, num_classes, kwargs)  # noqa: E501,E704
+def biformer_tiny(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_tiny", pretrained, num_classes, kwargs)  # noqa: E501,E704
 @register_model
-def biformer_small(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_small", BiFormer, pretrained, num_classes, kwargs)  # noqa: E501,E704
+def biformer_small(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_small", pretrained, num_classes, kwargs)  # noqa: E501,E704
 @register_model
-def biformer_base(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_base", BiFormer, pretrained, num_classes, kwargs)  # noqa: E501,E704
+def biformer_base(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_base", pretrained, num_classes, kwargs)  # noqa: E501,E704
 @register_model
-def biformer_stl(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_stl", BiFormerSTL, pretrained, num_classes, kwargs)  # noqa: E501,E704
+def biformer_stl(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_stl", pretrained, num_classes, kwargs)  # noqa: E501,E704
 @register_model
-def biformer_stl_nchw(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_stl_nchw", BiFormerSTL, pretrained, num_classes, kwargs)  # noqa: E501,E704
+def biformer_stl_nchw(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_stl_nchw", pretrained, num_classes, kwargs)  # noqa: E501,E704

@@ -30,25 +30,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_configs.crossformer import CONFIGS, NEG_INF, CrossFormerConfig, block_layout, check_img_size
+from model_configs.crossformer import (CONFIGS, CrossFormerConfig, block_layout, check_img_size, coordinate_table,
+                                       padding_mask, relative_position_index, scale_dims)
 
 from .registration import register_model
 
 __all__ = ["CrossFormer", "CrossFormerConfig", "CONFIGS"]
-
-
-def coordinate_table(group_size):
-    """All relative offsets (dh, dw) in [1-G, G-1]^2, dh-major: ((2G-1)^2, 2) float."""
-    r = torch.arange(1 - group_size, group_size)
-    return torch.stack(torch.meshgrid(r, r, indexing="ij"), dim=-1).reshape(-1, 2).float()
-
-
-def relative_position_index(group_size):
-    """Row of ``coordinate_table`` holding the offset from token j to token i of a group: (G^2, G^2)."""
-    g = torch.arange(group_size)
-    coords = torch.stack(torch.meshgrid(g, g, indexing="ij"), dim=-1).reshape(-1, 2)
-    rel = coords[:, None, :] - coords[None, :, :] + (group_size - 1)
-    return rel[..., 0] * (2 * group_size - 1) + rel[..., 1]
 
 
 def group_tokens(x, group_size, interval):
@@ -65,16 +52,6 @@ def ungroup_tokens(x, batch, height, width, group_size, interval):
     G, I = group_size, interval
     x = x.reshape(batch, height // (G * I), width // (G * I), I, I, G, G, -1).permute(0, 1, 5, 3, 2, 6, 4, 7)
     return x.reshape(batch, height, width, -1)
-
-
-def padding_mask(resolution, layout):
-    """(nG, G*G, G*G) additive mask, NEG_INF on the key columns that are padding; None without padding."""
-    if not (layout.pad_h or layout.pad_w):
-        return None
-    (H, W), G = resolution, layout.group_size
-    padded = (torch.arange(H + layout.pad_h)[:, None] >= H) | (torch.arange(W + layout.pad_w)[None, :] >= W)
-    keys = group_tokens(padded.float()[None, :, :, None], G, layout.group_interval).transpose(1, 2)  # (nG, 1, G*G)
-    return torch.zeros(keys.shape[0], G * G, G * G).masked_fill(keys > 0, NEG_INF)
 
 
 class Mlp(nn.Module):
@@ -114,8 +91,9 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.pos = DynamicPosBias(dim // 16, num_heads)  # official: DPB(dim // 4) with pos_dim = dim // 4
-        self.register_buffer("biases", coordinate_table(group_size), persistent=False)
-        self.register_buffer("relative_position_index", relative_position_index(group_size), persistent=False)
+        self.register_buffer("biases", torch.tensor(coordinate_table(group_size)), persistent=False)
+        self.register_buffer("relative_position_index", torch.tensor(relative_position_index(group_size)),
+                             persistent=False)
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
@@ -155,7 +133,8 @@ class CrossFormerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-        self.register_buffer("attn_mask", padding_mask(input_resolution, self.layout), persistent=False)
+        mask = padding_mask(input_resolution, self.layout)
+        self.register_buffer("attn_mask", None if mask is None else torch.tensor(mask), persistent=False)
 
     def forward(self, x):
         H, W = self.input_resolution
@@ -185,8 +164,7 @@ class PatchMerging(nn.Module):
         self.input_resolution = input_resolution
         self.reductions = nn.ModuleList()  # registered before norm, as in the official key order
         self.norm = nn.LayerNorm(dim)
-        for i, ps in enumerate(patch_size):
-            out_dim = 2 * dim // 2 ** (i if i == len(patch_size) - 1 else i + 1)
+        for ps, out_dim in zip(patch_size, scale_dims(2 * dim, len(patch_size))):
             self.reductions.append(nn.Conv2d(dim, out_dim, ps, stride=2, padding=(ps - 2) // 2))
 
     def forward(self, x):
@@ -223,8 +201,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.img_size = img_size
         self.projs = nn.ModuleList()
-        for i, ps in enumerate(patch_size):
-            dim = embed_dim // 2 ** (i if i == len(patch_size) - 1 else i + 1)
+        for ps, dim in zip(patch_size, scale_dims(embed_dim, len(patch_size))):
             self.projs.append(nn.Conv2d(3, dim, ps, stride=patch_size[0], padding=(ps - patch_size[0]) // 2))
         self.norm = nn.LayerNorm(embed_dim)
 

@@ -25,6 +25,7 @@ Numerics that the port must keep (see the family fact sheet):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -32,9 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_configs.regionvit import CONFIGS, RegionViTConfig, rel_pos_index, window_mask
+from model_configs.regionvit import CONFIGS, rel_pos_index, window_mask
 
-from .registration import TIMM_BOOKKEEPING_KWARGS, register_model
+from .registration import register_model
 
 __all__ = ["RegionViT"]
 
@@ -297,12 +298,8 @@ class RegionViT(nn.Module):
 def _create(name: str, pretrained: bool = False, num_classes: int = 1000, **kwargs) -> RegionViT:
     if pretrained:
         raise ValueError("no bundled weights: convert an official RegionViT checkpoint with torch2paddle")
-    for key in TIMM_BOOKKEEPING_KWARGS:
-        kwargs.pop(key, None)
-    cfg: RegionViTConfig = CONFIGS[name]
-    return RegionViT(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
-                     window_size=cfg.window_size, patch_conv_type=cfg.patch_conv_type, peg=cfg.peg,
-                     num_classes=num_classes, **kwargs)
+    # RegionViTConfig's fields are RegionViT's leading __init__ parameters, name for name.
+    return RegionViT(**dataclasses.asdict(CONFIGS[name]), num_classes=num_classes, **kwargs)
 
 
 # One factory per variant, under its name and the official `<name>_224` entrypoint name.

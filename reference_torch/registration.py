@@ -7,10 +7,11 @@ CUDA build of torch (several GB of CUDA libraries), not the CPU one.  Where timm
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 # Keyword arguments timm.create_model passes to every entrypoint; our factories take none of them.
-TIMM_BOOKKEEPING_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+_TIMM_BOOKKEEPING_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
 def _timm_register_model():
@@ -29,8 +30,19 @@ _TIMM_REGISTER = _timm_register_model()
 
 
 def register_model(factory):
-    """Decorator: register ``factory`` with timm under its own name when timm is available."""
-    return _TIMM_REGISTER(factory) if _TIMM_REGISTER is not None else factory
+    """Decorator: register ``factory`` with timm under its own name when timm is available.
+
+    timm gets a wrapper that drops the bookkeeping keywords timm.create_model passes to every
+    entrypoint; the factory itself is returned unchanged, for direct calls."""
+    if _TIMM_REGISTER is not None:
+        @functools.wraps(factory)
+        def timm_entrypoint(*args, **kwargs):
+            for key in _TIMM_BOOKKEEPING_KWARGS:
+                kwargs.pop(key, None)
+            return factory(*args, **kwargs)
+
+        _TIMM_REGISTER(timm_entrypoint)
+    return factory
 
 
 def timm_registration_active() -> bool:
