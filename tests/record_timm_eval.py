@@ -14,7 +14,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import conftest  # noqa: E402,F401  (puts the repository on sys.path)
 from test_eval import TIMM_RECORDING, recorded_cases, recording_path, timm_eval_uint8  # noqa: E402
 
 

@@ -1,6 +1,4 @@
 """The Python API and the registry, as the README documents them."""
-import os
-
 import numpy as np
 import paddle
 import pytest
@@ -10,7 +8,7 @@ import converter
 from converter.errors import UserError
 from converter.registry import MODELS, get_spec
 
-from conftest import requires_timm
+from conftest import requires_timm, run_python
 
 
 @requires_timm
@@ -32,19 +30,12 @@ sys.meta_path.insert(0, _BrokenTimm())
 """
 
 
-def test_references_work_where_timm_is_installed_but_broken(tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    (tmp_path / "sitecustomize.py").write_text(BREAK_TIMM)
+def test_references_work_where_timm_is_installed_but_broken():
     code = "import reference_torch.fcvit as m; print(type(m.fcvit_tiny(num_classes=3)).__name__)"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
-    assert proc.returncode == 0 and proc.stdout.strip() == "FCViT", proc.stderr
+    returncode, stdout, stderr = run_python("-c", code, sitecustomize=BREAK_TIMM)
+    assert returncode == 0 and stdout.strip() == "FCViT", stderr
     assert ("timm is installed but does not import (RuntimeError: operator torchvision::nms does not exist); "
-            "the reference models are not registered with timm") in proc.stderr
+            "the reference models are not registered with timm") in stderr
 
 
 def test_create_models_by_name_in_eval_mode(official_checkpoint, tmp_path):

@@ -5,10 +5,7 @@ key/value gather copies topk regions per query region instead of all p^2, input 
 biformer_stl_nchw (same key names, different module types) get different mapping tables, and
 every sub-module has a twin of the same name and output shapes in the other framework."""
 import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import paddle
@@ -17,22 +14,14 @@ import torch
 
 import paddle_models.biformer as pd_bf
 import reference_torch.biformer as th_bf
-from converter.api import create_paddle_model, create_torch_model, paddle_target_shapes
-from converter.checkpoint import read_checkpoint
-from converter.engine import convert_state_dict
+from converter.api import convert, create_paddle_model, create_torch_model
 from converter.errors import UserError
 from converter.registry import get_spec
 from converter.verify import routing_agreement, make_batch, run_models
-from mappings import biformer as bf_map
 from mappings.rules import Transpose
 from model_configs.biformer import CONFIGS
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def table(name):
-    """The variant's mapping table (biformer_stl_nchw has its own, see mappings/biformer.py)."""
-    return bf_map.VARIANT_RULES.get(name, bf_map.RULES)
+from conftest import run_python
 
 
 # ---------------------------------------------------------------------------
@@ -40,10 +29,8 @@ def table(name):
 # ---------------------------------------------------------------------------
 
 def converted_pair(name, checkpoint):
-    spec = get_spec(name)
-    ckpt = read_checkpoint(checkpoint, spec.family.checkpoint_entries)
-    params, _ = convert_state_dict(ckpt.state_dict, table(name), paddle_target_shapes(spec))
-    return create_torch_model(name, ckpt), create_paddle_model(name, params)
+    result = convert(name, checkpoint, None)
+    return create_torch_model(name, result.checkpoint), create_paddle_model(name, result.state_dict)
 
 
 @pytest.mark.parametrize("name", ["biformer_tiny", "biformer_stl_nchw"])  # legacy and NCHW routers
@@ -144,10 +131,8 @@ MEMORY_PROBE = textwrap.dedent("""
 
 
 def bra_peak_bytes(n_win, topk, side, dim):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), GLOG_minloglevel="2")
-    proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(n_win), str(topk), str(side), str(dim)],
-                          capture_output=True, text=True, env=env, cwd=ROOT, check=True)
-    return int(proc.stdout.split()[-1])
+    _, out, _ = run_python("-c", MEMORY_PROBE, n_win, topk, side, dim, check=True)
+    return int(out.split()[-1])
 
 
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux peak-RSS reset")
@@ -219,7 +204,7 @@ def test_stl_variants_need_their_own_tables():
     assert models["biformer_stl_nchw"].state_dict()[shared].ndim == 4
     for name, model in models.items():
         linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        transposes = [r for r in table(name) if isinstance(r, Transpose)]
+        transposes = [r for r in get_spec(name).rules if isinstance(r, Transpose)]
         assert {k for k in model.state_dict() if any(t.matches(k) for t in transposes)} == linear, name
 
 

@@ -1,7 +1,5 @@
 """Checkpoint input: every file format and container, prefixes, dtypes, entry selection;
 output: loadable, atomic, deterministic."""
-import hashlib
-
 import numpy as np
 import pytest
 import torch
@@ -13,21 +11,16 @@ from converter.errors import UserError
 from converter.fixtures import make_official_checkpoint
 from converter.verify import run_verify
 
-from conftest import load_manifest
+from conftest import file_sha256, load_manifest
 
 NAME = "fcvit_tiny"
 
 
-def _sha(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(official_checkpoint, tmp_path_factory):
     """The converted weights of a plain official checkpoint, to compare every other route with."""
     tmp = tmp_path_factory.mktemp("ref")
-    src = make_official_checkpoint(NAME, tmp / "ref.pth")
-    convert(NAME, src, tmp / "ref.pdparams")
+    convert(NAME, official_checkpoint(NAME), tmp / "ref.pdparams")
     return load_pdparams(tmp / "ref.pdparams")
 
 
@@ -107,20 +100,18 @@ def test_half_precision_is_converted_to_float32_unless_kept(tmp_path):
     assert np.dtype("float16") in {v.dtype for v in load_pdparams(tmp_path / "f16.pdparams").values()}
 
 
-def test_bfloat16_is_converted_to_float32(tmp_path):
-    src = tmp_path / "bf16.pth"
-    make_official_checkpoint(NAME, src, container="raw")
-    sd = {k: (v.bfloat16() if v.is_floating_point() else v) for k, v in torch.load(src).items()}
-    torch.save(sd, src)
+def test_bfloat16_is_converted_to_float32(official_checkpoint, tmp_path):
+    raw = torch.load(official_checkpoint(NAME, container="raw"))
+    src = tmp_path / "bf16.pth"  # a new file: the session's cached checkpoint stays as it is
+    torch.save({k: (v.bfloat16() if v.is_floating_point() else v) for k, v in raw.items()}, src)
     result = convert(NAME, src, tmp_path / "out.pdparams")
     assert "bfloat16" in result.checkpoint.upcast
     with pytest.raises(UserError, match="bfloat16"):
         convert(NAME, src, tmp_path / "kept.pdparams", keep_dtype=True)
 
 
-def test_output_loads_strictly_into_the_paddle_model(tmp_path, reference):
-    src = make_official_checkpoint(NAME, tmp_path / "in.pth")
-    convert(NAME, src, tmp_path / "out.pdparams")
+def test_output_loads_strictly_into_the_paddle_model(official_checkpoint, tmp_path):
+    convert(NAME, official_checkpoint(NAME), tmp_path / "out.pdparams")
     import paddle
 
     model = create_paddle_model(NAME)
@@ -128,11 +119,11 @@ def test_output_loads_strictly_into_the_paddle_model(tmp_path, reference):
     assert missing == [] and unexpected == []
 
 
-def test_conversion_is_byte_identical(tmp_path):
-    src = make_official_checkpoint(NAME, tmp_path / "in.pth")
+def test_conversion_is_byte_identical(official_checkpoint, tmp_path):
+    src = official_checkpoint(NAME)
     convert(NAME, src, tmp_path / "a.pdparams")
     convert(NAME, src, tmp_path / "b.pdparams")
-    assert _sha(tmp_path / "a.pdparams") == _sha(tmp_path / "b.pdparams")
+    assert file_sha256(tmp_path / "a.pdparams") == file_sha256(tmp_path / "b.pdparams")
 
 
 def test_atomic_write_leaves_nothing_on_interrupt(tmp_path):
@@ -147,8 +138,8 @@ def test_atomic_write_leaves_nothing_on_interrupt(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_output_needs_force(tmp_path):
-    src = make_official_checkpoint(NAME, tmp_path / "in.pth")
+def test_existing_output_needs_force(official_checkpoint, tmp_path):
+    src = official_checkpoint(NAME)
     dst = tmp_path / "out.pdparams"
     dst.write_bytes(b"precious")
     with pytest.raises(UserError, match="already exists; pass --force"):
@@ -158,8 +149,8 @@ def test_existing_output_needs_force(tmp_path):
     assert dst.read_bytes() != b"precious"
 
 
-def test_other_class_count_with_allow_missing(tmp_path):
-    src = make_official_checkpoint(NAME, tmp_path / "in.pth")
+def test_other_class_count_with_allow_missing(official_checkpoint, tmp_path):
+    src = official_checkpoint(NAME)
     with pytest.raises(UserError, match="shape mismatch"):
         convert(NAME, src, tmp_path / "x.pdparams", num_classes=10)
     result = convert(NAME, src, tmp_path / "x.pdparams", num_classes=10, allow_missing=["head.*"])

@@ -9,36 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from converter.cli import main
-
-from conftest import error_lines, run_cli
+from conftest import RunsShell, assert_no_output, assert_one_line_error, cli, error_lines, run_cli
 
 NAME = "fcvit_tiny"
-
-
-def cli(capsys, *args):
-    """Run the CLI in-process: (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *fragments, expected_code=2):
-    assert code == expected_code, err
-    lines = error_lines(err)
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
-def assert_no_output(directory, keep=()):
-    leftovers = [p.name for p in directory.iterdir() if p.name not in keep]
-    assert leftovers == [], leftovers
 
 
 @pytest.fixture
@@ -194,14 +167,6 @@ def test_existing_output_without_force(capsys, src, tmp_path):
     assert_no_output(tmp_path, keep=["o.pdparams"])
 
 
-class _RunsShell:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 class _Unknown:
     def __reduce__(self):
         return (_Unknown, ())
@@ -210,14 +175,14 @@ class _Unknown:
 def test_pickle_that_runs_code_is_refused(capsys, src, tmp_path):
     marker = tmp_path / "pwned"
     sd = torch.load(src, weights_only=True)["state_dict"]
-    torch.save({"state_dict": sd, "payload": _RunsShell(marker)}, tmp_path / "evil.pth")
+    torch.save({"state_dict": sd, "payload": RunsShell(marker)}, tmp_path / "evil.pth")
     code, _, err = cli(capsys, "convert", NAME, tmp_path / "evil.pth", tmp_path / "o.pdparams")
     assert_one_line_error(code, err, f"refused global '{os.system.__module__}.system'", "--unsafe-pickle")
     assert not marker.exists()
     assert_no_output(tmp_path, keep=["evil.pth"])
 
 
-def test_pickle_with_unknown_class_is_refused(capsys, src, tmp_path):
+def test_pickle_with_unknown_class_is_refused(capsys, tmp_path):
     with open(tmp_path / "odd.pth", "wb") as f:  # a legacy (non-zip) pickle
         pickle.dump({"state_dict": {}, "obj": _Unknown()}, f)
     code, _, err = cli(capsys, "convert", NAME, tmp_path / "odd.pth", tmp_path / "o.pdparams")
@@ -232,7 +197,7 @@ def test_input_size_constraint_is_checked_up_front(capsys, official_checkpoint):
 
 
 def test_real_process_exit_codes(src, tmp_path):
-    """The installed entry point as a user runs it: exit status and stderr of a real process."""
+    """The CLI as a user runs it (``python -m converter``): exit status and stderr of a real process."""
     code, out, err = run_cli("convert", "no_such_model", src, tmp_path / "o.pdparams")
     assert code == 2 and error_lines(err) == ["error: unknown model 'no_such_model'; run 'torch2paddle list' for all models"]
     code, out, err = run_cli("convert", NAME, src, tmp_path / "o.pdparams")

@@ -1,5 +1,7 @@
 """CrossFormer / CrossFormer++ specifics: models built for another input size, the v1 legacy
 index buffers (checked, then dropped), and sizes the models cannot be built for."""
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -10,9 +12,7 @@ from converter.errors import UserError
 from converter.registry import get_spec
 from converter.verify import run_verify
 
-from conftest import load_manifest
-
-MAX_ABS_ERR = 1e-5
+from conftest import MAX_ABS_ERR, load_manifest
 
 
 @pytest.mark.parametrize("name", ["crossformer_tiny", "crossformer_pp_small"])
@@ -79,9 +79,11 @@ def test_paddle_recomputes_the_same_index_tables_and_masks(name, size):
 LEGACY_VARIANT = "crossformer_tiny"
 
 
-def _legacy_state_dict():
+@functools.cache
+def _cached_legacy_state_dict():
     """What the release-era v1 code saved: the state dict plus every block's DPB tables, taken
-    from the torch reference's own (non-persistent) buffers."""
+    from the torch reference's own (non-persistent) buffers.  Built once; no test changes a
+    tensor in place."""
     from converter.fixtures import randomize_
 
     model = randomize_(get_spec(LEGACY_VARIANT).create_torch(), seed=3)
@@ -90,6 +92,18 @@ def _legacy_state_dict():
         if key.endswith(("attn.biases", "attn.relative_position_index")):
             state[key] = buf.clone()
     return state
+
+
+def _legacy_state_dict():
+    """A copy of the cached dict, for the caller to replace or add entries in."""
+    return dict(_cached_legacy_state_dict())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_the_legacy_state_dict():
+    """The cached crossformer_tiny weights are ~110 MB: not kept beyond this module."""
+    yield
+    _cached_legacy_state_dict.cache_clear()
 
 
 def _save(state, path):

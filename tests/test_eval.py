@@ -16,8 +16,7 @@ from converter.evaluate import load_batches, topk_hits
 from converter.preprocess import load_image
 from converter.registry import MODELS, EvalPreprocessing, get_spec
 
-from conftest import requires_timm
-from test_cli import assert_one_line_error, cli
+from conftest import assert_one_line_error, cli, requires_timm
 
 NAME = "fcvit_tiny"
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",

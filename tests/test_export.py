@@ -9,11 +9,7 @@ import pytest
 from converter import convert, create_paddle_model
 from converter.export import export_model
 
-from test_cli import assert_one_line_error, cli
-
-MAX_ABS_ERR = 1e-5
-
-ONE_PER_FAMILY = ["fcvit_tiny", "biformer_tiny", "crossformer_tiny", "regionvit_tiny"]
+from conftest import MAX_ABS_ERR, ONE_PER_FAMILY, assert_one_line_error, cli
 
 
 @pytest.mark.parametrize("name", ONE_PER_FAMILY)
@@ -53,7 +49,8 @@ def test_fixed_batch_and_a_failed_check_writes_nothing(official_checkpoint, tmp_
 
 def _untraceable_forward(self, x):
     # A return inside a loop over enumerate() with a tuple target: Paddle 3.3.1's dy2static
-    # cannot convert it (the pattern that stops BiFormer's input check).
+    # cannot convert it (the pattern in BiFormer's input check, which paddle_models/biformer.py
+    # therefore keeps out of the trace with @paddle.jit.not_to_static).
     for i, (h, w) in enumerate([(x.shape[-2], x.shape[-1])]):
         if h != w:
             return None

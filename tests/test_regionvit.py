@@ -13,15 +13,14 @@ import torch
 import model_configs.regionvit as tables
 import paddle_models.regionvit as pd_rv
 import reference_torch.regionvit as th_rv
-from converter import convert
+from converter import convert, create_torch_model
+from converter.api import paddle_target_shapes
 from converter.engine import MappingError, convert_state_dict
 from converter.fixtures import randomize_
 from converter.registry import get_spec
 from converter.verify import run_verify
 
-from conftest import requires_timm
-
-MAX_ABS_ERR = 1e-5
+from conftest import MAX_ABS_ERR, requires_timm
 
 
 # ---------------------------------------------------------------------------
@@ -149,8 +148,7 @@ def test_parity_non_square_with_peg(official_checkpoint, layout_spy):
     and re-masks after its first block)."""
     name = "regionvit_small_w14_peg"
     result = convert(name, official_checkpoint(name), None)
-    t_model = th_rv.regionvit_small_w14_peg().eval()
-    t_model.load_state_dict(torch.load(official_checkpoint(name), weights_only=True)["model"], strict=True)
+    t_model = create_torch_model(name, official_checkpoint(name))  # eval mode, loaded strictly
     p_model = pd_rv.regionvit_small_w14_peg()
     missing, unexpected = p_model.set_state_dict({k: paddle.to_tensor(v) for k, v in result.state_dict.items()})
     assert not missing and not unexpected
@@ -287,8 +285,7 @@ def _tiny_source():
 
 
 def _tiny_targets():
-    with paddle.LazyGuard():
-        return {k: tuple(v.shape) for k, v in pd_rv.regionvit_tiny().state_dict().items()}
+    return paddle_target_shapes(get_spec("regionvit_tiny"))
 
 
 @pytest.mark.parametrize("damage, problem", [

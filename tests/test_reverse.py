@@ -9,9 +9,8 @@ from converter.engine import MappingError, reverse_state_dict
 from converter.registry import get_spec
 from mappings.rules import BATCHNORM, linear_weights
 
-from test_cli import assert_one_line_error, cli
+from conftest import ONE_PER_FAMILY, assert_one_line_error, cli
 
-ONE_PER_FAMILY = ["fcvit_tiny", "biformer_tiny", "crossformer_tiny", "regionvit_tiny"]
 STEP_COUNTER = "num_batches_tracked"
 
 

@@ -4,10 +4,8 @@ and `convert` works without torch, writing the same bytes as the torch-based rea
 import argparse
 import collections
 import datetime
-import hashlib
 import os
 import pickle
-import subprocess
 import sys
 import types
 import zipfile
@@ -23,8 +21,8 @@ from converter.engine import convert_state_dict
 from converter.registry import get_spec
 from converter.torch_reader import InertObject, RefusedGlobal, TensorView, TorchFileError, load
 
-from conftest import ROOT, error_lines, run_cli
-from test_cli import _RunsShell, assert_no_output, assert_one_line_error, cli
+from conftest import (RunsShell, assert_no_output, assert_one_line_error, cli, error_lines, file_sha256, run_cli,
+                      run_python)
 
 NAME = "fcvit_tiny"
 FORMATS = ["zip", "legacy"]
@@ -35,10 +33,6 @@ DTYPES = [torch.float32, torch.float16, torch.float64, torch.bfloat16, torch.int
 def _save(obj, path, fmt):
     torch.save(obj, path, _use_new_zipfile_serialization=(fmt == "zip"))
     return path
-
-
-def _sha(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # --- the same tensors and containers as torch.load ---------------------------------------------
@@ -190,7 +184,7 @@ def test_convert_writes_the_same_bytes_as_the_torch_based_reading(variant, offic
     src, entry, prefix = _variant(official_checkpoint, tmp_path, variant)
     convert(NAME, src, tmp_path / "reader.pdparams")
     _convert_with_torch_reading(src, entry, prefix, tmp_path / "torch.pdparams")
-    assert _sha(tmp_path / "reader.pdparams") == _sha(tmp_path / "torch.pdparams")
+    assert file_sha256(tmp_path / "reader.pdparams") == file_sha256(tmp_path / "torch.pdparams")
 
 
 # --- safe by construction ------------------------------------------------------------------------
@@ -208,7 +202,7 @@ class _Unknown:
 
 
 def _malicious(kind, marker, state):
-    payload = _RunsShell(marker) if kind == "os.system" else _Unknown(marker)
+    payload = RunsShell(marker) if kind == "os.system" else _Unknown(marker)
     return {"state_dict": state, "payload": payload}
 
 
@@ -360,36 +354,31 @@ sys.meta_path.insert(0, _NoTorch())
 '''
 
 
-def _python_without_torch(tmp_path, *args):
+def _python_without_torch(*args):
     """(exit code, stdout, stderr) of ``python ARGS`` in a process where importing torch or timm fails."""
-    blocker = tmp_path / "no_torch"
-    blocker.mkdir(exist_ok=True)
-    (blocker / "sitecustomize.py").write_text(BLOCK_TORCH)
-    env = dict(os.environ, PYTHONPATH=f"{blocker}{os.pathsep}{ROOT}", GLOG_minloglevel="2")
-    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT)
-    return proc.returncode, proc.stdout, proc.stderr
+    return run_python(*args, sitecustomize=BLOCK_TORCH)
 
 
-def _run_without_torch(tmp_path, *args):
-    return _python_without_torch(tmp_path, "-m", "converter", *args)
+def _run_without_torch(*args):
+    return _python_without_torch("-m", "converter", *args)
 
 
 def test_convert_and_list_run_where_torch_cannot_be_imported(official_checkpoint, tmp_path):
-    code, _, err = _python_without_torch(tmp_path, "-c", "import torch")
+    code, _, err = _python_without_torch("-c", "import torch")
     assert code != 0 and "blocked by the test" in err
     src = official_checkpoint(NAME)
-    code, _, err = _run_without_torch(tmp_path, "convert", NAME, src, tmp_path / "no_torch.pdparams")
+    code, _, err = _run_without_torch("convert", NAME, src, tmp_path / "no_torch.pdparams")
     assert code == 0, err
     code, _, err = run_cli("convert", NAME, src, tmp_path / "with_torch.pdparams")
     assert code == 0, err
-    assert _sha(tmp_path / "no_torch.pdparams") == _sha(tmp_path / "with_torch.pdparams")
-    code, out, err = _run_without_torch(tmp_path, "list")
+    assert file_sha256(tmp_path / "no_torch.pdparams") == file_sha256(tmp_path / "with_torch.pdparams")
+    code, out, err = _run_without_torch("list")
     assert code == 0, err
     assert NAME in out and "crossformer_pp_huge" in out
 
 
-def test_commands_that_need_torch_say_what_to_install(official_checkpoint, tmp_path):
-    code, _, err = _run_without_torch(tmp_path, "verify", NAME, "--torch-ckpt", official_checkpoint(NAME))
+def test_commands_that_need_torch_say_what_to_install(official_checkpoint):
+    code, _, err = _run_without_torch("verify", NAME, "--torch-ckpt", official_checkpoint(NAME))
     assert code == 2 and error_lines(err) == [
         "error: torch2paddle verify needs torch, which the base install leaves out: "
         "pip install 'torch2paddle[verify]'"], err
@@ -424,4 +413,4 @@ def test_a_whole_pickled_model_needs_the_explicit_torch_load_fallback(official_c
                              "--unsafe-pickle")
     assert code == 0, err
     convert(NAME, official_checkpoint(NAME), tmp_path / "ref.pdparams")
-    assert _sha(tmp_path / "o.pdparams") == _sha(tmp_path / "ref.pdparams")
+    assert file_sha256(tmp_path / "o.pdparams") == file_sha256(tmp_path / "ref.pdparams")

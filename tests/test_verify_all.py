@@ -6,8 +6,7 @@ import shutil
 from converter.registry import get_spec
 from converter.verify_all import SEEDED, find_checkpoint, select_models
 
-from conftest import error_lines
-from test_cli import assert_one_line_error, cli
+from conftest import assert_one_line_error, cli, error_lines
 
 NAME = "fcvit_tiny"
 
