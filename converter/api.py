@@ -19,6 +19,8 @@ import numpy as np
 from .checkpoint import Checkpoint, atomic_write, check_output_path, read_checkpoint, torch_state_dict
 from .engine import (ConversionReport, MappingError, convert_state_dict, reverse_state_dict, shapes_fit,
                      target_key)
+from mappings.rules import Init
+
 from .errors import UserError, first_sentence, one_line
 from .layouts import paddle_layout, paddle_skeleton
 from .lazy import materialize
@@ -34,17 +36,26 @@ class ConvertResult:
     state_dict: dict  # numpy arrays; LazyArrays (np.asarray reads them) when written to ``output``
     seconds: float
     output: Optional[Path] = None
+    from_classifier: bool = False  # a dense backbone started from an ImageNet classification checkpoint
 
     def summary(self) -> str:
         r = self.report
         dropped = ", ".join(f"{n} {why.split(';')[0]}" for why, n in r.dropped.items()) or "none"
         lines = [
             f"model        {self.model}",
-            f"source       {self.checkpoint.path} ({self.checkpoint.describe()})",
+            f"source       {self.checkpoint.path} ({self.checkpoint.describe()})"
+            + ("\n             an ImageNet classification checkpoint, converted into the dense backbone"
+               if self.from_classifier else ""),
             f"keys         {r.converted} converted: {r.transposed} transposed (Linear), {r.renamed} renamed; "
             f"{r.num_dropped} dropped ({dropped})",
             f"values       {r.num_parameters:,} (parameters and BatchNorm statistics)",
         ]
+        if self.checkpoint.left_out:
+            lines.append("left out     " + ", ".join(f"{g}: {n} keys" for g, n in self.checkpoint.left_out.items())
+                         + " (not the backbone)")
+        if r.initialised:
+            lines.append("initialised  " + "; ".join(f"{n} {why}" for why, n in r.initialised.items())
+                         + ": the dense backbone's own, absent from the classification checkpoint")
         if r.allowed_missing:
             lines.append(f"left unset   {len(r.allowed_missing)} (allowed): {', '.join(r.allowed_missing[:4])}"
                          + (" ..." if len(r.allowed_missing) > 4 else ""))
@@ -59,13 +70,51 @@ class ConvertResult:
 paddle_target_shapes = paddle_layout
 
 
+def read_model_checkpoint(spec: ModelSpec, path, **options) -> Checkpoint:
+    """``path`` read as ``spec``'s official loader reads it: its container entries, and for a dense
+    backbone the backbone keys of a detector/segmentor file."""
+    return read_checkpoint(path, spec.checkpoint_entries,
+                           backbone_prefix=spec.dense.checkpoint_prefix if spec.dense else "", **options)
+
+
+def from_classifier(spec: ModelSpec, ckpt: Checkpoint) -> bool:
+    """Whether ``ckpt`` is an ImageNet classification checkpoint to start ``spec``'s dense backbone
+    from: not a detector file, and holding a classification head."""
+    return bool(spec.dense) and not ckpt.backbone_prefix and any(k.startswith("head.") for k in ckpt.state_dict)
+
+
+def conversion_rules(spec: ModelSpec, ckpt: Checkpoint) -> tuple:
+    """The mapping table for this checkpoint: the model's own, plus -- for a dense backbone started
+    from a classification checkpoint -- the family's FROM_CLASSIFIER rules (head and final norm
+    dropped, the extra output norms initialised)."""
+    if from_classifier(spec, ckpt):
+        return tuple(spec.rules) + tuple(spec.from_classifier_rules)
+    return tuple(spec.rules)
+
+
+def _check_has_backbone(spec: ModelSpec, ckpt: Checkpoint, rules: tuple, shapes: dict) -> None:
+    """A dense backbone's checkpoint with not one of its keys: one clear line, not 300 missing keys."""
+    if not spec.dense or any(target_key(k, rules) in shapes for k in ckpt.state_dict):
+        return
+    groups: dict = {}
+    for k in ckpt.state_dict:
+        groups[k.split(".")[0]] = groups.get(k.split(".")[0], 0) + 1
+    found = ", ".join(f"{g} ({n})" for g, n in list(groups.items())[:6])
+    guess = closest_model(ckpt.state_dict)
+    hint = f" -- the checkpoint fits {guess}" if guess else ""
+    raise UserError(f"{ckpt.path}: no backbone keys for {spec.name}: none under "
+                    f"'{spec.dense.checkpoint_prefix}' and none of its own (found: {found}){hint}")
+
+
 def convert_checkpoint(spec: ModelSpec, ckpt: Checkpoint, *, allow_missing: Iterable[str] = (),
                        num_classes: int = 1000, img_size: Optional[int] = None, lazy: bool = False) -> tuple:
     """The in-memory conversion: official state dict -> Paddle state dict (numpy arrays; with
     ``lazy``, LazyArrays that read the checkpoint when used, for writing one tensor at a time)."""
     shapes = paddle_target_shapes(spec, num_classes, img_size)
+    rules = conversion_rules(spec, ckpt)
+    _check_has_backbone(spec, ckpt, rules, shapes)
     try:
-        state_dict, report = convert_state_dict(ckpt.state_dict, spec.rules, shapes, allow_missing)
+        state_dict, report = convert_state_dict(ckpt.state_dict, rules, shapes, allow_missing)
         return (state_dict if lazy else materialize(state_dict)), report
     except MappingError as exc:
         if exc.count > len(shapes) // 10:  # not a few stray keys: maybe another model's checkpoint
@@ -105,13 +154,14 @@ def convert(name: str, src, dst, *, force: bool = False, ema: bool = False, key:
     spec = get_spec(name)
     dst = check_output_path(dst, force) if dst is not None else None
     with cyclic_gc_paused():
-        ckpt = read_checkpoint(src, spec.family.checkpoint_entries, ema=ema, key=key,
-                               unsafe_pickle=unsafe_pickle, keep_dtype=keep_dtype)
+        ckpt = read_model_checkpoint(spec, src, ema=ema, key=key, unsafe_pickle=unsafe_pickle,
+                                     keep_dtype=keep_dtype)
         state_dict, report = convert_checkpoint(spec, ckpt, allow_missing=allow_missing, num_classes=num_classes,
                                                 img_size=img_size, lazy=dst is not None)
         if dst is not None:
             save_pdparams(state_dict, dst)
-    return ConvertResult(spec.name, ckpt, report, state_dict, time.perf_counter() - start, dst)
+    return ConvertResult(spec.name, ckpt, report, state_dict, time.perf_counter() - start, dst,
+                         from_classifier(spec, ckpt))
 
 
 @contextlib.contextmanager
@@ -180,7 +230,9 @@ def convert_reverse(name: str, src, dst, *, force: bool = False, num_classes: in
     arrays, recreated, report = reverse_state_dict(params, spec.rules,
                                                    {k: tuple(v.shape) for k, v in reference.items()})
     state = {k: torch.from_numpy(np.asarray(arrays[k])) if k in arrays else reference[k] for k in reference}
-    entry = spec.family.checkpoint_entries[0]
+    entry = spec.checkpoint_entries[0]
+    if spec.dense:  # laid out as its detector/segmentor file holds it, which the official loaders read
+        state = {spec.dense.checkpoint_prefix + k: v for k, v in state.items()}
     if dst is not None:
         atomic_write(dst, lambda tmp: torch.save({entry: state}, tmp))
     return ReverseResult(spec.name, Path(src), entry, report, recreated, state, time.perf_counter() - start, dst)
@@ -232,8 +284,22 @@ def reference_state_dict(spec: ModelSpec, ckpt: Checkpoint, model) -> dict:
     reference does not have (e.g. legacy buffers) are left out; anything else stays, so a
     strict load is a real test of the checkpoint."""
     own = set(model.state_dict())
+    rules = conversion_rules(spec, ckpt)
     return {k: v for k, v in torch_state_dict(ckpt).items()
-            if k in own or target_key(k, spec.rules) is not None}
+            if k in own or target_key(k, rules) is not None}
+
+
+def _load_reference(spec: ModelSpec, ckpt: Checkpoint, model) -> None:
+    """Strict, except that a dense backbone started from a classification checkpoint keeps the
+    extra norms the classifier lacks at their fresh init (as the official code's non-strict load
+    does) -- exactly the keys the Init rules fill on the Paddle side, none other."""
+    state = reference_state_dict(spec, ckpt, model)
+    if from_classifier(spec, ckpt):
+        inits = [r for r in spec.from_classifier_rules if isinstance(r, Init)]
+        fresh = {k: v for k, v in model.state_dict().items()
+                 if k not in state and any(r.matches(k) for r in inits)}
+        state = {**state, **fresh}
+    model.load_state_dict(state, strict=True)
 
 
 def create_torch_model(name: str, checkpoint=None, *, num_classes: int = 1000, img_size: Optional[int] = None,
@@ -242,10 +308,10 @@ def create_torch_model(name: str, checkpoint=None, *, num_classes: int = 1000, i
     spec = get_spec(name)
     model = spec.create_torch(num_classes=num_classes, img_size=img_size)
     if checkpoint is not None:
-        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(
-            checkpoint, spec.family.checkpoint_entries, ema=ema, key=key, unsafe_pickle=unsafe_pickle)
+        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_model_checkpoint(
+            spec, checkpoint, ema=ema, key=key, unsafe_pickle=unsafe_pickle)
         try:
-            model.load_state_dict(reference_state_dict(spec, ckpt, model), strict=True)
+            _load_reference(spec, ckpt, model)
         except RuntimeError as exc:
             raise UserError(f"{ckpt.path}: does not fit the torch reference of {spec.name}: "
                             f"{one_line(str(exc), 300)}") from None

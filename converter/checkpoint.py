@@ -56,9 +56,13 @@ class Checkpoint:
     stripped_prefixes: list = field(default_factory=list)
     upcast: dict = field(default_factory=dict)  # original dtype -> number of tensors cast to float32
     other_entries: list = field(default_factory=list)  # state dicts present but not used
+    backbone_prefix: str = ""  # a detector/segmentor file: the prefix its backbone keys carried
+    left_out: dict = field(default_factory=dict)  # ... and what else it held: group -> number of keys
 
     def describe(self) -> str:
         text = f"entry '{self.entry}'"
+        if self.backbone_prefix:
+            text += f", backbone keys under '{self.backbone_prefix}'"
         if self.stripped_prefixes:
             text += f", stripped prefix {', '.join(repr(p) for p in self.stripped_prefixes)}"
         if self.upcast:
@@ -191,6 +195,27 @@ def _strip_prefixes(state_dict: dict) -> tuple:
     return state_dict, stripped
 
 
+def take_backbone(state_dict: dict, prefix: str) -> tuple:
+    """A detector/segmentor state dict -> (its backbone's keys with ``prefix`` removed, the
+    prefix, the rest counted by group).  A group is the key up to the first component off the prefix's path:
+    ``neck``, ``roi_heads`` -- or ``backbone.fpn_lateral2`` beside ``backbone.bottom_up.model.``.
+    A state dict with no key under ``prefix`` (a classification checkpoint, a bare backbone) is
+    returned as it is, with prefix "" and nothing left out."""
+    if not prefix or not any(k.startswith(prefix) for k in state_dict):
+        return state_dict, "", {}
+    path = prefix.rstrip(".").split(".")
+    inside, left_out = {}, {}
+    for key, value in state_dict.items():
+        if key.startswith(prefix):
+            inside[key[len(prefix):]] = value
+            continue
+        parts = key.split(".")
+        depth = next((i for i, (a, b) in enumerate(zip(parts, path)) if a != b), min(len(parts), len(path)))
+        group = ".".join(parts[:depth + 1])
+        left_out[group] = left_out.get(group, 0) + 1
+    return inside, prefix, left_out
+
+
 def _as_arrays(tensors: dict, keep_dtype: bool) -> tuple:
     """TensorViews -> LazyArrays, floating types other than float32 cast to float32 unless
     ``keep_dtype``.  Returns (arrays, {original dtype: number of tensors cast})."""
@@ -208,8 +233,9 @@ def _as_arrays(tensors: dict, keep_dtype: bool) -> tuple:
 
 
 def read_checkpoint(path, family_entries: tuple = (), *, ema: bool = False, key: Optional[str] = None,
-                    unsafe_pickle: bool = False, keep_dtype: bool = False) -> Checkpoint:
-    """Read a checkpoint file into the official state dict (LazyArrays, float32 by default)."""
+                    unsafe_pickle: bool = False, keep_dtype: bool = False, backbone_prefix: str = "") -> Checkpoint:
+    """Read a checkpoint file into the official state dict (LazyArrays, float32 by default).
+    With ``backbone_prefix``, a detector/segmentor file yields its backbone (``take_backbone``)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
@@ -223,8 +249,9 @@ def read_checkpoint(path, family_entries: tuple = (), *, ema: bool = False, key:
         obj = _load_torch_file(path, unsafe_pickle)
         entry, state_dict, others = _pick_entry(obj, family_entries, ema, key, path)
     state_dict, stripped = _strip_prefixes(dict(state_dict))
+    state_dict, backbone_prefix, left_out = take_backbone(state_dict, backbone_prefix)
     arrays, upcast = _as_arrays(state_dict, keep_dtype)
-    return Checkpoint(path, arrays, entry, stripped, upcast, others)
+    return Checkpoint(path, arrays, entry, stripped, upcast, others, backbone_prefix, left_out)
 
 
 def torch_state_dict(ckpt: Checkpoint) -> dict:

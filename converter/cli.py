@@ -75,10 +75,16 @@ def list_models():
     from .verify_all import table_lines
 
     rows = [("model", "family", "params", "eval preprocessing", "aliases")]
+    dense_rows = [("dense backbone", "params", "out channels", "strides", "checkpoint", "reproduces", "config")]
     for spec in MODELS.values():
-        rows.append((spec.name, spec.family.name, f"{count_parameters(spec) / 1e6:.2f}M",
-                     spec.preprocessing.describe(), ", ".join(spec.aliases)))
-    for line in table_lines(rows):
+        params = f"{count_parameters(spec) / 1e6:.2f}M"
+        if spec.dense:
+            d = spec.dense
+            dense_rows.append((spec.name, params, "/".join(map(str, d.channels)), "/".join(map(str, d.strides)),
+                               f"{d.framework} '{d.checkpoint_prefix}'", d.source, d.config))
+        else:
+            rows.append((spec.name, spec.family.name, params, spec.preprocessing.describe(), ", ".join(spec.aliases)))
+    for line in table_lines(rows) + [""] + table_lines(dense_rows):
         click.echo(line)
 
 
@@ -121,9 +127,27 @@ def _convert_reverse(model, src, dst, *, torch_only: dict, **kwargs):
     click.echo(convert_reverse(model, src, dst, **kwargs).summary())
 
 
+class InputSize(click.ParamType):
+    """``N`` (N x N) or ``HxW``; each side at least 16."""
+
+    name = "N|HxW"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, tuple)):
+            return value
+        parts = str(value).lower().split("x")
+        try:
+            sides = [int(p) for p in parts]
+        except ValueError:
+            sides = []
+        if len(sides) not in (1, 2) or min(sides) < 16:
+            self.fail(f"'{value}' is not N or HxW with sides of at least 16 (e.g. 224 or 800x1216)", param, ctx)
+        return sides[0] if len(sides) == 1 else tuple(sides)
+
+
 device_option = click.option("--device", type=click.Choice(["cpu", "gpu", "auto"]), default="cpu", show_default=True)
-input_size_option = click.option("--input-size", type=click.IntRange(16), default=None,
-                                 help="Square input size (default: official).")
+input_size_option = click.option("--input-size", type=InputSize(), default=None,
+                                 help="N or HxW (default: official; a dense backbone runs two sizes).")
 json_option = click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
                            help="Write the whole report as JSON.")
 

@@ -10,7 +10,7 @@ from typing import Iterable, Mapping, Optional
 
 import numpy as np
 
-from mappings.rules import Drop, Rename, Transpose
+from mappings.rules import Drop, Init, Rename, Transpose
 
 from .errors import UserError
 from .lazy import transposed
@@ -33,6 +33,7 @@ class ConversionReport:
     renamed: int = 0
     dropped: dict = field(default_factory=dict)  # reason -> count
     allowed_missing: list = field(default_factory=list)
+    initialised: dict = field(default_factory=dict)  # reason -> count (Init rules)
     num_parameters: int = 0
 
     @property
@@ -71,6 +72,7 @@ def convert_state_dict(
     source tensors may then be left over or differ in shape (e.g. ``head.*`` for a head with
     another class count).  Returns ``(state_dict, report)``; raises MappingError otherwise.
     """
+    rules = tuple(rules)
     drops, renames, transposes = _split(rules)
     allow = tuple(allow_missing)
     allowed = lambda key: any(fnmatch.fnmatchcase(key, p) for p in allow)  # noqa: E731
@@ -120,6 +122,7 @@ def convert_state_dict(
         report.num_parameters += int(np.size(value))
 
     missing = [k for k in target_shapes if k not in out and k not in reported]
+    missing = _initialise(missing, rules, target_shapes, out, report)
     report.allowed_missing = [k for k in missing if allowed(k)]
     missing = [k for k in missing if not allowed(k)]
 
@@ -131,6 +134,21 @@ def convert_state_dict(
     # Emit in the model's own order, so output files are deterministic and read naturally.
     ordered = {k: out[k] for k in target_shapes if k in out}
     return ordered, report
+
+
+def _initialise(missing: list, rules: Iterable, target_shapes: Mapping[str, tuple], out: dict,
+                report: ConversionReport) -> list:
+    """Fill the missing keys an Init rule names with its value; return the keys still missing."""
+    inits = [r for r in rules if isinstance(r, Init)]
+    still_missing = []
+    for key in missing:
+        init = next((r for r in inits if r.matches(key)), None)
+        if init is None:
+            still_missing.append(key)
+            continue
+        out[key] = np.full(tuple(target_shapes[key]), init.value, dtype=np.float32)
+        report.initialised[init.reason] = report.initialised.get(init.reason, 0) + 1
+    return still_missing
 
 
 def shapes_fit(source_shapes: Mapping[str, tuple], rules: Iterable, target_shapes: Mapping[str, tuple]) -> bool:

@@ -182,6 +182,9 @@ def run_eval(name: str, data, torch_ckpt, paddle_params=None, *, list_path=None,
     (``paddle_params``, or converted in memory) on the labelled images at ``data``."""
     start = time.perf_counter()
     spec = get_spec(name)
+    if spec.dense:
+        raise UserError(f"{spec.name} is a dense backbone (feature maps, no classes): eval measures ImageNet "
+                        f"accuracy of classifiers; verify compares its features")
     dataset = open_dataset(data, list_path, limit)
     if dataset.num_classes > num_classes:
         raise UserError(f"{dataset.description}: labels go up to {dataset.num_classes - 1}, "

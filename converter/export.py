@@ -96,7 +96,11 @@ def export_model(name: str, params, out_dir, *, batch_size: Optional[int] = None
     import paddle
 
     spec = get_spec(name)
-    size = checked_input_size(spec, input_size)
+    if spec.dense:
+        raise UserError(f"{spec.name} is a dense backbone: export the PaddleDetection / PaddleSeg model built "
+                        f"around it (paddle_models.paddledet_backbones / paddleseg_backbones); "
+                        f"export takes classification models")
+    size, _ = checked_input_size(spec, input_size)  # square: the classifiers are built for one size
     out_dir = check_out_dir(out_dir, force)
     paddle.set_device("cpu")
     model = create_paddle_model(spec.name, params, num_classes=num_classes, img_size=size)

@@ -63,6 +63,16 @@ def load_image(path, pre: EvalPreprocessing, input_size: int = None) -> np.ndarr
         return normalize(crop_uint8(img, pre, input_size), pre)
 
 
+def load_image_resized(path, pre: EvalPreprocessing, size: tuple) -> np.ndarray:
+    """One image file -> CHW float32 resized to exactly (H, W) (bilinear, as a detector's test
+    pipeline resizes, without its keep-ratio padding), normalised with ``pre``'s mean/std."""
+    from PIL import Image
+
+    h, w = size
+    with Image.open(path) as img:
+        return normalize(np.asarray(img.convert("RGB").resize((w, h), Image.BILINEAR), dtype=np.uint8), pre)
+
+
 def image_files(directory) -> list:
     directory = Path(directory)
     if not directory.is_dir():

@@ -3,8 +3,11 @@
 A variant is a name (plus aliases), a family, and the official eval
 preprocessing.  A family names its torch reference module, its Paddle module,
 its mapping table, the checkpoint entries its official loader reads, and the
-input sizes its models accept.  ``list``, the CLI, the Python API and the tests
-all iterate over ``MODELS``.
+input sizes its models accept.  A dense-prediction backbone (``fcvit_b12_feat``,
+``crossformer_small_det``, ...) is a variant too, with a ``DenseSpec``: the official
+code it reproduces, its output channels and strides, and the detector/segmentor
+checkpoint it comes in.  ``list``, the CLI, the Python API and the tests all
+iterate over ``MODELS``.
 
 Importing this module imports neither torch nor paddle.
 """
@@ -85,6 +88,43 @@ CROSSFORMER = Family("crossformer", checkpoint_entries=("model",), size_dependen
 REGIONVIT = Family("regionvit", checkpoint_entries=("model",))
 
 
+# The released detector / segmentor checkpoints a dense backbone comes in: the container entry
+# holding the state dict, and the prefix its backbone keys carry there.
+DETECTOR_FILES = {
+    "mmdet": ("state_dict", "backbone."),  # mmcv save_checkpoint: {'meta', 'state_dict', 'optimizer'}
+    "mmseg": ("state_dict", "backbone."),
+    "detectron2": ("model", "backbone.bottom_up.model."),  # {'model', 'iteration', ...}
+}
+STRIDES = (4, 8, 16, 32)
+# verify's default inputs for a dense backbone: non-square, and at stride 4 (64x88, 96x128) neither
+# side a multiple of BiFormer's 16 or 8 windows, CrossFormer's 7-groups or RegionViT's 28-pixel regions.
+DENSE_VERIFY_SIZES = ((256, 352), (384, 512))
+
+
+@dataclass(frozen=True)
+class DenseSpec:
+    """A dense-prediction backbone: what it reproduces and what it returns."""
+
+    channels: tuple  # output channels of stages 1..4 (strides 4, 8, 16, 32)
+    classifier: str  # the classification variant whose ImageNet checkpoint initialises it
+    framework: str  # the released checkpoints' format: a key of DETECTOR_FILES
+    detector: str  # the head the fixtures put beside it (converter.fixtures.DETECTOR_HEADS)
+    source: str  # official file, class and commit
+    config: str  # the official config it is built as
+
+    @property
+    def strides(self) -> tuple:
+        return STRIDES[:len(self.channels)]
+
+    @property
+    def checkpoint_entry(self) -> str:
+        return DETECTOR_FILES[self.framework][0]
+
+    @property
+    def checkpoint_prefix(self) -> str:
+        return DETECTOR_FILES[self.framework][1]
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -94,13 +134,26 @@ class ModelSpec:
     # The factory name in the model modules when it differs from ``name``.
     factory: str = ""
     extra_kwargs: dict = field(default_factory=dict)
+    dense: Optional[DenseSpec] = None
 
     def _factory(self, module_name: str) -> Callable:
         module = importlib.import_module(module_name)
         return getattr(module, self.factory or self.name)
 
+    @property
+    def checkpoint_entries(self) -> tuple:
+        """Container entries the official loader reads, in its order of preference (a dense
+        backbone: its detector file's entry first, then the classifier's, for ImageNet weights)."""
+        if self.dense:
+            return (self.dense.checkpoint_entry,) + tuple(
+                e for e in self.family.checkpoint_entries if e != self.dense.checkpoint_entry)
+        return self.family.checkpoint_entries
+
     def factory_kwargs(self, num_classes: int = 1000, img_size: Optional[int] = None) -> dict:
-        """What both frameworks' factories are called with (the models depend on nothing else)."""
+        """What both frameworks' factories are called with (the models depend on nothing else).
+        A dense backbone has no classes and takes any accepted input size at run time."""
+        if self.dense:
+            return dict(self.extra_kwargs)
         if img_size is not None:
             self.check_input_size(img_size, img_size)
         kwargs = dict(self.extra_kwargs, num_classes=num_classes)
@@ -108,11 +161,13 @@ class ModelSpec:
             kwargs["img_size"] = img_size or self.preprocessing.input_size
         return kwargs
 
-    def create_torch(self, num_classes: int = 1000, img_size: Optional[int] = None):
-        return self._factory(self.family.torch_module)(**self.factory_kwargs(num_classes, img_size))
+    def create_torch(self, num_classes: int = 1000, img_size: Optional[int] = None, **model_kwargs):
+        """The torch reference; ``model_kwargs`` go to the factory as they are (``out_indices``, ...)."""
+        return self._factory(self.family.torch_module)(**self.factory_kwargs(num_classes, img_size), **model_kwargs)
 
-    def create_paddle(self, num_classes: int = 1000, img_size: Optional[int] = None):
-        return self._factory(self.family.paddle_module)(**self.factory_kwargs(num_classes, img_size))
+    def create_paddle(self, num_classes: int = 1000, img_size: Optional[int] = None, **model_kwargs):
+        """The Paddle model; ``model_kwargs`` go to the factory as they are (``out_indices``, ...)."""
+        return self._factory(self.family.paddle_module)(**self.factory_kwargs(num_classes, img_size), **model_kwargs)
 
     @property
     def rules(self) -> tuple:
@@ -121,8 +176,18 @@ class ModelSpec:
         module = importlib.import_module(self.family.mapping_module)
         return getattr(module, "VARIANT_RULES", {}).get(self.name, module.RULES)
 
+    @property
+    def from_classifier_rules(self) -> tuple:
+        """A dense backbone started from an ImageNet classification checkpoint: the rules added to
+        ``rules`` (classifier-only keys dropped, the backbone's extra norms initialised)."""
+        return importlib.import_module(self.family.mapping_module).FROM_CLASSIFIER
+
     def check_input_size(self, h: int, w: int) -> None:
-        problem = self.family.input_check(h, w)
+        if self.dense:
+            config = importlib.import_module(f"model_configs.{self.family.name}").DENSE_CONFIGS[self.name]
+            problem = config.input_problem(h, w)
+        else:
+            problem = self.family.input_check(h, w)
         if problem:
             raise UserError(f"{self.name}: {problem}")
 
@@ -132,8 +197,15 @@ def _variants(family: Family, crop: dict, aliases: Callable[[str], tuple] = lamb
             for name, c in crop.items()]
 
 
-MODELS: dict = {}
-for _spec in (
+def _dense(family: Family, name: str, classifier: str, channels: tuple, framework: str, detector: str,
+           source: str, config: str) -> ModelSpec:
+    """A dense backbone; ``--images`` go through its classifier's eval normalisation."""
+    classifier_spec = next(s for s in _CLASSIFIERS if s.name == classifier)
+    return ModelSpec(name, family, classifier_spec.preprocessing,
+                     dense=DenseSpec(tuple(channels), classifier, framework, detector, source, config))
+
+
+_CLASSIFIERS = tuple(
     _variants(FCVIT, {"fcvit_tiny": 0.90, "fcvit_b12": 0.90, "fcvit_b24": 0.95, "fcvit_b48": 0.95})
     + _variants(BIFORMER, dict.fromkeys(
         ["biformer_tiny", "biformer_small", "biformer_base", "biformer_stl", "biformer_stl_nchw"], 0.875))
@@ -144,7 +216,18 @@ for _spec in (
         ["regionvit_tiny", "regionvit_small", "regionvit_medium", "regionvit_base", "regionvit_small_w14",
          "regionvit_small_w14_peg", "regionvit_base_w14", "regionvit_base_w14_peg"], 0.875),
         aliases=lambda n: (f"{n}_224",))
-):
+)
+
+_FCVIT = "ma-xu/FCViT@77e5a9d"
+DENSE_MODELS = (
+    _dense(FCVIT, "fcvit_b12_feat", "fcvit_b12", (64, 128, 320, 512), "mmdet", "mask_rcnn",
+           f"{_FCVIT} models/fcvit.py:705 fcvit_b12_feat", "detection/configs/mask_rcnn_fcvit_b12_fpn_1x_coco.py"),
+    _dense(FCVIT, "fcvit_b24_feat", "fcvit_b24", (64, 128, 320, 512), "mmdet", "mask_rcnn",
+           f"{_FCVIT} models/fcvit.py:676 fcvit_b24_feat", "detection/configs/mask_rcnn_fcvit_b24_fpn_1x_coco.py"),
+)
+
+MODELS: dict = {}
+for _spec in _CLASSIFIERS + DENSE_MODELS:
     MODELS[_spec.name] = _spec
 
 ALIASES = {alias: spec.name for spec in MODELS.values() for alias in spec.aliases}

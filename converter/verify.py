@@ -9,11 +9,10 @@ from typing import Optional
 
 import numpy as np
 
-from .api import convert_checkpoint, create_paddle_model, create_torch_model
-from .checkpoint import read_checkpoint
+from .api import convert_checkpoint, create_paddle_model, create_torch_model, read_model_checkpoint
 from .errors import UserError
-from .preprocess import image_files, load_image
-from .registry import ModelSpec, get_spec
+from .preprocess import image_files, load_image, load_image_resized
+from .registry import DENSE_VERIFY_SIZES, ModelSpec, get_spec
 
 DEFAULT_MAX_ERR = 1e-4  # the gate on the max abs logit error (verify, verify --all, demo; diff's --tol)
 
@@ -25,7 +24,16 @@ class Discrepancy:
     max_rel_err: float  # max |torch - paddle| / max |torch|
 
     @classmethod
-    def between(cls, a: np.ndarray, b: np.ndarray) -> "Discrepancy":
+    def between(cls, a, b) -> "Discrepancy":
+        """Of two arrays, or of two lists of arrays (a dense backbone's feature maps) taken together."""
+        if isinstance(a, list):
+            if len(a) != len(b):
+                raise UserError(f"torch returned {len(a)} outputs, Paddle {len(b)}")
+            parts = [cls.between(x, y) for x, y in zip(a, b)]
+            sizes = [x.size for x in a]
+            return cls(max(p.max_abs_err for p in parts),
+                       float(sum(p.mean_abs_err * n for p, n in zip(parts, sizes)) / sum(sizes)),
+                       max(p.max_abs_err for p in parts) / (max(float(np.abs(x).max()) for x in a) or 1.0))
         if a.shape != b.shape:
             raise UserError(f"torch and Paddle outputs differ in shape: {a.shape} vs {b.shape}")
         diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
@@ -42,14 +50,16 @@ class RunSetting:
     paddle_params: str  # where the Paddle weights came from
     input: str
     batch_size: int
-    input_size: int
+    input_size: object  # N for N x N, [H, W] otherwise (a dense backbone: every size it ran)
     device: str
 
     def header(self, label_width: int) -> list:
         """The report's first two lines: the model and where its weights came from, the batch."""
+        sizes = self.input_size if isinstance(self.input_size, list) and isinstance(self.input_size[0], list) \
+            else [self.input_size]
         return [model_line(label_width, self.model, self.checkpoint_entry, self.paddle_params),
                 f"{'input':<{label_width}}{self.input}, batch {self.batch_size}, "
-                f"{self.input_size}x{self.input_size}, {self.device} float32"]
+                f"{', '.join(map(size_label, sizes))}, {self.device} float32"]
 
 
 def model_line(label_width: int, model: str, checkpoint_entry: str, paddle_params: str) -> str:
@@ -63,17 +73,22 @@ class VerifyReport(RunSetting):
     max_abs_err: float
     mean_abs_err: float
     max_rel_err: float
-    top1_agreement: float
+    top1_agreement: Optional[float]  # None for a dense backbone (no classes)
     stages: list = field(default_factory=list)  # [{name, max_abs_err, mean_abs_err, max_rel_err}]
     routing: list = field(default_factory=list)  # [{module, rows, identical, ties, mismatches, max_gap}]
     torch_seconds: float = 0.0
     paddle_seconds: float = 0.0
     passed: bool = False
+    # A dense backbone: every output map at every input size, judged relative to its scale:
+    # [{size, stage, channels, stride, shape, max_abs_err, mean_abs_err, scale, max_rel_err}]
+    features: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def format(self) -> str:
+        if self.features:
+            return self._format_dense()
         lines = self.header(16)
         for s in self.stages:
             lines.append(f"  {s['name']:<14}max {s['max_abs_err']:.3e}  mean {s['mean_abs_err']:.3e}")
@@ -86,6 +101,23 @@ class VerifyReport(RunSetting):
             f"forward time    torch {self.torch_seconds:.3f} s, paddle {self.paddle_seconds:.3f} s",
             f"result          {'PASS' if self.passed else 'FAIL'} (max abs error "
             f"{self.max_abs_err:.3e} {'<=' if self.passed else '>'} {self.max_err:g})",
+        ]
+        return "\n".join(lines)
+
+    def _format_dense(self) -> str:
+        lines = self.header(16)
+        for f in self.features:
+            lines.append(f"  {f['size']:<9} stage {f['stage']} ({f['channels']} ch, /{f['stride']:<2}) "
+                         f"max {f['max_abs_err']:.3e}  mean {f['mean_abs_err']:.3e}  "
+                         f"|feature| {f['scale']:.3g}  rel {f['max_rel_err']:.2e}")
+        if self.routing:
+            lines.append(self._routing_line())
+        worst = max(self.features, key=lambda f: f["max_abs_err"] / max(1.0, f["scale"]))
+        lines += [
+            f"forward time    torch {self.torch_seconds:.3f} s, paddle {self.paddle_seconds:.3f} s (all sizes)",
+            f"result          {'PASS' if self.passed else 'FAIL'} (worst: {worst['size']} stage {worst['stage']}, "
+            f"max abs error {worst['max_abs_err']:.3e} {'<=' if self.passed else '>'} "
+            f"{self.max_err:g} x max(1, |feature| {worst['scale']:.3g}))",
         ]
         return "\n".join(lines)
 
@@ -121,28 +153,46 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def make_batch(spec: ModelSpec, *, images=None, batch_size: int = 2, input_size: Optional[int] = None,
+def make_batch(spec: ModelSpec, *, images=None, batch_size: int = 2, input_size=None,
                seed: int = 0) -> tuple:
     """(NCHW float32 batch, description): real images through the official preprocessing,
-    or a seeded standard-normal batch."""
-    size = checked_input_size(spec, input_size)
+    or a seeded standard-normal batch.  ``input_size``: N (N x N) or (H, W)."""
+    h, w = checked_input_size(spec, input_size)
     if images is not None:
         files = image_files(images)[:batch_size]
-        batch = np.stack([load_image(f, spec.preprocessing, size) for f in files])
+        if spec.dense:
+            batch = np.stack([load_image_resized(f, spec.preprocessing, (h, w)) for f in files])
+            return batch, f"{len(files)} images from {images} (resized to {h}x{w}, bilinear)"
+        if h != w:
+            raise UserError("--images with a non-square --input-size: a classifier's eval crop is square")
+        batch = np.stack([load_image(f, spec.preprocessing, h) for f in files])
         return batch, f"{len(files)} images from {images} ({spec.preprocessing.describe()})"
-    return random_batch(batch_size, size, seed), f"random normal batch (seed {seed})"
+    return random_batch(batch_size, (h, w), seed), f"random normal batch (seed {seed})"
 
 
-def checked_input_size(spec: ModelSpec, input_size: Optional[int] = None) -> int:
-    """``input_size``, or the model's official one, once the model is known to take it."""
-    size = input_size or spec.preprocessing.input_size
-    spec.check_input_size(size, size)
-    return size
+def as_hw(size) -> tuple:
+    """N or (H, W) -> (H, W)."""
+    return (int(size), int(size)) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
 
 
-def random_batch(batch_size: int, size: int, seed: int) -> np.ndarray:
-    """A seeded standard-normal NCHW float32 batch of ``size`` x ``size`` images."""
-    return np.random.default_rng(seed).standard_normal((batch_size, 3, size, size), dtype=np.float32)
+def size_label(size) -> str:
+    h, w = as_hw(size)
+    return f"{h}x{w}"
+
+
+def checked_input_size(spec: ModelSpec, input_size=None) -> tuple:
+    """(H, W): ``input_size`` (N or (H, W)), or the model's official one, once the model is known
+    to take it."""
+    default = DENSE_VERIFY_SIZES[0] if spec.dense else spec.preprocessing.input_size
+    h, w = as_hw(input_size or default)
+    spec.check_input_size(h, w)
+    return h, w
+
+
+def random_batch(batch_size: int, size, seed: int) -> np.ndarray:
+    """A seeded standard-normal NCHW float32 batch of ``size`` (N or (H, W)) images."""
+    h, w = as_hw(size)
+    return np.random.default_rng(seed).standard_normal((batch_size, 3, h, w), dtype=np.float32)
 
 
 class _Capture:
@@ -225,16 +275,21 @@ def run_models(torch_model, paddle_model, batch: np.ndarray, device: str, stage_
 
 
 def forward_both(torch_model, paddle_model, batch: np.ndarray, device: str) -> tuple:
-    """(torch logits, Paddle logits, torch seconds, Paddle seconds) on ``batch``; torch runs first."""
+    """(torch output, Paddle output, torch seconds, Paddle seconds) on ``batch``; torch runs first.
+    An output is the logits array, or a dense backbone's list of feature-map arrays."""
     import paddle
     import torch
 
     t_in = torch.from_numpy(batch).to("cuda" if device == "gpu" else "cpu")
     with torch.no_grad():
-        t_out, t_sec = _timed(lambda: torch_model(t_in).cpu().numpy())
+        t_out, t_sec = _timed(lambda: _as_arrays(torch_model(t_in), lambda t: t.cpu().numpy()))
     with paddle.no_grad():
-        p_out, p_sec = _timed(lambda: paddle_model(paddle.to_tensor(batch)).numpy())
+        p_out, p_sec = _timed(lambda: _as_arrays(paddle_model(paddle.to_tensor(batch)), lambda t: t.numpy()))
     return t_out, p_out, t_sec, p_sec
+
+
+def _as_arrays(output, to_numpy):
+    return [to_numpy(t) for t in output] if isinstance(output, (list, tuple)) else to_numpy(output)
 
 
 def routing_agreement(reference, other) -> dict:
@@ -304,8 +359,7 @@ def load_model_pair(spec: ModelSpec, torch_ckpt, paddle_params=None, *, img_size
     ``paddle_params`` (or converted in memory from the same checkpoint when None), both in eval
     mode on ``device`` (already resolved).  ``img_size`` matters only to size-dependent families
     (``ModelSpec.factory_kwargs`` passes it to no others)."""
-    ckpt = read_checkpoint(torch_ckpt, spec.family.checkpoint_entries, ema=ema, key=key,
-                           unsafe_pickle=unsafe_pickle)
+    ckpt = read_model_checkpoint(spec, torch_ckpt, ema=ema, key=key, unsafe_pickle=unsafe_pickle)
     torch_model = create_torch_model(spec.name, ckpt, num_classes=num_classes, img_size=img_size)
     if device == "gpu":
         torch_model = torch_model.cuda()
@@ -327,17 +381,17 @@ class PreparedRun:
 
 
 def prepare_run(name: str, torch_ckpt, paddle_params=None, *, images=None, batch_size: int = 2,
-                input_size: Optional[int] = None, seed: int = 0, device: str = "cpu", ema: bool = False,
+                input_size=None, seed: int = 0, device: str = "cpu", ema: bool = False,
                 key: Optional[str] = None, unsafe_pickle: bool = False, num_classes: int = 1000) -> PreparedRun:
     """The batch, and both models loaded for it: where verify and diff start."""
     spec = get_spec(name)
     batch, described = make_batch(spec, images=images, batch_size=batch_size, input_size=input_size, seed=seed)
-    size = batch.shape[-1]
+    h, w = (int(n) for n in batch.shape[-2:])
     device = resolve_device(device)
-    pair = load_model_pair(spec, torch_ckpt, paddle_params, img_size=size, device=device, ema=ema, key=key,
-                           unsafe_pickle=unsafe_pickle, num_classes=num_classes)
+    pair = load_model_pair(spec, torch_ckpt, paddle_params, img_size=h if h == w else None, device=device, ema=ema,
+                           key=key, unsafe_pickle=unsafe_pickle, num_classes=num_classes)
     setting = RunSetting(spec.name, pair.checkpoint_entry, pair.paddle_params, described, int(batch.shape[0]),
-                         int(size), device)
+                         h if h == w else [h, w], device)
     return PreparedRun(spec, batch, pair, setting)
 
 
@@ -347,6 +401,10 @@ def run_verify(name: str, torch_ckpt, paddle_params=None, *, images=None, batch_
                unsafe_pickle: bool = False, num_classes: int = 1000) -> VerifyReport:
     """Compare the torch reference (loaded from ``torch_ckpt``) with the Paddle model (loaded from
     ``paddle_params``, or converted in memory from the same checkpoint when None)."""
+    if get_spec(name).dense:
+        return _verify_dense(name, torch_ckpt, paddle_params, images=images, batch_size=batch_size,
+                             input_size=input_size, seed=seed, device=device, max_err=max_err, ema=ema, key=key,
+                             unsafe_pickle=unsafe_pickle)
     prepared = prepare_run(name, torch_ckpt, paddle_params, images=images, batch_size=batch_size,
                            input_size=input_size, seed=seed, device=device, ema=ema, key=key,
                            unsafe_pickle=unsafe_pickle, num_classes=num_classes)
@@ -365,3 +423,49 @@ def run_verify(name: str, torch_ckpt, paddle_params=None, *, images=None, batch_
         torch_seconds=run["torch_seconds"], paddle_seconds=run["paddle_seconds"],
         passed=bool(logits.max_abs_err <= max_err),
     )
+
+
+def _verify_dense(name: str, torch_ckpt, paddle_params=None, *, images=None, batch_size: int = 2, input_size=None,
+                  seed: int = 0, device: str = "cpu", max_err: float = DEFAULT_MAX_ERR, **checkpoint_options
+                  ) -> VerifyReport:
+    """A dense backbone: both models loaded once, then run at ``input_size`` or, by default, at
+    DENSE_VERIFY_SIZES (non-square, padding in every family).  Every output map is compared; the
+    gate is relative to each map's scale: max abs error <= max_err x max(1, max |torch feature|)."""
+    spec = get_spec(name)
+    sizes = [as_hw(input_size)] if input_size else list(DENSE_VERIFY_SIZES)
+    for size in sizes:
+        checked_input_size(spec, size)
+    device = resolve_device(device)
+    pair = load_model_pair(spec, torch_ckpt, paddle_params, device=device, **checkpoint_options)
+    router_names = tuple(getattr(pair.torch_model, "routing_modules", ()))
+    features, routing, t_total, p_total, described = [], [], 0.0, 0.0, ""
+    for size in sizes:
+        batch, described = make_batch(spec, images=images, batch_size=batch_size, input_size=size, seed=seed)
+        run = run_models(pair.torch_model, pair.paddle_model, batch, device, router_names)
+        t_total += run["torch_seconds"]
+        p_total += run["paddle_seconds"]
+        routing += routing_report(run["torch_stages"], run["paddle_stages"], router_names)
+        features += feature_discrepancies(pair.torch_model.feature_info, run["torch"], run["paddle"], size)
+    worst = max(f["max_abs_err"] for f in features)
+    setting = RunSetting(spec.name, pair.checkpoint_entry, pair.paddle_params, described, batch_size,
+                         [list(s) for s in sizes], device)
+    return VerifyReport(
+        **asdict(setting), max_err=max_err, max_abs_err=worst,
+        mean_abs_err=float(np.mean([f["mean_abs_err"] for f in features])),
+        max_rel_err=max(f["max_rel_err"] for f in features), top1_agreement=None, routing=routing,
+        torch_seconds=t_total, paddle_seconds=p_total, features=features,
+        passed=all(f["max_abs_err"] <= max_err * max(1.0, f["scale"]) for f in features))
+
+
+def feature_discrepancies(feature_info, torch_maps, paddle_maps, size) -> list:
+    """One row per output map: errors, and the map's own scale (max |torch feature|)."""
+    if len(torch_maps) != len(paddle_maps):
+        raise UserError(f"torch returned {len(torch_maps)} feature maps, Paddle {len(paddle_maps)}")
+    rows = []
+    for info, a, b in zip(feature_info, torch_maps, paddle_maps):
+        d = Discrepancy.between(a, b)
+        rows.append({"size": size_label(size), "stage": int(np.log2(info["stride"])) - 1,
+                     "channels": info["channels"], "stride": info["stride"], "shape": list(a.shape),
+                     "max_abs_err": d.max_abs_err, "mean_abs_err": d.mean_abs_err,
+                     "scale": float(np.abs(a).max()), "max_rel_err": d.max_rel_err})
+    return rows

@@ -59,7 +59,8 @@ class ZooReport:
                 rows.append((m.name, "-", "-", "-", f"{m.seconds:.1f}s", "ERROR"))
             else:
                 rows.append((m.name, f"{m.max_abs_err:.2e}", f"{m.mean_abs_err:.2e}",
-                             f"{m.top1_agreement * 100:.0f}%", f"{m.seconds:.1f}s", "PASS" if m.passed else "FAIL"))
+                             "-" if m.top1_agreement is None else f"{m.top1_agreement * 100:.0f}%",  # dense: none
+                             f"{m.seconds:.1f}s", "PASS" if m.passed else "FAIL"))
         lines = table_lines(rows)
         lines += [f"  {m.name}: {m.error}" for m in self.models if m.error]
         if self.not_found:

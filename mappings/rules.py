@@ -54,6 +54,20 @@ class Transpose:
         return re.search(self.pattern, key) is not None
 
 
+@dataclass(frozen=True)
+class Init:
+    """Target keys matching ``pattern`` that the checkpoint does not hold are set to ``value``,
+    as the official code initialises them (a dense backbone's extra output norms, when it starts
+    from an ImageNet classification checkpoint)."""
+
+    pattern: str
+    value: float
+    reason: str
+
+    def matches(self, key: str) -> bool:
+        return re.search(self.pattern, key) is not None
+
+
 def _swap_leaf(key: str, old: str, new: str) -> Optional[str]:
     module, _, leaf = key.rpartition(".")
     if leaf != old:
@@ -72,3 +86,15 @@ BATCHNORM = (
 def linear_weights(*module_patterns: str) -> tuple[Transpose, ...]:
     """One Transpose rule per Linear module pattern (regex of the module path, without ``.weight``)."""
     return tuple(Transpose(rf"{p}\.weight$") for p in module_patterns)
+
+
+# An ImageNet classification checkpoint as the start of a dense backbone (the usual detector
+# initialisation): the classifier's head and final norm have no place in the backbone.
+CLASSIFIER_HEAD = Drop(r"^head\.", "ImageNet classification head; a dense backbone has none")
+CLASSIFIER_NORM = Drop(r"^norm\.", "final norm of the classifier; a dense backbone has none")
+
+
+def fresh_norms(module_pattern: str, what: str) -> tuple[Init, Init]:
+    """Norm layers a dense backbone adds, initialised as torch initialises any norm: weight 1, bias 0."""
+    reason = f"{what} (weight 1, bias 0, as the official code initialises it)"
+    return Init(rf"{module_pattern}\.weight$", 1.0, reason), Init(rf"{module_pattern}\.bias$", 0.0, reason)

@@ -6,7 +6,8 @@ a shallow copy; the values below are what every released model was actually buil
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -26,10 +27,23 @@ class FCViTConfig:
     def mix_width(self, dim: int) -> int:
         return max(dim // self.mix_reduction, self.mix_min_width)
 
+    def input_problem(self, height: int, width: int) -> Optional[str]:
+        """Convolutions and global context only: any size the 7x7/4 stem can take."""
+        if height < 1 or width < 1:
+            return f"input {height}x{width} is empty"
+        return None
+
 
 CONFIGS = {
     "fcvit_tiny": FCViTConfig(layers=(3, 3, 5, 2), embed_dims=(32, 64, 160, 320)),
     "fcvit_b12": FCViTConfig(layers=(2, 2, 6, 2), embed_dims=(64, 128, 320, 512)),
     "fcvit_b24": FCViTConfig(layers=(4, 4, 12, 4), embed_dims=(64, 128, 320, 512)),
     "fcvit_b48": FCViTConfig(layers=(8, 8, 24, 8), embed_dims=(64, 128, 320, 512)),
+}
+
+# The dense backbones ``fcvit_b12_feat`` / ``fcvit_b24_feat`` (models/fcvit.py:673-729): the
+# classification configuration with layer-scale init 1e-6 instead of 1e-5.
+DENSE_CONFIGS = {
+    "fcvit_b12_feat": replace(CONFIGS["fcvit_b12"], layer_scale_init=1e-6),
+    "fcvit_b24_feat": replace(CONFIGS["fcvit_b24"], layer_scale_init=1e-6),
 }

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from model_configs.fcvit import CONFIGS, FCViTConfig
+from model_configs.fcvit import CONFIGS, DENSE_CONFIGS, FCViTConfig
 
 from .registration import register_model
 
-__all__ = ["FCViT", "FCViTConfig", "CONFIGS"]
+__all__ = ["FCViT", "FCViTFeatures", "FCViTConfig", "CONFIGS", "DENSE_CONFIGS"]
 
 
 class GroupNorm(nn.GroupNorm):
@@ -127,21 +127,26 @@ class BasicBlock(nn.Module):
         return x + self.layer_scale_2[:, None, None] * self.channel_mixer(self.norm2(x))
 
 
+def _build_trunk(model, cfg: FCViTConfig):
+    """The stem and ``network``: stages of blocks (even indices) and downsamplers between them."""
+    dims = cfg.embed_dims
+    model.patch_embed = OverlapPatchEmbed(3, dims[0], patch_size=7, stride=4)
+    network = []
+    for i, depth in enumerate(cfg.layers):
+        network.append(nn.Sequential(*[BasicBlock(dims[i], cfg.mlp_ratios[i], cfg) for _ in range(depth)]))
+        if i + 1 < len(cfg.layers):
+            network.append(OverlapPatchEmbed(dims[i], dims[i + 1], patch_size=3, stride=2))
+    model.network = nn.ModuleList(network)
+    model.stage_names = tuple(f"network.{i}" for i in range(0, len(network), 2))
+
+
 class FCViT(nn.Module):
     def __init__(self, cfg: FCViTConfig, num_classes=1000):
         super().__init__()
-        dims = cfg.embed_dims
         self.num_classes = num_classes
-        self.patch_embed = OverlapPatchEmbed(3, dims[0], patch_size=7, stride=4)
-        network = []
-        for i, depth in enumerate(cfg.layers):
-            network.append(nn.Sequential(*[BasicBlock(dims[i], cfg.mlp_ratios[i], cfg) for _ in range(depth)]))
-            if i + 1 < len(cfg.layers):
-                network.append(OverlapPatchEmbed(dims[i], dims[i + 1], patch_size=3, stride=2))
-        self.network = nn.ModuleList(network)
-        self.stage_names = tuple(f"network.{i}" for i in range(0, len(network), 2))
-        self.norm = GroupNorm(dims[-1])
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        _build_trunk(self, cfg)
+        self.norm = GroupNorm(cfg.embed_dims[-1])
+        self.head = nn.Linear(cfg.embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x):
         x = self.patch_embed(x)
@@ -153,10 +158,42 @@ class FCViT(nn.Module):
         return self.head(self.forward_features(x).mean([-2, -1]))
 
 
+class FCViTFeatures(nn.Module):
+    """The dense backbone (official ``fcvit_b*_feat``, ``BaseFormer(fork_feat=True)``): every
+    stage's output goes through its own side-branch GroupNorm ``norm{2i}`` (named by its index in
+    ``network``) while the unnormalised tensor continues; no final norm, no head.  Any input size."""
+
+    def __init__(self, cfg: FCViTConfig, out_indices=(0, 1, 2, 3)):
+        super().__init__()
+        _build_trunk(self, cfg)
+        self.out_indices = tuple(out_indices)
+        for stage in range(len(cfg.layers)):  # all four exist, as in the official model, used or not
+            self.add_module(f"norm{2 * stage}", GroupNorm(cfg.embed_dims[stage]))
+        self.feature_info = [{"channels": cfg.embed_dims[i], "stride": 4 * 2 ** i} for i in self.out_indices]
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        outs = []
+        for idx, layer in enumerate(self.network):
+            x = layer(x)
+            if idx % 2 == 0 and idx // 2 in self.out_indices:
+                outs.append(getattr(self, f"norm{idx}")(x))
+        return outs
+
+
+DENSE_MODEL = FCViTFeatures
+
+
 def _create(name, pretrained=False, num_classes=1000, **kwargs):
     if pretrained:
         raise ValueError("torch2paddle builds models without downloading weights; load a checkpoint instead")
     return FCViT(CONFIGS[name], num_classes=num_classes)
+
+
+def _create_dense(name, pretrained=False, **kwargs):
+    if pretrained:
+        raise ValueError("torch2paddle builds models without downloading weights; load a checkpoint instead")
+    return FCViTFeatures(DENSE_CONFIGS[name], **kwargs)
 
 
 # One factory per variant, named as the official code names them.
@@ -168,3 +205,10 @@ def fcvit_b12(pretrained=False, **kwargs): return _create("fcvit_b12", pretraine
 def fcvit_b24(pretrained=False, **kwargs): return _create("fcvit_b24", pretrained, **kwargs)  # noqa: E704
 @register_model
 def fcvit_b48(pretrained=False, **kwargs): return _create("fcvit_b48", pretrained, **kwargs)  # noqa: E704
+
+
+# The dense backbones (mmdet / mmseg), named as the official classes.
+@register_model
+def fcvit_b12_feat(pretrained=False, **kwargs): return _create_dense("fcvit_b12_feat", pretrained, **kwargs)  # noqa: E704
+@register_model
+def fcvit_b24_feat(pretrained=False, **kwargs): return _create_dense("fcvit_b24_feat", pretrained, **kwargs)  # noqa: E704

@@ -38,7 +38,13 @@ requires_timm = pytest.mark.skipif(not _timm_imports(), reason="timm/torchvision
 
 
 def load_manifest(name: str) -> dict:
-    return json.loads((MANIFESTS / f"{name}.json").read_text())
+    """The official layout of a model: tests/data/manifests/<name>.json, dense backbones under dense/."""
+    path = MANIFESTS / f"{name}.json"
+    return json.loads((path if path.is_file() else MANIFESTS / "dense" / f"{name}.json").read_text())
+
+
+def has_manifest(name: str) -> bool:
+    return (MANIFESTS / f"{name}.json").is_file() or (MANIFESTS / "dense" / f"{name}.json").is_file()
 
 
 def file_sha256(path) -> str:

@@ -73,11 +73,21 @@ def test_aliases_and_suggestions():
 
 
 def test_registry_covers_every_official_variant():
-    assert set(MODELS) == {
+    assert {name for name, spec in MODELS.items() if not spec.dense} == {
         "fcvit_tiny", "fcvit_b12", "fcvit_b24", "fcvit_b48",
         "biformer_tiny", "biformer_small", "biformer_base", "biformer_stl", "biformer_stl_nchw",
         "crossformer_tiny", "crossformer_small", "crossformer_base", "crossformer_large",
         "crossformer_pp_small", "crossformer_pp_base", "crossformer_pp_large", "crossformer_pp_huge",
         "regionvit_tiny", "regionvit_small", "regionvit_medium", "regionvit_base",
         "regionvit_small_w14", "regionvit_small_w14_peg", "regionvit_base_w14", "regionvit_base_w14_peg",
+    }
+
+
+def test_registry_covers_every_official_dense_backbone():
+    assert {name for name, spec in MODELS.items() if spec.dense} == {
+        "fcvit_b12_feat", "fcvit_b24_feat",
+        "biformer_small_det", "biformer_base_det", "biformer_small_seg", "biformer_base_seg",
+        "crossformer_small_det", "crossformer_base_det", "crossformer_large_seg", "crossformer_pp_small_det",
+        "regionvit_small_det", "regionvit_small_w14_det", "regionvit_small_w14_peg_det",
+        "regionvit_base_det", "regionvit_base_w14_det", "regionvit_base_w14_peg_det",
     }
