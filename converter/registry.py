@@ -219,11 +219,55 @@ _CLASSIFIERS = tuple(
 )
 
 _FCVIT = "ma-xu/FCViT@77e5a9d"
+_BIFORMER = "rayleizhu/BiFormer@1697bbb"
+_CROSSFORMER_V1 = "cheerss/CrossFormer@4fbf750 (v1, the released dense weights' code)"
+_CROSSFORMER_HEAD = "cheerss/CrossFormer@7952010"
+_REGIONVIT = "IBM/RegionViT@77000c2"
+_C64, _C96, _C128 = (64, 128, 256, 512), (96, 192, 384, 768), (128, 256, 512, 1024)  # channels by stage
+
+
+def _biformer(size: str, task: str, channels: tuple) -> ModelSpec:
+    det = task == "det"
+    where, config = (("object_detection", f"configs/coco/retinanet.1x.biformer_{size}.py (n_win 16)") if det else
+                     ("semantic_segmentation", f"configs/ade20k/upernet.biformer_{size}.py (n_win 8)"))
+    return _dense(BIFORMER, f"biformer_{size}_{task}", f"biformer_{size}", channels, "mmdet" if det else "mmseg",
+                  "retinanet" if det else "upernet", f"{_BIFORMER} {where}/models_mm/biformer_mm.py:12 BiFormer_mm",
+                  f"{where}/{config}")
+
+
+def _regionvit(variant: str, channels: tuple) -> ModelSpec:
+    return _dense(REGIONVIT, f"{variant}_det", variant, channels, "detectron2", "d2_mask_rcnn",
+                  f"{_REGIONVIT} detection/detector_wrapper.py:10 RegionViTBackbone({variant}_224, det_norm)",
+                  f"detection/configs/mask_rcnn_regionvit_FPN_1x.yaml + REGIONVIT {variant}_224")
+
+
 DENSE_MODELS = (
     _dense(FCVIT, "fcvit_b12_feat", "fcvit_b12", (64, 128, 320, 512), "mmdet", "mask_rcnn",
            f"{_FCVIT} models/fcvit.py:705 fcvit_b12_feat", "detection/configs/mask_rcnn_fcvit_b12_fpn_1x_coco.py"),
     _dense(FCVIT, "fcvit_b24_feat", "fcvit_b24", (64, 128, 320, 512), "mmdet", "mask_rcnn",
            f"{_FCVIT} models/fcvit.py:676 fcvit_b24_feat", "detection/configs/mask_rcnn_fcvit_b24_fpn_1x_coco.py"),
+    _biformer("small", "det", _C64),
+    _biformer("base", "det", _C96),
+    _biformer("small", "seg", _C64),
+    _biformer("base", "seg", _C96),
+    _dense(CROSSFORMER, "crossformer_small_det", "crossformer_small", _C96, "mmdet", "retinanet",
+           f"{_CROSSFORMER_V1} detection/crossformer_factory.py:15 CrossFormer_S",
+           "detection/configs/retinanet_crossformer_s_fpn_1x_coco.py"),
+    _dense(CROSSFORMER, "crossformer_base_det", "crossformer_base", _C96, "mmdet", "retinanet",
+           f"{_CROSSFORMER_V1} detection/crossformer_factory.py:38 CrossFormer_B",
+           "detection/configs/retinanet_crossformer_b_fpn_1x_coco.py"),
+    _dense(CROSSFORMER, "crossformer_large_seg", "crossformer_large", _C128, "mmseg", "semantic_fpn",
+           f"{_CROSSFORMER_V1} segmentation/crossformer_factory.py:61 CrossFormer_L",
+           "segmentation/configs/fpn_crossformer_l_ade20k_40k.py"),
+    _dense(CROSSFORMER, "crossformer_pp_small_det", "crossformer_pp_small", _C64, "mmdet", "retinanet",
+           f"{_CROSSFORMER_HEAD} detection/crossformer_factory.py:40 CrossFormer_S2",
+           "detection/configs/crossformer_pp/retinanet_crossformerpp_s_fpn_1x_coco.py"),
+    _regionvit("regionvit_small", _C96),
+    _regionvit("regionvit_small_w14", _C96),
+    _regionvit("regionvit_small_w14_peg", _C96),
+    _regionvit("regionvit_base", _C128),
+    _regionvit("regionvit_base_w14", _C128),
+    _regionvit("regionvit_base_w14_peg", _C128),
 )
 
 MODELS: dict = {}
