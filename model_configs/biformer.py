@@ -4,10 +4,12 @@ Paddle port (framework-free, so the Paddle side never imports torch).
 Official sources (rayleizhu/BiFormer @ 1697bbb): ``models/biformer.py`` (tiny/small/base),
 ``models/biformer_stl.py`` and ``models/biformer_stl_nchw.py``.  Every value below is what the
 released checkpoints were built with, including the defaults the factories do not spell out.
+The dense backbones (``DENSE_CONFIGS``) are ``BiFormer_mm`` of ``object_detection/models_mm`` and
+``semantic_segmentation/models_mm`` built as the COCO / ADE20K configs build them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 # Model layouts.  "biformer": conv stem, conv+BN downsampling, pos_embed conv, NHWC blocks with
@@ -31,7 +33,10 @@ class BiFormerConfig:
     global_heads: int = 8  # stage-4 attention takes its default 8 heads, whatever the width
     side_dwconv: int = 5  # LePE depthwise kernel
     pos_embed_kernel: int = 3  # "biformer" layout only: depthwise conv before each block
-    norm_eps: float = 1e-6  # block LayerNorms (nn.LayerNorm or timm LayerNorm2d)
+    norm_eps: float = 1e-6  # block LayerNorms (nn.LayerNorm or timm LayerNorm2d); dense extra_norms too
+    # Dense backbones (official auto_pad=True): each legacy BRA zero-pads its NHWC input bottom/right
+    # to a multiple of n_win (after norm1, no mask) and crops its output back, so any size runs.
+    auto_pad: bool = False
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -67,6 +72,15 @@ class BiFormerConfig:
                         f"that are multiples of 112 (e.g. 224)")
         return None
 
+    def input_problem(self, height: int, width: int) -> Optional[str]:
+        """Why an input of ``height`` x ``width`` cannot be run, or None if it can: with auto_pad
+        (the dense backbones) any non-empty input, otherwise ``input_size_problem``."""
+        if not self.auto_pad:
+            return self.input_size_problem(height, width)
+        if height < 1 or width < 1:
+            return f"input {height}x{width} is empty"
+        return None
+
 
 CONFIGS = {
     "biformer_tiny": BiFormerConfig("biformer", depth=(2, 2, 8, 2), embed_dim=(64, 128, 256, 512), mlp_ratio=3),
@@ -75,4 +89,16 @@ CONFIGS = {
     "biformer_stl": BiFormerConfig("stl", depth=(2, 2, 6, 2), embed_dim=(96, 192, 384, 768), mlp_ratio=4),
     "biformer_stl_nchw": BiFormerConfig("stl_nchw", depth=(2, 2, 6, 2), embed_dim=(96, 192, 384, 768),
                                         mlp_ratio=4, topks=(1, 4, 16, -1)),
+}
+
+# Dense backbones: ``BiFormer_mm`` (object_detection/ and semantic_segmentation/
+# models_mm/biformer_mm.py:12) on the classification trunk, with auto_pad=True and the configs'
+# n_win: 16 in every COCO config (object_detection/configs/coco/*.py), 8 in every ADE20K
+# BiFormer config (semantic_segmentation/configs/ade20k/{upernet,sfpn}.biformer_*.py).  Every
+# other backbone kwarg equals the classifier's (drop_path_rate aside, which eval never uses).
+DENSE_CONFIGS = {
+    "biformer_small_det": replace(CONFIGS["biformer_small"], n_win=16, auto_pad=True),
+    "biformer_base_det": replace(CONFIGS["biformer_base"], n_win=16, auto_pad=True),
+    "biformer_small_seg": replace(CONFIGS["biformer_small"], n_win=8, auto_pad=True),
+    "biformer_base_seg": replace(CONFIGS["biformer_base"], n_win=8, auto_pad=True),
 }

@@ -3,7 +3,8 @@
 Reads side by side with ``reference_torch/biformer.py``: same classes, attribute names and order,
 so parameter names are the official checkpoint's (BatchNorm running statistics aside: Paddle
 calls them ``_mean`` / ``_variance``).  Variants: biformer_tiny, biformer_small, biformer_base,
-biformer_stl, biformer_stl_nchw.  Inference only: no drop path.
+biformer_stl, biformer_stl_nchw, and the dense backbones biformer_{small,base}_{det,seg}
+(``BiFormer_mm``; any input size through the BRA's auto_pad).  Inference only: no drop path.
 
 Bi-Level Routing Attention gathers the routed key/value regions with one index_select over a
 (batch x region) axis, so the gathered tensors hold topk regions per query region, never p^2.
@@ -17,12 +18,13 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from model_configs.biformer import CONFIGS, BiFormerConfig
+from model_configs.biformer import CONFIGS, DENSE_CONFIGS, BiFormerConfig
 
 from . import numerics
 
-__all__ = ["BiFormer", "BiFormerSTL", "biformer_tiny", "biformer_small", "biformer_base",
-           "biformer_stl", "biformer_stl_nchw"]
+__all__ = ["BiFormer", "BiFormerSTL", "BiFormerDense", "biformer_tiny", "biformer_small", "biformer_base",
+           "biformer_stl", "biformer_stl_nchw", "biformer_small_det", "biformer_base_det", "biformer_small_seg",
+           "biformer_base_seg"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,7 +86,7 @@ def _region_means(x, n):
 
 @paddle.jit.not_to_static  # a shape check in plain Python; export traces the model without it
 def _check_input(cfg: BiFormerConfig, x):
-    problem = cfg.input_size_problem(x.shape[-2], x.shape[-1])
+    problem = cfg.input_problem(x.shape[-2], x.shape[-1])
     if problem:
         raise ValueError(f"BiFormer: {problem}")
 
@@ -156,9 +158,18 @@ class QKVLinear(nn.Layer):
 class BiLevelRoutingAttention(nn.Layer):
     """Legacy BRA (ops/bra_legacy.py) on NHWC input, as every released NHWC model uses it:
     identity kv downsampling, hard non-differentiable routing, scale = qk_dim^-0.5 for both the
-    routing and the token attention, LePE on v, output Linear ``wo``."""
+    routing and the token attention, LePE on v, output Linear ``wo``.
 
-    def __init__(self, dim: int, num_heads: int, n_win: int, topk: int, side_dwconv: int):
+    ``auto_pad`` (the dense backbones, bra_legacy.py:212-225 and 276-279): the input is
+    zero-padded bottom/right to a multiple of n_win and everything above runs on the padded map
+    without a mask (padded tokens are Linear(0) = the qkv bias: they shape the region means,
+    are routed to, attended to, and feed the LePE conv at the border); the output is cropped.
+    Windows made only of padding hold identical keys and values, so their exact ties in the
+    top-k routing cannot change the output, although Paddle's top-k breaks such ties
+    differently from torch's."""
+
+    def __init__(self, dim: int, num_heads: int, n_win: int, topk: int, side_dwconv: int,
+                 auto_pad: bool = False):
         super().__init__()
         self.qk_dim = dim
         self.num_heads = num_heads
@@ -169,17 +180,22 @@ class BiLevelRoutingAttention(nn.Layer):
         self.kv_gather = KVGather()
         self.qkv = QKVLinear(dim, self.qk_dim)
         self.wo = nn.Linear(dim, dim)
+        self.auto_pad = auto_pad
 
     def forward(self, x):
-        n, hh, ww, c = x.shape
+        n, h_in, w_in, _ = x.shape
         s, m = self.n_win, self.num_heads
-        h, w = hh // s, ww // s
+        pad_b, pad_r = ((-h_in) % s, (-w_in) % s) if self.auto_pad else (0, 0)
+        if pad_b or pad_r:
+            x = F.pad(x, [0, pad_r, 0, pad_b], data_format="NHWC")  # zeros at the right and bottom
+        h, w = (h_in + pad_b) // s, (w_in + pad_r) // s
         qkv = self.qkv(_nhwc_to_windows(x, s))  # (N, P, h, w, 3C): q | k | v
         q, k, v = paddle.unbind(_windows_to_heads(qkv, 3, m), axis=0)  # each (heads, N * P, h * w, d)
         _, index = self.router(_region_means(q, n), _region_means(k, n))
         lepe = self.lepe(_permute(_heads_to_nhwc(v, n, s, h, w), [0, 3, 1, 2]))
         out = _routed_attention(q, k, v, index, self.scale, self.kv_gather)
-        return self.wo(_heads_to_nhwc(out, n, s, h, w) + _permute(lepe, [0, 2, 3, 1]))
+        out = self.wo(_heads_to_nhwc(out, n, s, h, w) + _permute(lepe, [0, 2, 3, 1]))
+        return out[:, :h_in, :w_in] if pad_b or pad_r else out
 
 
 class BiLevelRoutingAttentionNCHW(nn.Layer):
@@ -274,8 +290,9 @@ class LayerNorm2d(nn.LayerNorm):
 
 def _attention(cfg: BiFormerConfig, dim: int, topk: int, nchw: bool = False) -> nn.Layer:
     if topk > 0:
-        bra = BiLevelRoutingAttentionNCHW if nchw else BiLevelRoutingAttention
-        return bra(dim, dim // cfg.head_dim, cfg.n_win, topk, cfg.side_dwconv)
+        if nchw:
+            return BiLevelRoutingAttentionNCHW(dim, dim // cfg.head_dim, cfg.n_win, topk, cfg.side_dwconv)
+        return BiLevelRoutingAttention(dim, dim // cfg.head_dim, cfg.n_win, topk, cfg.side_dwconv, cfg.auto_pad)
     return (AttentionLePENCHW if nchw else AttentionLePE)(dim, cfg.global_heads, cfg.side_dwconv)
 
 
@@ -412,6 +429,40 @@ class BiFormerSTL(_BiFormerBase):
         return self.head(numerics.mean(self.forward_features(x), axis=[2, 3]))
 
 
+class BiFormerDense(BiFormer):
+    """The dense backbone ``BiFormer_mm`` (object_detection/ and semantic_segmentation/
+    models_mm/biformer_mm.py:12-57): the BiFormer trunk (its config sets n_win and auto_pad)
+    without the classifier's ``head`` and final BatchNorm ``norm``; every stage's output goes
+    through its own side-branch ``extra_norms.{i}`` (timm LayerNorm2d, eps 1e-6, over channels,
+    initialised weight 1 / bias 0) while the un-normalised map continues to the next stage.
+    All four extra norms exist whatever ``out_indices`` selects, as in the official model.
+    Not reproduced, as they change no eval output: the detection class's ``train()`` returns
+    None (so its ``model.eval()`` does too) and keeps BatchNorm in eval mode while training;
+    the segmentation class converts its BatchNorms to SyncBatchNorm (same keys)."""
+
+    def __init__(self, cfg: BiFormerConfig, out_indices=(0, 1, 2, 3), in_chans: int = 3):
+        super().__init__(cfg, num_classes=0, in_chans=in_chans)
+        del self.head, self.norm  # official step 1
+        self.out_indices = tuple(out_indices)
+        self.extra_norms = nn.LayerList([LayerNorm2d(dim, epsilon=cfg.norm_eps) for dim in cfg.embed_dim])
+        self.feature_info = [{"channels": cfg.embed_dim[i], "stride": 4 * 2 ** i} for i in self.out_indices]
+
+    def forward_features(self, x):
+        _check_input(self.cfg, x)
+        outs = []
+        for i in range(max(self.out_indices) + 1):
+            x = self.stages[i](self.downsample_layers[i](x))
+            if i in self.out_indices:
+                outs.append(self.extra_norms[i](x))
+        return outs
+
+    def forward(self, x):
+        return self.forward_features(x)
+
+
+DENSE_MODEL = BiFormerDense
+
+
 # ---------------------------------------------------------------------------------------------
 # Factories
 # ---------------------------------------------------------------------------------------------
@@ -431,3 +482,17 @@ def biformer_small(pretrained=False, num_classes=1000, **kwargs): return _create
 def biformer_base(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_base", pretrained, num_classes, kwargs)  # noqa: E501,E704
 def biformer_stl(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_stl", pretrained, num_classes, kwargs)  # noqa: E501,E704
 def biformer_stl_nchw(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_stl_nchw", pretrained, num_classes, kwargs)  # noqa: E501,E704
+
+
+def _create_dense(name: str, pretrained: bool, kwargs: dict):
+    if pretrained:
+        raise ValueError(f"{name}: no bundled weights; convert the backbone of a detector / segmentor checkpoint "
+                         f"with torch2paddle and load it with model.set_state_dict(paddle.load(path))")
+    return BiFormerDense(DENSE_CONFIGS[name], **kwargs)
+
+
+# The dense backbones, BiFormer_mm as the COCO (n_win 16) and ADE20K (n_win 8) configs build it.
+def biformer_small_det(pretrained=False, **kwargs): return _create_dense("biformer_small_det", pretrained, kwargs)  # noqa: E501,E704
+def biformer_base_det(pretrained=False, **kwargs): return _create_dense("biformer_base_det", pretrained, kwargs)  # noqa: E501,E704
+def biformer_small_seg(pretrained=False, **kwargs): return _create_dense("biformer_small_seg", pretrained, kwargs)  # noqa: E501,E704
+def biformer_base_seg(pretrained=False, **kwargs): return _create_dense("biformer_base_seg", pretrained, kwargs)  # noqa: E501,E704

@@ -2,7 +2,9 @@
 
 PyTorch reference for the ImageNet-1k models released in rayleizhu/BiFormer: biformer_tiny,
 biformer_small, biformer_base (models/biformer.py, legacy BRA from ops/bra_legacy.py) and the
-Swin-Tiny-layout ablations biformer_stl (legacy BRA) and biformer_stl_nchw (ops/bra_nchw.py).
+Swin-Tiny-layout ablations biformer_stl (legacy BRA) and biformer_stl_nchw (ops/bra_nchw.py);
+and the dense backbones biformer_{small,base}_{det,seg} (``BiFormer_mm``, models_mm/biformer_mm.py
+of object_detection/ and semantic_segmentation/): any input size through the BRA's auto_pad.
 State-dict keys and shapes are the official ones; numerics follow the official operation order
 (region means, then scaled query @ key^T, then a hard top-k).  Inference only: no drop path.
 
@@ -15,12 +17,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_configs.biformer import CONFIGS, BiFormerConfig
+from model_configs.biformer import CONFIGS, DENSE_CONFIGS, BiFormerConfig
 
 from .registration import register_model
 
-__all__ = ["BiFormer", "BiFormerSTL", "biformer_tiny", "biformer_small", "biformer_base",
-           "biformer_stl", "biformer_stl_nchw"]
+__all__ = ["BiFormer", "BiFormerSTL", "BiFormerDense", "biformer_tiny", "biformer_small", "biformer_base",
+           "biformer_stl", "biformer_stl_nchw", "biformer_small_det", "biformer_base_det", "biformer_small_seg",
+           "biformer_base_seg"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +78,7 @@ def _heads_to_nhwc(x, n, n_win, h, w):
 
 
 def _check_input(cfg: BiFormerConfig, x):
-    problem = cfg.input_size_problem(x.shape[-2], x.shape[-1])
+    problem = cfg.input_problem(x.shape[-2], x.shape[-1])
     if problem:
         raise ValueError(f"BiFormer: {problem}")
 
@@ -147,9 +150,17 @@ class QKVLinear(nn.Module):
 class BiLevelRoutingAttention(nn.Module):
     """Legacy BRA (ops/bra_legacy.py) on NHWC input, as every released NHWC model uses it:
     identity kv downsampling, hard non-differentiable routing, scale = qk_dim^-0.5 for both the
-    routing and the token attention, LePE on v, output Linear ``wo``."""
+    routing and the token attention, LePE on v, output Linear ``wo``.
 
-    def __init__(self, dim: int, num_heads: int, n_win: int, topk: int, side_dwconv: int):
+    ``auto_pad`` (the dense backbones, bra_legacy.py:212-225 and 276-279): the input is
+    zero-padded bottom/right to a multiple of n_win and everything above runs on the padded map
+    without a mask (padded tokens are Linear(0) = the qkv bias: they shape the region means,
+    are routed to, attended to, and feed the LePE conv at the border); the output is cropped.
+    Windows made only of padding hold identical keys and values, so their exact ties in the
+    top-k routing cannot change the output, whichever of them a framework's top-k picks."""
+
+    def __init__(self, dim: int, num_heads: int, n_win: int, topk: int, side_dwconv: int,
+                 auto_pad: bool = False):
         super().__init__()
         self.dim = dim
         self.qk_dim = dim
@@ -161,18 +172,23 @@ class BiLevelRoutingAttention(nn.Module):
         self.kv_gather = KVGather()
         self.qkv = QKVLinear(dim, self.qk_dim)
         self.wo = nn.Linear(dim, dim)
+        self.auto_pad = auto_pad
 
     def forward(self, x):
-        n, hh, ww, _ = x.shape
+        n, h_in, w_in, _ = x.shape
         s, m = self.n_win, self.num_heads
-        h, w = hh // s, ww // s
+        pad_b, pad_r = ((-h_in) % s, (-w_in) % s) if self.auto_pad else (0, 0)
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # (C, W, H): zeros at the right and bottom
+        h, w = (h_in + pad_b) // s, (w_in + pad_r) // s
         qkv = self.qkv(_nhwc_to_windows(x, s))  # (N, P, h, w, 3C): q | k | v
         q_win, k_win, v_win = qkv.split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
         _, index = self.router(q_win.mean([2, 3]), k_win.mean([2, 3]))
         lepe = self.lepe(_windows_to_nchw(v_win, s))
         q, k, v = _windows_to_heads(qkv, 3, m).unbind(0)  # each (heads, N * P, h * w, d)
         out = _routed_attention(q, k, v, index, self.scale, self.kv_gather)
-        return self.wo(_heads_to_nhwc(out, n, s, h, w) + _permute(lepe, [0, 2, 3, 1]))
+        out = self.wo(_heads_to_nhwc(out, n, s, h, w) + _permute(lepe, [0, 2, 3, 1]))
+        return out[:, :h_in, :w_in].contiguous() if pad_b or pad_r else out
 
 
 class BiLevelRoutingAttentionNCHW(nn.Module):
@@ -271,8 +287,9 @@ class LayerNorm2d(nn.LayerNorm):
 
 def _attention(cfg: BiFormerConfig, dim: int, topk: int, nchw: bool = False) -> nn.Module:
     if topk > 0:
-        bra = BiLevelRoutingAttentionNCHW if nchw else BiLevelRoutingAttention
-        return bra(dim, dim // cfg.head_dim, cfg.n_win, topk, cfg.side_dwconv)
+        if nchw:
+            return BiLevelRoutingAttentionNCHW(dim, dim // cfg.head_dim, cfg.n_win, topk, cfg.side_dwconv)
+        return BiLevelRoutingAttention(dim, dim // cfg.head_dim, cfg.n_win, topk, cfg.side_dwconv, cfg.auto_pad)
     return (AttentionLePENCHW if nchw else AttentionLePE)(dim, cfg.global_heads, cfg.side_dwconv)
 
 
@@ -420,6 +437,40 @@ class BiFormerSTL(_BiFormerBase):
         return self.head(self.forward_features(x).mean([2, 3]))
 
 
+class BiFormerDense(BiFormer):
+    """The dense backbone ``BiFormer_mm`` (object_detection/ and semantic_segmentation/
+    models_mm/biformer_mm.py:12-57): the BiFormer trunk (its config sets n_win and auto_pad)
+    without the classifier's ``head`` and final BatchNorm ``norm``; every stage's output goes
+    through its own side-branch ``extra_norms.{i}`` (timm LayerNorm2d, eps 1e-6, over channels,
+    initialised weight 1 / bias 0) while the un-normalised map continues to the next stage.
+    All four extra norms exist whatever ``out_indices`` selects, as in the official model.
+    Not reproduced, as they change no eval output: the detection class's ``train()`` returns
+    None (so its ``model.eval()`` does too) and keeps BatchNorm in eval mode while training;
+    the segmentation class converts its BatchNorms to SyncBatchNorm (same keys)."""
+
+    def __init__(self, cfg: BiFormerConfig, out_indices=(0, 1, 2, 3), in_chans: int = 3):
+        super().__init__(cfg, num_classes=0, in_chans=in_chans)
+        del self.head, self.norm  # official step 1
+        self.out_indices = tuple(out_indices)
+        self.extra_norms = nn.ModuleList([LayerNorm2d(dim, eps=cfg.norm_eps) for dim in cfg.embed_dim])
+        self.feature_info = [{"channels": cfg.embed_dim[i], "stride": 4 * 2 ** i} for i in self.out_indices]
+
+    def forward_features(self, x):
+        _check_input(self.cfg, x)
+        outs = []
+        for i in range(max(self.out_indices) + 1):
+            x = self.stages[i](self.downsample_layers[i](x))
+            if i in self.out_indices:
+                outs.append(self.extra_norms[i](x))
+        return outs
+
+    def forward(self, x):
+        return self.forward_features(x)
+
+
+DENSE_MODEL = BiFormerDense
+
+
 # ---------------------------------------------------------------------------------------------
 # Factories
 # ---------------------------------------------------------------------------------------------
@@ -444,3 +495,21 @@ def biformer_base(pretrained=False, num_classes=1000, **kwargs): return _create(
 def biformer_stl(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_stl", pretrained, num_classes, kwargs)  # noqa: E501,E704
 @register_model
 def biformer_stl_nchw(pretrained=False, num_classes=1000, **kwargs): return _create("biformer_stl_nchw", pretrained, num_classes, kwargs)  # noqa: E501,E704
+
+
+def _create_dense(name: str, pretrained: bool, kwargs: dict):
+    if pretrained:
+        raise ValueError(f"{name}: this reference does not download weights; load the backbone keys of a "
+                         f"detector / segmentor checkpoint with model.load_state_dict(...)")
+    return BiFormerDense(DENSE_CONFIGS[name], **kwargs)
+
+
+# The dense backbones, BiFormer_mm as the COCO (n_win 16) and ADE20K (n_win 8) configs build it.
+@register_model
+def biformer_small_det(pretrained=False, **kwargs): return _create_dense("biformer_small_det", pretrained, kwargs)  # noqa: E501,E704
+@register_model
+def biformer_base_det(pretrained=False, **kwargs): return _create_dense("biformer_base_det", pretrained, kwargs)  # noqa: E501,E704
+@register_model
+def biformer_small_seg(pretrained=False, **kwargs): return _create_dense("biformer_small_seg", pretrained, kwargs)  # noqa: E501,E704
+@register_model
+def biformer_base_seg(pretrained=False, **kwargs): return _create_dense("biformer_base_seg", pretrained, kwargs)  # noqa: E501,E704
