@@ -7,7 +7,7 @@ are the same tensors as ``block.0.proj.*`` (one module under two names); the Pad
 model lists both names too, so both are copied.  There are no BatchNorms and no
 persistent buffers (``rel_pos_index`` and the padding masks are recomputed).
 """
-from .rules import linear_weights
+from .rules import CLASSIFIER_HEAD, CLASSIFIER_NORM, fresh_norms, linear_weights
 
 RULES = (
     *linear_weights(
@@ -16,4 +16,11 @@ RULES = (
         r"\.mlp\.fc[12]",
         r"^head",
     ),
+)
+
+# regionvit_*_det from an ImageNet regionvit_* checkpoint: det_norm's inline norm0..3 are new.
+FROM_CLASSIFIER = (
+    CLASSIFIER_HEAD,
+    CLASSIFIER_NORM,
+    *fresh_norms(r"^norm[0-3]", "det_norm LayerNorm2d"),
 )

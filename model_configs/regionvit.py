@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import numpy as np
 
@@ -28,6 +29,61 @@ CONFIGS = {
     "regionvit_base_w14": RegionViTConfig((128, 128, 256, 512, 1024), (2, 2, 14, 2), (4, 8, 16, 32), 14, "1conv"),
     "regionvit_base_w14_peg": RegionViTConfig((128, 128, 256, 512, 1024), (2, 2, 14, 2), (4, 8, 16, 32), 14, "1conv", peg=True),
 }
+
+
+# Dense (detection) backbones: detection/detector_wrapper.py:10 RegionViTBackbone, which builds the
+# classifier with det_norm=True (regionvit.py:346-351, 379-395) and deletes its `norm` and `head`.
+
+@dataclass(frozen=True)
+class RegionViTDenseConfig:
+    """One RegionViTBackbone: ``model`` (the classifier it wraps, by its timm name without ``_224``)
+    with ``det_norm``: a LayerNorm2d ``norm{i}`` on the local tokens after stage i, whose output is
+    both the i-th feature map and the next stage's input.  ``drop_path_rate`` (MODEL.BACKBONE.DP_RATE)
+    and ``freeze_at`` only matter in training."""
+
+    model: str
+    det_norm: bool = True
+    drop_path_rate: float = 0.2
+    freeze_at: int = 0
+
+    @property
+    def backbone(self) -> RegionViTConfig:
+        return CONFIGS[self.model]
+
+    @property
+    def out_channels(self) -> tuple:
+        return tuple(self.backbone.embed_dim[1:])
+
+    strides: ClassVar[tuple] = (4, 8, 16, 32)
+
+    def input_problem(self, height: int, width: int) -> Optional[str]:
+        """None when the official dense code runs on ``height`` x ``width`` (there is no size
+        assert; the regional stem pads, the local tokens pad and mask), else why not: the 1conv
+        stem (kernel 8, stride 4, padding 3) has no output below 2 pixels."""
+        smallest = 2 if self.backbone.patch_conv_type == "1conv" else 1
+        if height < smallest or width < smallest:
+            return f"input {height}x{width} is smaller than {smallest}x{smallest} (the official stem has no output)"
+        return None
+
+
+# The "+" models of the paper's detection tables are the w14 variants.
+DENSE_CONFIGS = {
+    f"{name}_det": RegionViTDenseConfig(name)
+    for name in ("regionvit_small", "regionvit_small_w14", "regionvit_small_w14_peg",
+                 "regionvit_base", "regionvit_base_w14", "regionvit_base_w14_peg")
+}
+
+
+def regional_padding(height: int, width: int, patch: int) -> tuple:
+    """(left, right, top, bottom) zeros the regional-token stem adds to the image (official
+    PatchEmbed.forward with extra_padding, regionvit.py:61-72).  Only when an axis is not a
+    multiple of ``patch``; then BOTH axes pad by ``patch - size % patch``, split floor / ceil
+    around the image, so an axis that was already a multiple gains a whole patch (as the
+    official code does: 224x300 pads to 252x308, a 9x11 regional grid)."""
+    if height % patch == 0 and width % patch == 0:
+        return (0, 0, 0, 0)
+    pad_w, pad_h = patch - width % patch, patch - height % patch
+    return (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
 
 
 # Index tables and masks: numpy, vectorised, cached per size.

@@ -21,7 +21,10 @@ Numerics that the port must keep (see the family fact sheet):
   mask, quirk included: in the bottom-right window a valid query may still
   attend to right- and bottom-padded keys, only the corner block is masked;
 * ``Projection.proj_cls`` is the very module ``Projection.proj``, so the state
-  dict holds both prefixes.
+  dict holds both prefixes;
+* the regional stem pads the image symmetrically when H or W is not a multiple of
+  4 * ws, and then pads BOTH axes by ``4 * ws - size % (4 * ws)``: an axis that was
+  already a multiple gains a whole patch (``regional_padding``).
 """
 from __future__ import annotations
 
@@ -33,11 +36,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_configs.regionvit import CONFIGS, rel_pos_index, window_mask
+from model_configs.regionvit import (CONFIGS, DENSE_CONFIGS, RegionViTDenseConfig, regional_padding, rel_pos_index,
+                                     window_mask)
 
 from .registration import register_model
 
-__all__ = ["RegionViT"]
+__all__ = ["RegionViT", "RegionViTDet", "DENSE_MODEL"]
 
 
 # ---------------------------------------------------------------------------
@@ -110,11 +114,10 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"unknown patch conv type {conv_type!r}")
 
     def forward(self, x, extra_padding: bool = False):
-        H, W = x.shape[2:]
-        p = self.patch_size
-        if extra_padding and (H % p or W % p):
-            pad_w, pad_h = -W % p, -H % p
-            x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        if extra_padding:
+            padding = regional_padding(x.shape[2], x.shape[3], self.patch_size)  # official quirk included
+            if any(padding):
+                x = F.pad(x, padding)
         return self.proj(x)
 
 
@@ -291,6 +294,43 @@ class RegionViT(nn.Module):
         return self.head(self.forward_features(x))
 
 
+class RegionViTDet(RegionViT):
+    """Dense backbone: the ``model`` of the official RegionViTBackbone (detection/detector_wrapper.py:10),
+    i.e. the classifier built with det_norm=True (regionvit.py:346-351, 379-395) whose ``norm`` and
+    ``head`` the wrapper deletes; state-dict keys without the ``backbone.bottom_up.model.`` prefix.
+    After stage i the local tokens pass through LayerNorm2d ``norm{i}`` (eps 1e-5): the normalised
+    map is the i-th output (stride 4 * 2**i) AND the next stage's input.  The regional tokens are
+    not normalised.  Any input size: see PatchEmbed (regional padding) and to_flat_layout (mask)."""
+
+    def __init__(self, cfg: RegionViTDenseConfig, out_indices=(0, 1, 2, 3), drop_path_rate=None):
+        if not out_indices or set(out_indices) - {0, 1, 2, 3}:
+            raise ValueError(f"out_indices {out_indices!r}: pick stages among 0, 1, 2, 3")
+        rate = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate  # training only
+        super().__init__(**dataclasses.asdict(cfg.backbone), num_classes=0, drop_path_rate=rate)
+        del self.norm, self.head  # as the wrapper does
+        self.det_norm = cfg.det_norm
+        if cfg.det_norm:  # weight 1, bias 0 (LayerNorm2d.reset_parameters); the classifier init skips them
+            for i, channels in enumerate(cfg.out_channels):
+                self.add_module(f"norm{i}", LayerNorm2d(channels))
+        self.out_indices = tuple(sorted(out_indices))
+        self.feature_info = [{"channels": cfg.out_channels[i], "stride": cfg.strides[i]} for i in self.out_indices]
+
+    def forward(self, x):
+        local = self.pos_drop(self.patch_embed(x))
+        regional = self.cls_token(x, extra_padding=True)
+        outs = []
+        for i, layer in enumerate(self.layers[:max(self.out_indices) + 1]):
+            regional, local = layer(regional, local)
+            if self.det_norm:
+                local = getattr(self, f"norm{i}")(local)
+            if i in self.out_indices:
+                outs.append(local)
+        return outs
+
+
+DENSE_MODEL = RegionViTDet
+
+
 # ---------------------------------------------------------------------------
 # Variants (configs in model_configs/regionvit.py, the official `_model_cfg`)
 # ---------------------------------------------------------------------------
@@ -332,3 +372,24 @@ def _official_name(factory):
 
 for _name in CONFIGS:
     globals()[f"{_name}_224"] = _official_name(globals()[_name])
+
+
+# Dense backbones (configs: model_configs.regionvit.DENSE_CONFIGS)
+def _create_dense(name: str, pretrained: bool = False, **kwargs) -> RegionViTDet:
+    if pretrained:
+        raise ValueError("no bundled weights: convert an official RegionViT detection checkpoint with torch2paddle")
+    return RegionViTDet(DENSE_CONFIGS[name], **kwargs)
+
+
+@register_model
+def regionvit_small_det(pretrained=False, **kwargs): return _create_dense("regionvit_small_det", pretrained, **kwargs)  # noqa: E704
+@register_model
+def regionvit_small_w14_det(pretrained=False, **kwargs): return _create_dense("regionvit_small_w14_det", pretrained, **kwargs)  # noqa: E704
+@register_model
+def regionvit_small_w14_peg_det(pretrained=False, **kwargs): return _create_dense("regionvit_small_w14_peg_det", pretrained, **kwargs)  # noqa: E704
+@register_model
+def regionvit_base_det(pretrained=False, **kwargs): return _create_dense("regionvit_base_det", pretrained, **kwargs)  # noqa: E704
+@register_model
+def regionvit_base_w14_det(pretrained=False, **kwargs): return _create_dense("regionvit_base_w14_det", pretrained, **kwargs)  # noqa: E704
+@register_model
+def regionvit_base_w14_peg_det(pretrained=False, **kwargs): return _create_dense("regionvit_base_w14_peg_det", pretrained, **kwargs)  # noqa: E704
