@@ -1,6 +1,8 @@
 """CrossFormer / CrossFormer++ (cheerss/CrossFormer): official state-dict keys -> Paddle keys.
 
 No BatchNorm and no raw parameters: apart from the Linear transposes every key copies as is.
+The dense backbones (``*_det``, ``*_seg``) have the classifier's keys minus ``norm`` / ``head`` and
+no extra norms, so the same table serves them.
 Checkpoints written by the release-era v1 code also carry each block's DPB index buffers
 (``attn.biases``, ``attn.relative_position_index``; persistent there, non-persistent in the
 current code and in both our models). They are dropped, but only after checking they hold
@@ -14,7 +16,7 @@ import numpy as np
 
 from model_configs.crossformer import coordinate_table, relative_position_index
 
-from .rules import Drop, linear_weights
+from .rules import CLASSIFIER_HEAD, CLASSIFIER_NORM, Drop, linear_weights
 
 
 def _group_size(rows: int, cols: int) -> Optional[int]:
@@ -69,3 +71,9 @@ RULES = (
         r"^head",
     ),
 )
+
+# A dense backbone from an ImageNet classification checkpoint (e.g. crossformer_small ->
+# crossformer_small_det, crossformer_pp_small -> crossformer_pp_small_det): the classifier's final
+# norm and head have no place in it; it adds no norms of its own.  v1 checkpoints' DPB tables are
+# checked and dropped by RULES as for the classifier.
+FROM_CLASSIFIER = (CLASSIFIER_HEAD, CLASSIFIER_NORM)

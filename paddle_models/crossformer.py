@@ -5,8 +5,12 @@ parameter names equal the official PyTorch keys; nn.Linear weights are stored (i
 See the reference for the architecture notes (cross-scale embedding, SDA/LDA, dynamic position
 bias, CrossFormer++'s per-stage group sizes and activation cooling layer).
 
-The models are built for one input size (``img_size``, a multiple of 32): group layout, padding
-and masks follow the resolution exactly as the official code derives them.
+The classification models are built for one input size (``img_size``, a multiple of 32): group
+layout, padding and masks follow the resolution exactly as the official code derives them.  The
+dense backbone (``CrossFormerBackbone``) reuses the same blocks built without a resolution and
+derives every block's layout, DPB tables and padding mask from each input's H, W (see the
+reference for the v1 / HEAD grouping and the official code's in-place layout changes, which are
+not reproduced: the layout depends on the current input only).
 
 Inference only: dropout and drop-path (training-time regularisers) are left out.
 """
@@ -16,25 +20,27 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from model_configs.crossformer import (CONFIGS, CrossFormerConfig, block_layout, check_img_size, coordinate_table,
+from model_configs.crossformer import (CONFIGS, DENSE_CONFIGS, CrossFormerConfig, CrossFormerDenseConfig,
+                                       block_layout, check_img_size, coordinate_table, padding_key_mask,
                                        padding_mask, relative_position_index, scale_dims)
 
-__all__ = ["CrossFormer", "CrossFormerConfig", "CONFIGS"]
+__all__ = ["CrossFormer", "CrossFormerBackbone", "CrossFormerConfig", "CrossFormerDenseConfig", "CONFIGS",
+           "DENSE_CONFIGS", "DENSE_MODEL"]
 
 
-def group_tokens(x, group_size, interval):
-    """(B, Hp, Wp, C) -> (B * nG, G*G, C). Token (r*G*I + g*I + i) along each axis goes to group
+def group_tokens(x, group_h, group_w, interval):
+    """(B, Hp, Wp, C) -> (B * nG, Gh*Gw, C). Token (r*G*I + g*I + i) along each axis goes to group
     (r, i), slot g: interval 1 gives SDA's adjacent windows, interval I gives LDA's dilated grids."""
     B, Hp, Wp, C = x.shape
-    G, I = group_size, interval
-    x = x.reshape([B, Hp // (G * I), G, I, Wp // (G * I), G, I, C]).transpose([0, 1, 4, 3, 6, 2, 5, 7])
-    return x.reshape([-1, G * G, C])
+    Gh, Gw, I = group_h, group_w, interval
+    x = x.reshape([B, Hp // (Gh * I), Gh, I, Wp // (Gw * I), Gw, I, C]).transpose([0, 1, 4, 3, 6, 2, 5, 7])
+    return x.reshape([-1, Gh * Gw, C])
 
 
-def ungroup_tokens(x, batch, height, width, group_size, interval):
-    """Inverse of ``group_tokens``: (B * nG, G*G, C) -> (B, Hp, Wp, C)."""
-    G, I = group_size, interval
-    x = x.reshape([batch, height // (G * I), width // (G * I), I, I, G, G, -1]).transpose([0, 1, 5, 3, 2, 6, 4, 7])
+def ungroup_tokens(x, batch, height, width, group_h, group_w, interval):
+    """Inverse of ``group_tokens``: (B * nG, Gh*Gw, C) -> (B, Hp, Wp, C)."""
+    Gh, Gw, I = group_h, group_w, interval
+    x = x.reshape([batch, height // (Gh * I), width // (Gw * I), I, I, Gh, Gw, -1]).transpose([0, 1, 5, 3, 2, 6, 4, 7])
     return x.reshape([batch, height, width, -1])
 
 
@@ -71,24 +77,33 @@ class Attention(nn.Layer):
     """Multi-head self-attention inside each group, plus the dynamic position bias."""
 
     def __init__(self, dim, group_size, num_heads):
+        """``group_size``: the G the DPB tables are built (and registered) for, or None (dense: the
+        tables follow each call's group shape)."""
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.pos = DynamicPosBias(dim // 16, num_heads)  # official: DPB(dim // 4) with pos_dim = dim // 4
-        self.register_buffer("biases", paddle.to_tensor(coordinate_table(group_size)), persistable=False)
-        self.register_buffer("relative_position_index", paddle.to_tensor(relative_position_index(group_size)),
-                             persistable=False)
+        if group_size is not None:
+            self.register_buffer("biases", paddle.to_tensor(coordinate_table(group_size)), persistable=False)
+            self.register_buffer("relative_position_index", paddle.to_tensor(relative_position_index(group_size)),
+                                 persistable=False)
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, mask=None):
+    def forward(self, x, mask=None, group_shape=None):
+        """``group_shape`` (Gh, Gw): build the DPB tables for it now (dense), else use the registered ones."""
         B_, N, C = x.shape
         qkv = self.qkv(x).reshape([B_, N, 3, self.num_heads, C // self.num_heads]).transpose([2, 0, 3, 1, 4])
         q, k, v = qkv[0], qkv[1], qkv[2]
         q = q * self.scale
         attn = paddle.matmul(q, k, transpose_y=True)
-        pos = self.pos(self.biases)  # ((2G-1)^2, heads)
-        bias = pos[self.relative_position_index.flatten()].reshape([N, N, -1]).transpose([2, 0, 1])
+        if group_shape is None:
+            biases, index = self.biases, self.relative_position_index
+        else:  # official: built in forward, `.float()`; the parameters' dtype here
+            biases = paddle.to_tensor(coordinate_table(*group_shape), dtype=self.pos.pos_proj.weight.dtype)
+            index = paddle.to_tensor(relative_position_index(*group_shape))
+        pos = self.pos(biases)  # ((2Gh-1)(2Gw-1), heads)
+        bias = pos[index.flatten()].reshape([N, N, -1]).transpose([2, 0, 1])
         attn = attn + bias.unsqueeze(0)
         if mask is not None:
             nG = mask.shape[0]
@@ -100,36 +115,48 @@ class Attention(nn.Layer):
 
 
 class CrossFormerBlock(nn.Layer):
-    """Pre-norm block: SDA (lsda_flag 0) or LDA (1) attention, MLP, and optionally ACL."""
+    """Pre-norm block: SDA (lsda_flag 0) or LDA (1) attention, MLP, and optionally ACL.
+
+    Built for ``input_resolution`` (classification: layout, tables and mask fixed at init), or with
+    ``input_resolution=None`` (dense: ``forward(x, size)`` derives them from each call's (H, W), as the
+    official dense ``code`` does; nothing about one call is kept for the next)."""
 
     def __init__(self, dim, input_resolution, num_heads, group_size, interval, lsda_flag, mlp_ratio,
-                 use_extra_conv):
+                 use_extra_conv, code=None):
         super().__init__()
         self.input_resolution = input_resolution
+        self.group_size, self.interval, self.lsda_flag, self.code = group_size, interval, lsda_flag, code
         # The resolution decides the effective group size, SDA vs LDA and the padding.
-        self.layout = block_layout(input_resolution, group_size, interval, lsda_flag)
+        self.layout = None if input_resolution is None else block_layout(input_resolution, group_size, interval,
+                                                                          lsda_flag, code)
         self.use_extra_conv = use_extra_conv
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, self.layout.group_size, num_heads)
+        self.attn = Attention(dim, None if self.layout is None else self.layout.group_size, num_heads)
         if use_extra_conv:
             self.ex_conv = nn.Conv2D(dim, dim, 3, padding=1, groups=dim)
             self.ex_ln = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-        mask = padding_mask(input_resolution, self.layout)
+        mask = None if input_resolution is None else padding_mask(input_resolution, self.layout)
         self.register_buffer("attn_mask", None if mask is None else paddle.to_tensor(mask), persistable=False)
 
-    def forward(self, x):
-        H, W = self.input_resolution
+    def forward(self, x, size=None):
         B, L, C = x.shape
+        if size is None:  # built for one resolution
+            (H, W), lay, mask, group_shape = self.input_resolution, self.layout, self.attn_mask, None
+        else:  # dense: this call's layout; the mask only marks key columns, broadcast over the queries
+            H, W = size
+            lay = block_layout(size, self.group_size, self.interval, self.lsda_flag, self.code)
+            mask = padding_key_mask(size, lay)
+            mask = None if mask is None else paddle.to_tensor(mask, dtype=x.dtype)
+            group_shape = lay.group_shape
         shortcut = x
-        lay = self.layout
         x = self.norm1(x).reshape([B, H, W, C])
         x = F.pad(x, [0, lay.pad_w, 0, lay.pad_h], data_format="NHWC")  # zeros after norm1, bottom/right
-        x = group_tokens(x, lay.group_size, lay.group_interval)
-        x = self.attn(x, mask=self.attn_mask)
-        x = ungroup_tokens(x, B, H + lay.pad_h, W + lay.pad_w, lay.group_size, lay.group_interval)
+        x = group_tokens(x, lay.group_h, lay.group_w, lay.group_interval)
+        x = self.attn(x, mask=mask, group_shape=group_shape)
+        x = ungroup_tokens(x, B, H + lay.pad_h, W + lay.pad_w, lay.group_h, lay.group_w, lay.group_interval)
         x = x[:, :H, :W, :].reshape([B, H * W, C])
         x = shortcut + x
         x = x + self.mlp(self.norm2(x))
@@ -150,8 +177,8 @@ class PatchMerging(nn.Layer):
         for ps, out_dim in zip(patch_size, scale_dims(2 * dim, len(patch_size))):
             self.reductions.append(nn.Conv2D(dim, out_dim, ps, stride=2, padding=(ps - 2) // 2))
 
-    def forward(self, x):
-        H, W = self.input_resolution
+    def forward(self, x, size=None):
+        H, W = self.input_resolution if size is None else size
         B, L, C = x.shape
         x = self.norm(x).reshape([B, H, W, C]).transpose([0, 3, 1, 2])
         return paddle.concat([r(x).flatten(2).transpose([0, 2, 1]) for r in self.reductions], axis=2)
@@ -161,20 +188,24 @@ class Stage(nn.Layer):
     """Blocks alternating SDA/LDA; ACL after every third block but the last; then the merge."""
 
     def __init__(self, dim, input_resolution, depth, num_heads, group_size, interval, mlp_ratio, use_acl,
-                 merge_size=None):
+                 merge_size=None, code=None):
         super().__init__()
         self.blocks = nn.LayerList([
             CrossFormerBlock(dim, input_resolution, num_heads, group_size, interval, lsda_flag=i % 2,
-                             mlp_ratio=mlp_ratio, use_extra_conv=use_acl and (i + 1) % 3 == 0 and i < depth - 1)
+                             mlp_ratio=mlp_ratio, use_extra_conv=use_acl and (i + 1) % 3 == 0 and i < depth - 1,
+                             code=code)
             for i in range(depth)])
         self.downsample = PatchMerging(input_resolution, dim, merge_size) if merge_size else None
 
-    def forward(self, x):
+    def forward(self, x, size=None):
+        """Built for one resolution (``size`` None): the merged tokens.  Dense (``size`` = (H, W)):
+        (the blocks' output tokens, the merged tokens or None), as the official dense Stage returns
+        (feat, x)."""
         for blk in self.blocks:
-            x = blk(x)
-        if self.downsample is not None:
-            x = self.downsample(x)
-        return x
+            x = blk(x, size)
+        if size is None:
+            return x if self.downsample is None else self.downsample(x)
+        return x, (None if self.downsample is None else self.downsample(x, size))
 
 
 class PatchEmbed(nn.Layer):
@@ -182,7 +213,7 @@ class PatchEmbed(nn.Layer):
 
     def __init__(self, img_size, patch_size, embed_dim):
         super().__init__()
-        self.img_size = img_size
+        self.img_size = img_size  # None: any size (dense)
         self.projs = nn.LayerList()
         for ps, dim in zip(patch_size, scale_dims(embed_dim, len(patch_size))):
             self.projs.append(nn.Conv2D(3, dim, ps, stride=patch_size[0], padding=(ps - patch_size[0]) // 2))
@@ -190,7 +221,7 @@ class PatchEmbed(nn.Layer):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        if H != self.img_size or W != self.img_size:
+        if self.img_size is not None and (H != self.img_size or W != self.img_size):
             raise ValueError(f"input {H}x{W} does not match the size the model was built for "
                              f"({self.img_size}x{self.img_size}); rebuild it with img_size={H}")
         x = paddle.concat([proj(x).flatten(2).transpose([0, 2, 1]) for proj in self.projs], axis=2)
@@ -225,6 +256,49 @@ class CrossFormer(nn.Layer):
         return self.head(self.forward_features(x))
 
 
+class CrossFormerBackbone(nn.Layer):
+    """Dense backbone (official ``CrossFormer_S`` / ``_B`` / ``_L`` / ``_S2`` of the detection and
+    segmentation factories): patch embedding and the four stages, no ``norm`` / ``avgpool`` / ``head``.
+    ``forward`` takes NCHW images of any H, W that are multiples of 32 and returns the NCHW maps of
+    ``out_indices`` (stage i: stride 4 * 2^i), each taken before that stage's PatchMerging."""
+
+    def __init__(self, cfg: CrossFormerDenseConfig, out_indices=(0, 1, 2, 3)):
+        super().__init__()
+        num_stages = len(cfg.depths)
+        self.out_indices = tuple(out_indices)
+        if not self.out_indices or len(set(self.out_indices)) != len(self.out_indices) or \
+                not all(0 <= i < num_stages for i in self.out_indices):
+            raise ValueError(f"out_indices must be distinct stage indices in 0..{num_stages - 1}, got {out_indices!r}")
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(None, cfg.patch_size, cfg.embed_dim)
+        self.layers = nn.LayerList([
+            Stage(cfg.embed_dim * 2 ** i, None, cfg.depths[i], cfg.num_heads[i], cfg.group_size[i], cfg.interval[i],
+                  cfg.mlp_ratio, cfg.use_acl, merge_size=cfg.merge_size[i] if i < num_stages - 1 else None,
+                  code=cfg.code)
+            for i in range(num_stages)])
+        self.stage_names = tuple(f"layers.{i}" for i in range(num_stages))
+        self.feature_info = [{"channels": cfg.embed_dim * 2 ** i, "stride": cfg.patch_size[0] * 2 ** i}
+                             for i in self.out_indices]
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        problem = self.cfg.input_problem(H, W)
+        if problem:
+            raise ValueError(f"CrossFormer dense backbone: {problem}")
+        x = self.patch_embed(x)
+        H, W = H // self.cfg.patch_size[0], W // self.cfg.patch_size[0]
+        feats = {}
+        for i, layer in enumerate(self.layers[:max(self.out_indices) + 1]):
+            feat, x = layer(x, (H, W))
+            if i in self.out_indices:
+                feats[i] = feat.reshape([B, H, W, -1]).transpose([0, 3, 1, 2])
+            H, W = H // 2, W // 2
+        return [feats[i] for i in self.out_indices]
+
+
+DENSE_MODEL = CrossFormerBackbone
+
+
 def _create(name, pretrained=False, num_classes=1000, img_size=224, **kwargs):
     if pretrained:
         raise ValueError("torch2paddle builds models without downloading weights; load converted weights instead")
@@ -240,3 +314,26 @@ def crossformer_pp_small(pretrained=False, **kwargs): return _create("crossforme
 def crossformer_pp_base(pretrained=False, **kwargs): return _create("crossformer_pp_base", pretrained, **kwargs)  # noqa: E704
 def crossformer_pp_large(pretrained=False, **kwargs): return _create("crossformer_pp_large", pretrained, **kwargs)  # noqa: E704
 def crossformer_pp_huge(pretrained=False, **kwargs): return _create("crossformer_pp_huge", pretrained, **kwargs)  # noqa: E704
+
+
+def _create_dense(name, pretrained=False, **kwargs):
+    if pretrained:
+        raise ValueError("torch2paddle builds models without downloading weights; load converted weights instead")
+    return DENSE_MODEL(DENSE_CONFIGS[name], **kwargs)
+
+
+# Dense backbones: one factory per dense name; they take out_indices.
+def crossformer_small_det(pretrained=False, **kwargs):
+    return _create_dense("crossformer_small_det", pretrained, **kwargs)
+
+
+def crossformer_base_det(pretrained=False, **kwargs):
+    return _create_dense("crossformer_base_det", pretrained, **kwargs)
+
+
+def crossformer_large_seg(pretrained=False, **kwargs):
+    return _create_dense("crossformer_large_seg", pretrained, **kwargs)
+
+
+def crossformer_pp_small_det(pretrained=False, **kwargs):
+    return _create_dense("crossformer_pp_small_det", pretrained, **kwargs)
