@@ -268,15 +268,33 @@ def load_into_paddle(model, params: dict, source: str = "params") -> None:
     model.set_state_dict(materialize(params))
 
 
-def create_paddle_model(name: str, params=None, *, num_classes: int = 1000, img_size: Optional[int] = None):
-    """An eval-mode Paddle model; ``params`` is a .pdparams path or a state dict."""
+def create_paddle_model(name: str, params=None, *, num_classes: int = 1000, img_size: Optional[int] = None,
+                        **model_kwargs):
+    """An eval-mode Paddle model; ``params`` is a .pdparams path or a state dict.  ``model_kwargs``
+    go to the model's factory (``drop_path_rate``, ``drop_rate``, ``out_indices``, ...).
+
+    Fine-tuning on another class count: with ``num_classes`` other than the weights' head, every
+    weight loads strictly except the classification head (``head.*``), which keeps the fresh
+    initialisation the official code gives it."""
     spec = get_spec(name)
-    model = spec.create_paddle(num_classes=num_classes, img_size=img_size)
+    model = spec.create_paddle(num_classes=num_classes, img_size=img_size, **model_kwargs)
     if params is not None:
         state = load_pdparams(params) if isinstance(params, (str, Path)) else params
+        state = without_other_head(state, model.state_dict())
         load_into_paddle(model, state, str(params) if isinstance(params, (str, Path)) else "params")
     model.eval()
     return model
+
+
+def without_other_head(state: dict, own: dict) -> dict:
+    """``state`` less its classification head when that head is for another class count; the
+    model's own fresh head tensors take its place."""
+    head = [k for k in state if k.startswith("head.")]
+    if not head or all(k in own and tuple(np.shape(state[k])) == tuple(own[k].shape) for k in head):
+        return state
+    kept = {k: v for k, v in state.items() if not k.startswith("head.")}
+    kept.update({k: own[k].numpy() for k in own if k.startswith("head.")})
+    return kept
 
 
 def reference_state_dict(spec: ModelSpec, ckpt: Checkpoint, model) -> dict:
@@ -303,10 +321,11 @@ def _load_reference(spec: ModelSpec, ckpt: Checkpoint, model) -> None:
 
 
 def create_torch_model(name: str, checkpoint=None, *, num_classes: int = 1000, img_size: Optional[int] = None,
-                       ema: bool = False, key: Optional[str] = None, unsafe_pickle: bool = False):
-    """An eval-mode torch reference model; ``checkpoint`` is a file path or a loaded Checkpoint."""
+                       ema: bool = False, key: Optional[str] = None, unsafe_pickle: bool = False, **model_kwargs):
+    """An eval-mode torch reference model; ``checkpoint`` is a file path or a loaded Checkpoint;
+    ``model_kwargs`` go to the factory."""
     spec = get_spec(name)
-    model = spec.create_torch(num_classes=num_classes, img_size=img_size)
+    model = spec.create_torch(num_classes=num_classes, img_size=img_size, **model_kwargs)
     if checkpoint is not None:
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_model_checkpoint(
             spec, checkpoint, ema=ema, key=key, unsafe_pickle=unsafe_pickle)

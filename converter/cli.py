@@ -190,11 +190,27 @@ paddle_params_option = click.option("--paddle-params", type=click.Path(dir_okay=
               help="With --all: only models matching this glob, e.g. 'fcvit_*' (repeatable).")
 @with_checkpoint_options
 @option_group(verify_options)
+@click.option("--train", "train_steps", is_flag=True,
+              help="Train both models on the batch (train mode, stochastic ops at rate 0) and compare the loss, "
+                   "every parameter's gradient, the weights after --steps optimizer steps, BatchNorm statistics.")
+@click.option("--steps", type=click.IntRange(1), default=3, show_default=True, help="With --train: optimizer steps.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True,
+              help="With --train: SGD with momentum 0.9, or AdamW (weight decay 0.05 but for the official no-decay set).")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="With --train: learning rate.")
+@click.option("--max-grad-err", type=float, default=1e-4, show_default=True,
+              help="With --train: gate on each gradient's error relative to its RMS (or 3x the reference's own "
+                   "float32 error, where that is larger).")
 @runs_both_frameworks
 def verify(model, torch_ckpt, paddle_params, all_models, ckpt_dir, patterns, ema, entry_key, unsafe_pickle,
-           **kwargs):
+           train_steps, steps, optimizer, lr, max_grad_err, **kwargs):
     """Run the torch reference and the Paddle model on the same batch and compare them."""
     checkpoint_kwargs = dict(ema=ema, key=entry_key, unsafe_pickle=unsafe_pickle)
+    if train_steps:
+        if all_models or not model or torch_ckpt is None:
+            raise UserError("verify --train needs MODEL and --torch-ckpt (one model at a time)")
+        _verify_train(model, torch_ckpt, paddle_params, steps=steps, optimizer=optimizer, lr=lr,
+                      max_grad_err=max_grad_err, **checkpoint_kwargs, **kwargs)
+        return
     if all_models:
         if model or torch_ckpt or paddle_params:
             raise UserError("verify --all takes no MODEL, --torch-ckpt or --paddle-params "
@@ -223,6 +239,21 @@ def _verify(model, torch_ckpt, paddle_params, *, json_path=None, **kwargs):
                    f"--max-err {report.max_err:g}", err=True)
         sys.exit(EXIT_FAILED_GATE)
     return report
+
+
+def _verify_train(model, torch_ckpt, paddle_params, *, json_path=None, max_err=None, images=None, **kwargs):
+    from .train import run_train_verify
+
+    if images is not None:
+        raise UserError("verify --train runs on a seeded random batch with seeded labels; --images does not apply")
+    report = run_train_verify(model, torch_ckpt, paddle_params, **kwargs)
+    click.echo(report.format())
+    if json_path:
+        _write_json(json_path, report.to_dict())
+    if not report.passed:
+        click.echo(f"error: {report.model}: {report.failed_grads} parameter gradient(s) differ by more than "
+                   f"--max-grad-err {report.max_grad_err:g} of their RMS", err=True)
+        sys.exit(EXIT_FAILED_GATE)
 
 
 def _locate_divergence(model, torch_ckpt, paddle_params, *, max_err, **kwargs):

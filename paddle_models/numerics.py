@@ -35,3 +35,32 @@ class GroupNorm(nn.GroupNorm):
         y = ((x64 - mu) / paddle.sqrt(var + self._epsilon)).astype(x.dtype).reshape(x.shape)
         shape = [1, c] + [1] * (len(x.shape) - 2)
         return y * self.weight.reshape(shape) + self.bias.reshape(shape)
+
+
+class BatchNorm2D(nn.BatchNorm2D):
+    """``nn.BatchNorm2D`` (same parameters, same state-dict keys) that trains as torch's does.
+
+    Two differences are silent in Paddle's stock layer: its ``momentum`` is 1 - torch's, and its
+    running variance is updated with the *biased* batch variance where torch uses the unbiased one
+    (x N / (N - 1), N = batch x H x W), so fine-tuned running statistics drift apart.  This layer
+    takes torch's ``momentum`` and, after Paddle's own kernel has normalised the batch and updated
+    the statistics, rescales the variance update to the unbiased one:
+        torch:  v' = (1 - m) v + m s2 N / (N - 1);   Paddle:  p = (1 - m) v + m s2
+        =>      v' = (N p - (1 - m) v) / (N - 1)
+    Eval mode, the forward and its gradients are Paddle's kernel, untouched."""
+
+    def __init__(self, num_features, momentum=0.1, epsilon=1e-5):
+        super().__init__(num_features, momentum=1.0 - momentum, epsilon=epsilon)
+        self.torch_momentum = momentum
+
+    def forward(self, x):
+        if not self.training or self._use_global_stats:
+            return super().forward(x)
+        previous = self._variance.detach().clone()
+        out = super().forward(x)
+        n = x.shape[0] * x.shape[2] * x.shape[3]
+        if n > 1:
+            with paddle.no_grad():
+                keep = 1.0 - self.torch_momentum
+                self._variance.set_value((self._variance * n - previous * keep) / (n - 1))
+        return out

@@ -1,0 +1,122 @@
+"""Training-time pieces shared by every family, each framework on its own: the stochastic ops'
+statistics, and train-mode BatchNorm against torch's (Paddle's stock layer drifts).  Per-family
+gradient and optimizer-step parity: tests/test_train_<family>.py."""
+import numpy as np
+import paddle
+import pytest
+import torch
+
+from paddle_models import layers as paddle_layers
+from paddle_models.numerics import BatchNorm2D
+from reference_torch import layers as torch_layers
+
+DRAWS = 4000  # samples per statistic: a kept fraction is then within 4 sigma = 0.032 of 1 - p
+
+
+def _kept_and_scales(out: np.ndarray, x: np.ndarray) -> tuple:
+    """Per sample: whether the branch was kept, and what it was multiplied by."""
+    ratio = (out / x).reshape(out.shape[0], -1)
+    return ratio[:, 0] != 0, ratio
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+@pytest.mark.parametrize("framework", ["torch", "paddle"])
+def test_drop_path_keeps_whole_samples_and_rescales(framework, p):
+    x = np.random.default_rng(0).uniform(1.0, 2.0, (DRAWS, 3, 4, 4)).astype(np.float32)
+    if framework == "torch":
+        torch.manual_seed(0)
+        layer = torch_layers.DropPath(p).train()
+        out = layer(torch.from_numpy(x)).numpy()
+        eval_out = layer.eval()(torch.from_numpy(x)).numpy()
+    else:
+        paddle.seed(0)
+        layer = paddle_layers.DropPath(p)
+        layer.train()
+        out = layer(paddle.to_tensor(x)).numpy()
+        layer.eval()
+        eval_out = layer(paddle.to_tensor(x)).numpy()
+    kept, ratio = _kept_and_scales(out, x)
+    # whole samples: every element of a sample shares its fate and its scale
+    np.testing.assert_allclose(ratio, np.broadcast_to(ratio[:, :1], ratio.shape), rtol=1e-6)
+    np.testing.assert_allclose(ratio[kept, 0], 1.0 / (1.0 - p), rtol=1e-6)
+    sigma = np.sqrt(p * (1 - p) / DRAWS)
+    assert abs(kept.mean() - (1 - p)) < 4 * sigma, kept.mean()
+    assert abs(out.mean() / x.mean() - 1.0) < 8 * sigma  # unbiased in expectation
+    np.testing.assert_array_equal(eval_out, x)  # identity at inference
+
+
+@pytest.mark.parametrize("framework", ["torch", "paddle"])
+def test_dropout_scales_in_training_not_at_inference(framework):
+    p = 0.25
+    x = np.ones((DRAWS, 64), np.float32)
+    if framework == "torch":
+        torch.manual_seed(0)
+        layer = torch.nn.Dropout(p)
+        train_out = layer.train()(torch.from_numpy(x)).numpy()
+        eval_out = layer.eval()(torch.from_numpy(x)).numpy()
+    else:
+        paddle.seed(0)
+        layer = paddle.nn.Dropout(p)  # mode="upscale_in_train", torch's behaviour
+        layer.train()
+        train_out = layer(paddle.to_tensor(x)).numpy()
+        layer.eval()
+        eval_out = layer(paddle.to_tensor(x)).numpy()
+    assert set(np.unique(train_out)) <= {0.0, np.float32(1 / (1 - p))}
+    sigma = np.sqrt(p * (1 - p) / x.size)
+    assert abs((train_out == 0).mean() - p) < 4 * sigma
+    np.testing.assert_array_equal(eval_out, x)
+
+
+def test_drop_path_schedules_agree_between_frameworks():
+    for rate, depths in ((0.1, (2, 2, 6, 2)), (0.3, (4, 4, 18, 4)), (0.0, (1, 1, 8, 6))):
+        t = torch_layers.drop_path_schedule(rate, depths)
+        p = paddle_layers.drop_path_schedule(rate, depths)
+        assert [len(s) for s in t] == list(depths) == [len(s) for s in p]
+        np.testing.assert_allclose(np.concatenate(p), np.concatenate(t), rtol=1e-6, atol=1e-9)
+        assert t[0][0] == 0.0 and abs(t[-1][-1] - rate) < 1e-7
+
+
+def _train_steps(layer, framework: str, batches) -> tuple:
+    for x in batches:
+        if framework == "torch":
+            layer(torch.from_numpy(x))
+        else:
+            layer(paddle.to_tensor(x))
+    if framework == "torch":
+        return layer.running_mean.numpy(), layer.running_var.numpy()
+    return layer._mean.numpy(), layer._variance.numpy()
+
+
+def test_batchnorm_running_statistics_follow_torch_and_paddles_stock_layer_drifts():
+    """Paddle's stock BatchNorm2D (with the momentum converted) updates the running variance with
+    the biased batch variance: over a fine-tuning run it drifts from torch's.  Ours does not."""
+    rng = np.random.default_rng(0)
+    batches = [(rng.standard_normal((2, 16, 7, 7)) * 3 + 1).astype(np.float32) for _ in range(20)]
+    torch_bn = torch.nn.BatchNorm2d(16).train()
+    ours = BatchNorm2D(16)
+    ours.train()
+    stock = paddle.nn.BatchNorm2D(16, momentum=0.9)  # torch's 0.1, converted
+    stock.train()
+    t_mean, t_var = _train_steps(torch_bn, "torch", batches)
+    o_mean, o_var = _train_steps(ours, "paddle", batches)
+    s_mean, s_var = _train_steps(stock, "paddle", batches)
+    np.testing.assert_allclose(o_mean, t_mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(o_var, t_var, rtol=1e-6)
+    np.testing.assert_allclose(s_mean, t_mean, rtol=1e-6, atol=1e-6)  # the mean was never the problem
+    drift = np.abs(s_var - t_var) / t_var
+    assert drift.max() > 1e-3, drift.max()  # N / (N - 1) = 98 / 97 on 2 x 7 x 7
+    # and the normalised output of a train-mode forward is the same in all three
+    x = batches[0]
+    out_t = torch_bn(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(ours(paddle.to_tensor(x)).numpy(), out_t, atol=1e-5)
+
+
+def test_batchnorm_eval_mode_is_paddles_own():
+    bn = BatchNorm2D(8, momentum=0.1, epsilon=1e-5)
+    bn.eval()
+    stock = paddle.nn.BatchNorm2D(8, momentum=0.9, epsilon=1e-5)
+    stock.eval()
+    stock.set_state_dict(bn.state_dict())
+    x = paddle.to_tensor(np.random.default_rng(1).standard_normal((2, 8, 5, 5)).astype(np.float32))
+    np.testing.assert_array_equal(bn(x).numpy(), stock(x).numpy())
+    assert list(bn.state_dict()) == list(stock.state_dict())  # same keys: checkpoints convert as before
