@@ -301,9 +301,12 @@ def _verify_all(ckpt_dir, patterns, *, json_path=None, **kwargs):
               help="A layer diverges when its max abs output error exceeds TOL x max(1, max |torch output|).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Draw the error per layer (log scale, first divergent layer marked) to PATH.png (matplotlib).")
+@click.option("--backward", is_flag=True,
+              help="Compare the gradients of the layer outputs (train mode, stochastic ops at rate 0, cross-entropy "
+                   "on seeded labels), in backward order, each relative to its magnitude.")
 @option_group(batch_options + [json_option])
 @runs_both_frameworks
-def diff(model, torch_ckpt, paddle_params, ema, entry_key, unsafe_pickle, json_path, plot_path, **kwargs):
+def diff(model, torch_ckpt, paddle_params, ema, entry_key, unsafe_pickle, json_path, plot_path, backward, **kwargs):
     """Compare MODEL's torch reference and Paddle model layer by layer and name the first layer
     whose output diverges (exit 1 when one does)."""
     from .diff import check_plot_path, plot_report, run_diff
@@ -311,7 +314,7 @@ def diff(model, torch_ckpt, paddle_params, ema, entry_key, unsafe_pickle, json_p
     if plot_path is not None:
         check_plot_path(plot_path)  # before the models run, not after
     report = run_diff(model, torch_ckpt, paddle_params, ema=ema, key=entry_key, unsafe_pickle=unsafe_pickle,
-                      **kwargs)
+                      backward=backward, **kwargs)
     click.echo(report.format())
     if json_path:
         _write_json(json_path, report.to_dict())

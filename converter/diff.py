@@ -29,7 +29,7 @@ from . import extras
 from .checkpoint import atomic_write, check_output_path
 from .engine import reverse_key
 from .errors import UserError
-from .verify import DEFAULT_MAX_ERR, Discrepancy, RunSetting, _Capture, forward_both, prepare_run
+from .verify import DEFAULT_MAX_ERR, Discrepancy, RunSetting, _Capture, _flatten, forward_both, prepare_run
 
 DEFAULT_TOL = DEFAULT_MAX_ERR  # the same bound verify's gate puts on the logits
 
@@ -43,10 +43,12 @@ class LayerDiff:
     mean_abs_err: Optional[float]
     scale: Optional[float] = None  # max |torch output|
     note: str = ""
+    relative: bool = False  # judged relative to ``scale`` alone (gradients: magnitudes far below 1)
 
     def allowed(self, tol: float) -> float:
-        """The largest max abs error within ``tol``: absolute up to magnitude 1, relative above."""
-        return tol * max(1.0, self.scale or 0.0)
+        """The largest max abs error within ``tol``: absolute up to magnitude 1, relative above
+        (a gradient: relative to its own magnitude)."""
+        return tol * (self.scale or 0.0) if self.relative else tol * max(1.0, self.scale or 0.0)
 
     def exceeds(self, tol: float) -> bool:
         # NaN counts as divergent: a NaN never compares <= anything.
@@ -65,6 +67,7 @@ class DiffReport(RunSetting):
     logits: Discrepancy
     unpaired: list = field(default_factory=list)  # torch modules holding weights that found no counterpart
     stage_names: tuple = ()  # the model's stage modules, for orientation in the plot
+    backward: bool = False  # layers are output gradients in backward order; ``logits``: the input gradient
 
     @property
     def first_divergent_index(self) -> Optional[int]:
@@ -100,11 +103,11 @@ class DiffReport(RunSetting):
     def format(self) -> str:
         first = self.first_divergent_index
         width = max([len(layer.label) for layer in self.layers] + [5])
-        lines = [
-            *self.header(8),
+        lines = [*self.header(8), (
+            f"{len(self.layers)} paired layer output gradients in backward order: max abs error, mean abs error, "
+            f"max |torch gradient|; '!' exceeds --tol {self.tol:g} x max |torch gradient|" if self.backward else
             f"{len(self.layers)} paired layer outputs in execution order: max abs error, mean abs error, "
-            f"max |torch output|; '!' exceeds --tol {self.tol:g} x max(1, max |torch output|)",
-        ]
+            f"max |torch output|; '!' exceeds --tol {self.tol:g} x max(1, max |torch output|)")]
         for i, layer in enumerate(self.layers):
             if layer.max_abs_err is None:
                 numbers = f"{'n/a':>10}  {'':>10}  {'':>9}  {layer.note}"
@@ -119,7 +122,8 @@ class DiffReport(RunSetting):
         if self.unpaired:
             lines.append(f"not paired ({len(self.unpaired)}): {', '.join(self.unpaired[:6])}"
                          + (" ..." if len(self.unpaired) > 6 else ""))
-        lines.append(f"logits  max abs {self.logits.max_abs_err:.3e}  mean abs {self.logits.mean_abs_err:.3e}")
+        lines.append(f"{'input gradient' if self.backward else 'logits'}  max abs {self.logits.max_abs_err:.3e}  "
+                     f"mean abs {self.logits.mean_abs_err:.3e}")
         lines.append(self.verdict())
         return "\n".join(lines)
 
@@ -233,20 +237,102 @@ def layer_errors(torch_model, paddle_model, pairs: dict, batch: np.ndarray, devi
     return layers, Discrepancy.between(t_logits, p_logits)
 
 
+def layer_gradient_errors(torch_model, paddle_model, pairs: dict, batch: np.ndarray, device: str,
+                          labels: np.ndarray) -> tuple:
+    """([LayerDiff] in the order torch computes the gradients of the paired modules' outputs,
+    Discrepancy of the input gradients).  Both models in train mode with stochastic ops at rate 0
+    (as ``verify --train`` runs them), the same loss, one backward each; every paired module's
+    output gets a gradient hook, call by call."""
+    import paddle
+    import torch
+
+    from .train import _loss, zero_stochastic_ops
+
+    grads = {"torch": {}, "paddle": {}}  # framework -> {(torch path, call): [arrays]}, arrival order
+    order: list = []  # torch's arrival order of (path, call)
+    torch_path = {p: t for t, p in pairs.items()}
+
+    def forward_hook(framework, name, calls):
+        def hook(module, inputs, output):
+            calls[name] = call = calls.get(name, 0) + 1
+            key = (name if framework == "torch" else torch_path[name], call)
+            tensors = [o for o in _flatten(output) if _needs_grad(o, framework)]
+            slots = grads[framework].setdefault(key, [None] * len(tensors))
+            for i, tensor in enumerate(tensors):
+                tensor.register_hook(_grad_recorder(slots, i, key, order if framework == "torch" else None))
+        return hook
+
+    handles, calls_t, calls_p = [], {}, {}
+    t_modules = dict(torch_model.named_modules())
+    p_modules = dict(paddle_model.named_sublayers())
+    for t_name, p_name in pairs.items():
+        handles.append(t_modules[t_name].register_forward_hook(forward_hook("torch", t_name, calls_t)))
+        handles.append(p_modules[p_name].register_forward_post_hook(forward_hook("paddle", p_name, calls_p)))
+    torch_model.train()
+    paddle_model.train()
+    zero_stochastic_ops(torch_model, "torch")
+    zero_stochastic_ops(paddle_model, "paddle")
+    try:
+        t_in = torch.from_numpy(batch).to("cuda" if device == "gpu" else "cpu").requires_grad_(True)
+        _loss(torch_model(t_in), torch.from_numpy(labels).to(t_in.device), "torch").backward()
+        p_in = paddle.to_tensor(batch, stop_gradient=False)
+        _loss(paddle_model(p_in), paddle.to_tensor(labels), "paddle").backward()
+    finally:
+        for h in handles:
+            h.remove()
+        torch_model.eval()
+        paddle_model.eval()
+    layers = []
+    for key in order:
+        name, call = key
+        expected = grads["torch"].get(key)
+        found = compare_outputs([g for g in expected if g is not None], [
+            g for g in grads["paddle"].get(key, []) if g is not None]) if key in grads["paddle"] else {
+            "note": "the Paddle module was not called"}
+        layers.append(LayerDiff(name, pairs[name], call, found.get("max_abs_err"), found.get("mean_abs_err"),
+                                found.get("scale"), found.get("note", ""), relative=True))
+    return layers, Discrepancy.between(t_in.grad.cpu().numpy(), p_in.grad.numpy())
+
+
+def _needs_grad(tensor, framework: str) -> bool:
+    if framework == "torch":
+        import torch
+
+        return isinstance(tensor, torch.Tensor) and tensor.requires_grad and tensor.is_floating_point()
+    import paddle
+
+    return isinstance(tensor, paddle.Tensor) and not tensor.stop_gradient and tensor.dtype in (
+        paddle.float32, paddle.float64, paddle.float16)
+
+
+def _grad_recorder(slots: list, index: int, key, order):
+    def record(grad):
+        slots[index] = grad.detach().cpu().numpy().copy() if hasattr(grad, "cpu") else grad.numpy()
+        if order is not None and key not in order:
+            order.append(key)
+    return record
+
+
 def run_diff(name: str, torch_ckpt, paddle_params=None, *, tol: float = DEFAULT_TOL, images=None,
              batch_size: int = 2, input_size: Optional[int] = None, seed: int = 0, device: str = "cpu",
              ema: bool = False, key: Optional[str] = None, unsafe_pickle: bool = False,
-             num_classes: int = 1000) -> DiffReport:
+             num_classes: int = 1000, backward: bool = False) -> DiffReport:
     """Layer-by-layer comparison of the torch reference and the Paddle model (same arguments as
-    ``run_verify``; ``tol`` bounds each layer's max abs output error)."""
+    ``run_verify``; ``tol`` bounds each layer's max abs output error).  ``backward``: the gradients
+    of the layer outputs instead, in backward order, each relative to its own magnitude."""
     prepared = prepare_run(name, torch_ckpt, paddle_params, images=images, batch_size=batch_size,
                            input_size=input_size, seed=seed, device=device, ema=ema, key=key,
                            unsafe_pickle=unsafe_pickle, num_classes=num_classes)
     torch_model, paddle_model = prepared.pair.torch_model, prepared.pair.paddle_model
     pairs, unpaired = pair_modules(torch_model, paddle_model, prepared.spec.rules)
-    layers, logits = layer_errors(torch_model, paddle_model, pairs, prepared.batch, prepared.setting.device)
+    if backward:
+        labels = np.random.default_rng(seed + 1).integers(0, num_classes, size=prepared.batch.shape[0])
+        layers, logits = layer_gradient_errors(torch_model, paddle_model, pairs, prepared.batch,
+                                               prepared.setting.device, labels)
+    else:
+        layers, logits = layer_errors(torch_model, paddle_model, pairs, prepared.batch, prepared.setting.device)
     return DiffReport(**asdict(prepared.setting), tol=tol, layers=layers, logits=logits, unpaired=unpaired,
-                      stage_names=tuple(getattr(torch_model, "stage_names", ())))
+                      stage_names=tuple(getattr(torch_model, "stage_names", ())), backward=backward)
 
 
 # --- plot -----------------------------------------------------------------------------------
