@@ -21,8 +21,6 @@ Works with paddledet 2.6.0 installed with ``--no-deps`` next to ``torch2paddle[s
 """
 from __future__ import annotations
 
-import importlib
-
 try:
     from ppdet.core.workspace import register, serializable
     from ppdet.modeling.shape_spec import ShapeSpec
@@ -31,35 +29,16 @@ except ImportError as err:  # one line that says what to install
         f"paddle_models.paddledet_backbones needs PaddleDetection, which could not be imported ({err}); "
         "install: pip install 'torch2paddle[suites]' && pip install --no-deps paddledet==2.6.0") from None
 
+from .suite_backbones import DenseBackbone, dense_model
+
 __all__ = ["FCViT", "BiFormer", "CrossFormer", "RegionViT"]
 
 
-def _dense_model(family: str):
-    return importlib.import_module(f"paddle_models.{family}").DENSE_MODEL
-
-
-class _DetectionBackbone:
+class _DetectionBackbone(DenseBackbone):
     """What ppdet asks of a backbone, over a family's dense model (the next class in the MRO)."""
 
-    _family = ""  # the module name in paddle_models / model_configs
-
-    def __init__(self, arch, out_indices=(0, 1, 2, 3), **kwargs):
-        configs = importlib.import_module(f"model_configs.{self._family}").DENSE_CONFIGS
-        if arch not in configs:
-            raise ValueError(f"{type(self).__name__}: arch '{arch}' is not a {type(self).__name__} dense backbone; "
-                             f"choose one of {', '.join(sorted(configs))}")
-        super().__init__(configs[arch], out_indices=tuple(out_indices), **kwargs)
-        self.arch = arch
-        self.dense_config = configs[arch]
-
     def forward(self, inputs):
-        x = inputs["image"] if isinstance(inputs, dict) else inputs
-        height, width = x.shape[-2:]
-        if height > 0 and width > 0:  # -1 while tracing with a dynamic shape
-            problem = self.dense_config.input_problem(height, width)
-            if problem:
-                raise ValueError(f"{self.arch}: {problem}")
-        return list(super().forward(x))
+        return self.features(inputs["image"] if isinstance(inputs, dict) else inputs)
 
     @property
     def out_shape(self):
@@ -68,27 +47,27 @@ class _DetectionBackbone:
 
 @register
 @serializable
-class FCViT(_DetectionBackbone, _dense_model("fcvit")):
+class FCViT(_DetectionBackbone, dense_model("fcvit")):
     """FCViT dense backbone (``arch``: fcvit_b12_feat, fcvit_b24_feat)."""
     _family = "fcvit"
 
 
 @register
 @serializable
-class BiFormer(_DetectionBackbone, _dense_model("biformer")):
+class BiFormer(_DetectionBackbone, dense_model("biformer")):
     """BiFormer dense backbone (``arch``: biformer_small_det, biformer_base_det, ...)."""
     _family = "biformer"
 
 
 @register
 @serializable
-class CrossFormer(_DetectionBackbone, _dense_model("crossformer")):
+class CrossFormer(_DetectionBackbone, dense_model("crossformer")):
     """CrossFormer dense backbone (``arch``: crossformer_small_det, crossformer_base_det, ...)."""
     _family = "crossformer"
 
 
 @register
 @serializable
-class RegionViT(_DetectionBackbone, _dense_model("regionvit")):
+class RegionViT(_DetectionBackbone, dense_model("regionvit")):
     """RegionViT dense backbone (``arch``: regionvit_small_det, regionvit_small_w14_det, ...)."""
     _family = "regionvit"

@@ -19,8 +19,6 @@ Works with paddleseg 2.8.0 installed with ``--no-deps`` next to ``torch2paddle[s
 """
 from __future__ import annotations
 
-import importlib
-
 try:
     from paddleseg.cvlibs import manager
     from paddleseg.utils import load_pretrained_model
@@ -29,61 +27,46 @@ except ImportError as err:  # one line that says what to install
         f"paddle_models.paddleseg_backbones needs PaddleSeg, which could not be imported ({err}); "
         "install: pip install 'torch2paddle[suites]' && pip install --no-deps paddleseg==2.8.0") from None
 
+from .suite_backbones import DenseBackbone, dense_model
+
 __all__ = ["FCViT", "BiFormer", "CrossFormer", "RegionViT"]
 
 
-def _dense_model(family: str):
-    return importlib.import_module(f"paddle_models.{family}").DENSE_MODEL
-
-
-class _SegmentationBackbone:
+class _SegmentationBackbone(DenseBackbone):
     """What PaddleSeg asks of a backbone, over a family's dense model (the next class in the MRO)."""
 
-    _family = ""  # the module name in paddle_models / model_configs
-
     def __init__(self, arch, out_indices=(0, 1, 2, 3), in_channels=3, pretrained=None, **kwargs):
-        configs = importlib.import_module(f"model_configs.{self._family}").DENSE_CONFIGS
-        if arch not in configs:
-            raise ValueError(f"{type(self).__name__}: arch '{arch}' is not a {type(self).__name__} dense backbone; "
-                             f"choose one of {', '.join(sorted(configs))}")
         if in_channels != 3:  # PaddleSeg sets it from the dataset's IMG_CHANNELS
             raise ValueError(f"{type(self).__name__}: {arch} takes 3-channel (RGB) images, not {in_channels}")
-        super().__init__(configs[arch], out_indices=tuple(out_indices), **kwargs)
-        self.arch = arch
-        self.dense_config = configs[arch]
+        super().__init__(arch, out_indices, **kwargs)
         self.feat_channels = [info["channels"] for info in self.feature_info]
         self.pretrained = pretrained
         if pretrained is not None:
             load_pretrained_model(self, pretrained)
 
     def forward(self, x):
-        height, width = x.shape[-2:]
-        if height > 0 and width > 0:  # -1 while tracing with a dynamic shape
-            problem = self.dense_config.input_problem(height, width)
-            if problem:
-                raise ValueError(f"{self.arch}: {problem}")
-        return list(super().forward(x))
+        return self.features(x)
 
 
 @manager.BACKBONES.add_component
-class FCViT(_SegmentationBackbone, _dense_model("fcvit")):
+class FCViT(_SegmentationBackbone, dense_model("fcvit")):
     """FCViT dense backbone (``arch``: fcvit_b12_feat, fcvit_b24_feat)."""
     _family = "fcvit"
 
 
 @manager.BACKBONES.add_component
-class BiFormer(_SegmentationBackbone, _dense_model("biformer")):
+class BiFormer(_SegmentationBackbone, dense_model("biformer")):
     """BiFormer dense backbone (``arch``: biformer_small_seg, biformer_base_seg, ...)."""
     _family = "biformer"
 
 
 @manager.BACKBONES.add_component
-class CrossFormer(_SegmentationBackbone, _dense_model("crossformer")):
+class CrossFormer(_SegmentationBackbone, dense_model("crossformer")):
     """CrossFormer dense backbone (``arch``: crossformer_small_det, crossformer_large_seg, ...)."""
     _family = "crossformer"
 
 
 @manager.BACKBONES.add_component
-class RegionViT(_SegmentationBackbone, _dense_model("regionvit")):
+class RegionViT(_SegmentationBackbone, dense_model("regionvit")):
     """RegionViT dense backbone (``arch``: regionvit_small_det, ...)."""
     _family = "regionvit"
