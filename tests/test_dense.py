@@ -160,3 +160,10 @@ def test_list_describes_dense_backbones(capsys):
     assert code == 0
     line = next(line for line in out.splitlines() if line.startswith("fcvit_b12_feat"))
     assert "64/128/320/512" in line and "4/8/16/32" in line and "77e5a9d" in line and "mmdet 'backbone.'" in line
+
+
+def test_input_size_the_official_code_rejects(tmp_path, capsys):
+    """CrossFormer's merges need even maps: 250 is no multiple of 32.  Checked before anything loads."""
+    code, _, err = cli(capsys, "verify", "crossformer_small_det", "--torch-ckpt", tmp_path / "not_read.pth",
+                       "--input-size", "250x352")
+    assert_one_line_error(code, err, "crossformer_small_det", "250")
