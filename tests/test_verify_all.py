@@ -39,7 +39,7 @@ def test_all_from_a_checkpoint_dir_fails_the_gate_on_any_bad_model(capsys, tmp_p
     assert list(by_name) == [NAME, "fcvit_b12"]
     assert by_name[NAME]["passed"] is True and by_name[NAME]["checkpoint"] == str(ckpts / f"{NAME}.pth")
     assert by_name["fcvit_b12"]["passed"] is False and "not a PyTorch checkpoint" in by_name["fcvit_b12"]["error"]
-    assert report["not_found"] == ["fcvit_b24", "fcvit_b48"]
+    assert report["not_found"] == ["fcvit_b24", "fcvit_b48", "fcvit_b12_feat", "fcvit_b24_feat"]  # dense match too
     assert "ERROR" in out and "no checkpoint for 2 model(s): fcvit_b24, fcvit_b48" in out
 
 
