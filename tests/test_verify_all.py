@@ -40,7 +40,7 @@ def test_all_from_a_checkpoint_dir_fails_the_gate_on_any_bad_model(capsys, tmp_p
     assert by_name[NAME]["passed"] is True and by_name[NAME]["checkpoint"] == str(ckpts / f"{NAME}.pth")
     assert by_name["fcvit_b12"]["passed"] is False and "not a PyTorch checkpoint" in by_name["fcvit_b12"]["error"]
     assert report["not_found"] == ["fcvit_b24", "fcvit_b48", "fcvit_b12_feat", "fcvit_b24_feat"]  # dense match too
-    assert "ERROR" in out and "no checkpoint for 2 model(s): fcvit_b24, fcvit_b48" in out
+    assert "ERROR" in out and "no checkpoint for 4 model(s): fcvit_b24, fcvit_b48, fcvit_b12_feat, fcvit_b24_feat" in out
 
 
 def test_all_fails_past_max_err(capsys, tmp_path):
@@ -78,5 +78,5 @@ def test_checkpoint_names_and_model_globs(tmp_path):
     (tmp_path / "regionvit_tiny.pth").write_bytes(b"")  # the canonical name comes first
     assert find_checkpoint(tmp_path, spec) == tmp_path / "regionvit_tiny.pth"
     assert [s.name for s in select_models(["fcvit_b*", "regionvit_tiny_224"])] == [
-        "fcvit_b12", "fcvit_b24", "fcvit_b48", "regionvit_tiny"]
+        "fcvit_b12", "fcvit_b24", "fcvit_b48", "regionvit_tiny", "fcvit_b12_feat", "fcvit_b24_feat"]
     assert len(select_models()) == len(select_models(["*"])) >= 25
