@@ -120,3 +120,36 @@ def test_batchnorm_eval_mode_is_paddles_own():
     x = paddle.to_tensor(np.random.default_rng(1).standard_normal((2, 8, 5, 5)).astype(np.float32))
     np.testing.assert_array_equal(bn(x).numpy(), stock(x).numpy())
     assert list(bn.state_dict()) == list(stock.state_dict())  # same keys: checkpoints convert as before
+
+
+def test_diff_backward_names_the_layer_whose_gradient_goes_wrong(official_checkpoint):
+    """A Paddle layer whose forward is exact but whose backward scales the gradient by 1.01: the
+    first layer, in backward order, with a wrong output gradient is one that feeds it."""
+    from converter.diff import layer_gradient_errors, pair_modules
+    from converter.verify import prepare_run
+
+    prepared = prepare_run("fcvit_tiny", official_checkpoint("fcvit_tiny"), batch_size=1, input_size=64)
+    t_model, p_model = prepared.pair.torch_model, prepared.pair.paddle_model
+    pairs, _ = pair_modules(t_model, p_model, prepared.spec.rules)
+    target = "network.4.0.channel_mixer.fc2"
+    layer = dict(p_model.named_sublayers())[target]
+
+    class ScaleGradient(paddle.autograd.PyLayer):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 1.01
+
+    original = layer.forward
+    layer.forward = lambda x: original(ScaleGradient.apply(x))
+    labels = np.zeros(1, np.int64)
+    layers, input_grad = layer_gradient_errors(t_model, p_model, pairs, prepared.batch, "cpu", labels)
+    order = [d.torch for d in layers]
+    first = next(d for d in layers if d.exceeds(1e-4))
+    assert order.index(first.torch) > order.index(target)  # upstream of the tampered layer, in backward order
+    assert first.torch.startswith("network.4.0.channel_mixer.")  # what feeds fc2 (its dropout or GELU)
+    assert not any(d.exceeds(1e-4) for d in layers[:order.index(first.torch)])
+    assert input_grad.max_abs_err > 0
