@@ -2,7 +2,9 @@
 
 Everything not named here is copied as is: convs (stem, downsampling, pos_embed, LePE),
 LayerNorms (the dense backbones' ``extra_norms.{0..3}`` too: timm LayerNorm2d, weight/bias (C,)).
-There are no raw parameters and no persistent buffers besides BatchNorm's.  The dense backbones
+There are no raw parameters (the layer scales gamma1 / gamma2 exist only when a config sets
+layer_scale_init_value > 0, which no official variant does; they would copy as is) and no persistent
+buffers besides BatchNorm's.  The dense backbones
 (biformer_*_det / *_seg) use ``RULES``: their keys are the classifier's less ``head`` and ``norm``.
 
 biformer_stl and biformer_stl_nchw use the same key names for different module types

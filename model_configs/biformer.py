@@ -37,6 +37,10 @@ class BiFormerConfig:
     # Dense backbones (official auto_pad=True): each legacy BRA zero-pads its NHWC input bottom/right
     # to a multiple of n_win (after norm1, no mask) and crops its output back, so any size runs.
     auto_pad: bool = False
+    # "biformer" layout: per-channel layer scales gamma1 / gamma2 on both residual branches when > 0
+    # (biformer.py:96-101, initialised to this value).  Every official factory and dense config
+    # passes -1: no layer scale, no gamma parameters.
+    layer_scale_init_value: float = -1.0
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -95,10 +99,52 @@ CONFIGS = {
 # models_mm/biformer_mm.py:12) on the classification trunk, with auto_pad=True and the configs'
 # n_win: 16 in every COCO config (object_detection/configs/coco/*.py), 8 in every ADE20K
 # BiFormer config (semantic_segmentation/configs/ade20k/{upernet,sfpn}.biformer_*.py).  Every
-# other backbone kwarg equals the classifier's (drop_path_rate aside, which eval never uses).
+# other backbone kwarg equals the classifier's (drop_path_rate aside: DENSE_TRAINING below).
 DENSE_CONFIGS = {
     "biformer_small_det": replace(CONFIGS["biformer_small"], n_win=16, auto_pad=True),
     "biformer_base_det": replace(CONFIGS["biformer_base"], n_win=16, auto_pad=True),
     "biformer_small_seg": replace(CONFIGS["biformer_small"], n_win=8, auto_pad=True),
     "biformer_base_seg": replace(CONFIGS["biformer_base"], n_win=8, auto_pad=True),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Training-time defaults (no effect in eval).
+#
+# Classifiers: the official factories leave BiFormer / BiFormerSTL / nchwBiFormerSTL at
+# drop_path_rate=0. and drop_rate=0. (biformer.py:139, biformer_stl.py:121,
+# biformer_stl_nchw.py:115), and so do the factories here.  ``drop_rate`` is accepted and never
+# used by the official models: there is no dropout to apply (the stage-4 AttentionLePE's
+# attn_drop / proj_drop are Dropout(0.) that no model argument reaches, _common.py:67-76).  The
+# official ImageNet recipe passes the rate through create_model (main.py:270-277): --drop-path
+# defaults to 0.1 (main.py:60, configs/train_args.yaml:7); the repo's commands use 0.15 for
+# biformer_small (README.md:82, scripts/train.sh:5) and 0.1 for biformer_stl / biformer_stl_nchw
+# (scripts/train.sh:13, 24) and name none for tiny / base; --drop 0.0 (main.py:58).
+
+# Dense backbones, as the configs the registry names build them: drop_path_rate from the config
+# (retinanet.1x.biformer_{small,base}.py:38 0.2 / 0.3, the maskrcnn.1x configs:42 the same;
+# upernet.biformer_{small,base}.py:40 0.3 / 0.4 -- the sfpn configs use 0.15 / 0.3), and the
+# detection class's ``norm_eval=True`` default (object_detection/models_mm/biformer_mm.py:13,
+# 59-67): its train() keeps every BatchNorm in eval mode, so COCO fine-tuning normalises with the
+# ImageNet running statistics and never updates them (their affine weights still train:
+# disable_bn_grad=False, retinanet.1x.*.py:39).  The segmentation class has neither argument;
+# its BatchNorms train (converted to SyncBatchNorm, biformer_mm.py:31: batch statistics over all
+# GPUs, the same update as BatchNorm2d on one).
+DENSE_TRAINING = {
+    "biformer_small_det": {"drop_path_rate": 0.2, "norm_eval": True},
+    "biformer_base_det": {"drop_path_rate": 0.3, "norm_eval": True},
+    "biformer_small_seg": {"drop_path_rate": 0.3},
+    "biformer_base_seg": {"drop_path_rate": 0.4},
+}
+
+
+def dense_factory_kwargs(name: str, kwargs: dict) -> dict:
+    """What a dense factory builds ``BiFormerDense`` with: the config's training defaults
+    (``DENSE_TRAINING``) under the caller's kwargs.  ``norm_eval`` / ``disable_bn_grad`` exist in
+    the detection class only: the segmentation factories refuse them, as the official class does."""
+    if not name.endswith("_det"):
+        for key in ("norm_eval", "disable_bn_grad"):
+            if key in kwargs:
+                raise TypeError(f"{name}() got an unexpected keyword argument '{key}' (the official "
+                                f"segmentation BiFormer_mm has no {key}; the detection one does)")
+    return {**DENSE_TRAINING[name], **kwargs}

@@ -50,19 +50,64 @@ class CrossFormerConfig:
     patch_size: tuple = (4, 8, 16, 32)  # cross-scale stem kernels (stride = the first)
     merge_size: tuple = ((2, 4), (2, 4), (2, 4))  # cross-scale merge kernels (stride 2)
     mlp_ratio: float = 4.0
+    # The stochastic-depth rate the official model is built with: config.py:59 (0.1, also CrossFormer's
+    # own default, models/crossformer.py:641), overridden by each YAML's DROP_PATH_RATE (line 4).
+    drop_path_rate: float = 0.1
 
+
+# Training-time defaults of the official builders, for every variant: dropout ``drop_rate`` 0.0
+# (config.py:57 MODEL.DROP_RATE, passed by models/build.py:21; the dense factories pass 0.0) and
+# attention dropout ``attn_drop_rate`` 0.0 (never passed: CrossFormer's default, models/crossformer.py:641).
+DEFAULT_DROP_RATE = 0.0
+DEFAULT_ATTN_DROP_RATE = 0.0
 
 _PP = dict(group_size=(4, 4, 14, 7), interval=(4, 2, 1, 1), use_acl=True)
 CONFIGS = {
-    "crossformer_tiny": CrossFormerConfig(embed_dim=64, depths=(1, 1, 8, 6), num_heads=(2, 4, 8, 16)),
-    "crossformer_small": CrossFormerConfig(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
-    "crossformer_base": CrossFormerConfig(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
-    "crossformer_large": CrossFormerConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
-    "crossformer_pp_small": CrossFormerConfig(embed_dim=64, depths=(2, 2, 18, 2), num_heads=(2, 4, 8, 16), **_PP),
-    "crossformer_pp_base": CrossFormerConfig(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), **_PP),
-    "crossformer_pp_large": CrossFormerConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), **_PP),
-    "crossformer_pp_huge": CrossFormerConfig(embed_dim=128, depths=(6, 6, 18, 2), num_heads=(4, 8, 16, 32), **_PP),
+    "crossformer_tiny": CrossFormerConfig(embed_dim=64, depths=(1, 1, 8, 6), num_heads=(2, 4, 8, 16),
+                                          drop_path_rate=0.1),
+    "crossformer_small": CrossFormerConfig(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                                           drop_path_rate=0.2),
+    "crossformer_base": CrossFormerConfig(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
+                                          drop_path_rate=0.3),
+    "crossformer_large": CrossFormerConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+                                           drop_path_rate=0.5),
+    "crossformer_pp_small": CrossFormerConfig(embed_dim=64, depths=(2, 2, 18, 2), num_heads=(2, 4, 8, 16),
+                                              drop_path_rate=0.2, **_PP),
+    "crossformer_pp_base": CrossFormerConfig(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
+                                             drop_path_rate=0.3, **_PP),
+    "crossformer_pp_large": CrossFormerConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+                                              drop_path_rate=0.5, **_PP),
+    "crossformer_pp_huge": CrossFormerConfig(embed_dim=128, depths=(6, 6, 18, 2), num_heads=(4, 8, 16, 32),
+                                             drop_path_rate=0.5, **_PP),
 }
+
+
+def drop_path_rates(drop_path_rate: float, depths) -> list:
+    """The official per-block stochastic-depth rates, one list per stage: ``[x.item() for x in
+    torch.linspace(0, drop_path_rate, sum(depths))]`` split by stage (models/crossformer.py:672, 694;
+    the dense codes alike), every block of every stage, both residual branches.
+
+    Computed without torch, to the bit: torch's CPU kernel works in float32 with
+    step = rate / (n - 1), value i = start + step * i for the first half and end - step * (n - 1 - i)
+    for the second, each a fused multiply-add (rounded once) -- checked equal to torch 2.13's
+    ``linspace`` for every length below 200 at 208 rates (tests/test_train_crossformer.py checks
+    lengths below 40).  A float32 ``numpy.linspace`` rounds from float64 instead and misses some of
+    these values by one float32 ulp."""
+    total = sum(depths)
+    end = np.float32(drop_path_rate)
+    if total == 1:
+        rates = [0.0]
+    else:
+        step = np.float64(np.float32(end / np.float32(total - 1)))
+        half = total // 2
+        # products of a float32 and an index are exact in float64: one rounding, as the FMA
+        rates = [float(np.float32(step * i if i < half else np.float64(end) - step * (total - 1 - i)))
+                 for i in range(total)]
+    out, start = [], 0
+    for depth in depths:
+        out.append(rates[start:start + depth])
+        start += depth
+    return out
 
 
 def input_size_problem(height: int, width: int) -> Optional[str]:
@@ -208,18 +253,21 @@ class CrossFormerDenseConfig(CrossFormerConfig):
 # CrossFormer_S2 @ 7952010) with the group sizes / intervals of the released configs
 # (detection/configs/retinanet_crossformer_{s,b}_fpn_1x_coco.py, segmentation/configs/
 # fpn_crossformer_l_ade20k_40k.py @ 4fbf750; detection/configs/crossformer_pp/
-# retinanet_crossformerpp_s_fpn_1x_coco.py @ 7952010, adaptive_interval False).
+# retinanet_crossformerpp_s_fpn_1x_coco.py @ 7952010, adaptive_interval False).  Training: the factories
+# fix drop_path_rate (S 0.2, B 0.3, L 0.5: detection/crossformer_factory.py:31, 54 @ 4fbf750,
+# segmentation/crossformer_factory.py:77 @ 4fbf750; S2 0.2: detection/crossformer_factory.py:56 @ 7952010)
+# and drop_rate 0.0, and leave attn_drop_rate at its default 0.
 DENSE_CONFIGS = {
     "crossformer_small_det": CrossFormerDenseConfig(
         embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), group_size=(7, 7, 7, 7),
-        interval=(8, 4, 2, 1), code="v1"),
+        interval=(8, 4, 2, 1), drop_path_rate=0.2, code="v1"),
     "crossformer_base_det": CrossFormerDenseConfig(
         embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), group_size=(7, 7, 7, 7),
-        interval=(8, 4, 2, 1), code="v1"),
+        interval=(8, 4, 2, 1), drop_path_rate=0.3, code="v1"),
     "crossformer_large_seg": CrossFormerDenseConfig(
         embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), group_size=(14, 14, 7, 7),
-        interval=(16, 8, 2, 1), code="v1"),
+        interval=(16, 8, 2, 1), drop_path_rate=0.5, code="v1"),
     "crossformer_pp_small_det": CrossFormerDenseConfig(
         embed_dim=64, depths=(2, 2, 18, 2), num_heads=(2, 4, 8, 16), group_size=(7, 7, 7, 7),
-        interval=(8, 4, 2, 1), use_acl=True, code="head"),
+        interval=(8, 4, 2, 1), use_acl=True, drop_path_rate=0.2, code="head"),
 }

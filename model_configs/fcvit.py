@@ -27,12 +27,34 @@ class FCViTConfig:
     def mix_width(self, dim: int) -> int:
         return max(dim // self.mix_reduction, self.mix_min_width)
 
+    def drop_path_rates(self, drop_path_rate: float) -> list:
+        """The official per-block drop-path rates, one list per stage (models/fcvit.py:374, in
+        ``basic_blocks``): rate x (global block index) / (total blocks - 1), in Python floats --
+        linspace(0, rate, total) as the official code computes it, so the rates are exactly its
+        (``drop_path_schedule``'s float32 linspace differs from them by ~1e-9).  A block at rate 0
+        gets no DropPath at all (``nn.Identity``), like the first block."""
+        total = sum(self.layers)
+        rates, start = [], 0
+        for depth in self.layers:
+            rates.append([drop_path_rate * (j + start) / (total - 1) for j in range(depth)])
+            start += depth
+        return rates
+
     def input_problem(self, height: int, width: int) -> Optional[str]:
         """Convolutions and global context only: any size the 7x7/4 stem can take."""
         if height < 1 or width < 1:
             return f"input {height}x{width} is empty"
         return None
 
+
+# Training-time defaults (models/fcvit.py): every factory (544-670) and the *_feat classes (673-729)
+# leave ``drop_rate`` and ``drop_path_rate`` at BaseFormer's defaults, 0.0 and 0.0 (394); the README's
+# ImageNet recipe passes --drop-path 0.1 / 0.1 / 0.1 / 0.2 (tiny / b12 / b24 / b48, README.md:97) through
+# train.py (--drop-path, default None: not passed, 233 and 389; --drop default 0.0, 229), and the
+# mmdet / mmseg configs pass neither (so 0.0 for the dense backbones).  There is no attention dropout.
+DEFAULT_DROP_RATE = 0.0
+DEFAULT_DROP_PATH_RATE = 0.0
+README_DROP_PATH_RATE = {"fcvit_tiny": 0.1, "fcvit_b12": 0.1, "fcvit_b24": 0.1, "fcvit_b48": 0.2}
 
 CONFIGS = {
     "fcvit_tiny": FCViTConfig(layers=(3, 3, 5, 2), embed_dims=(32, 64, 160, 320)),

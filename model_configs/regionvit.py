@@ -19,6 +19,11 @@ class RegionViTConfig:
     peg: bool = False
 
 
+# Training: the official factories pass nothing, so RegionViT.__init__'s defaults hold
+# (regionvit.py:295-296): drop_rate 0, attn_drop_rate 0, drop_path_rate 0.  The ImageNet recipe
+# overrides them from the command line: --drop-path 0.1 (main.py:45), --drop 0 (main.py:43).
+IMAGENET_DROP_PATH_RATE = 0.1
+
 CONFIGS = {
     "regionvit_tiny": RegionViTConfig((64, 64, 128, 256, 512), (2, 2, 8, 2), (2, 4, 8, 16), 7, "3conv"),
     "regionvit_small": RegionViTConfig((96, 96, 192, 384, 768), (2, 2, 8, 2), (3, 6, 12, 24), 7, "3conv"),
@@ -38,8 +43,10 @@ CONFIGS = {
 class RegionViTDenseConfig:
     """One RegionViTBackbone: ``model`` (the classifier it wraps, by its timm name without ``_224``)
     with ``det_norm``: a LayerNorm2d ``norm{i}`` on the local tokens after stage i, whose output is
-    both the i-th feature map and the next stage's input.  ``drop_path_rate`` (MODEL.BACKBONE.DP_RATE)
-    and ``freeze_at`` only matter in training."""
+    both the i-th feature map and the next stage's input.  ``drop_path_rate`` (MODEL.BACKBONE.DP_RATE:
+    0.2 in detection/config.py:9 and every detection config, e.g. mask_rcnn_regionvit_FPN_1x.yaml:7;
+    the wrapper passes it to the classifier's factory, detector_wrapper.py:14) and ``freeze_at``
+    only matter in training."""
 
     model: str
     det_norm: bool = True

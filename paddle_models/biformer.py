@@ -4,7 +4,14 @@ Reads side by side with ``reference_torch/biformer.py``: same classes, attribute
 so parameter names are the official checkpoint's (BatchNorm running statistics aside: Paddle
 calls them ``_mean`` / ``_variance``).  Variants: biformer_tiny, biformer_small, biformer_base,
 biformer_stl, biformer_stl_nchw, and the dense backbones biformer_{small,base}_{det,seg}
-(``BiFormer_mm``; any input size through the BRA's auto_pad).  Inference only: no drop path.
+(``BiFormer_mm``; any input size through the BRA's auto_pad).
+
+Trains as the official code (and the reference) does: drop path on both residual branches of every
+block at the official per-block rates, the official initialisation (``_init_weights``, torch's
+conv init included), routing on detached region descriptors, every BatchNorm a
+``numerics.BatchNorm2D`` (torch's momentum 0.1 and unbiased running-variance update, eps 1e-5),
+and the detection backbones' frozen BatchNorm (``norm_eval``).  ``drop_rate`` is accepted and
+unused, as in the official models, which have no dropout.
 
 Bi-Level Routing Attention gathers the routed key/value regions with one index_select over a
 (batch x region) axis, so the gathered tensors hold topk regions per query region, never p^2.
@@ -14,13 +21,16 @@ sub-module still takes and returns what its torch twin does.
 """
 from __future__ import annotations
 
+import math
+
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from model_configs.biformer import CONFIGS, DENSE_CONFIGS, BiFormerConfig
+from model_configs.biformer import CONFIGS, DENSE_CONFIGS, BiFormerConfig, dense_factory_kwargs
 
 from . import numerics
+from .layers import DropPath, drop_path_schedule
 
 __all__ = ["BiFormer", "BiFormerSTL", "BiFormerDense", "biformer_tiny", "biformer_small", "biformer_base",
            "biformer_stl", "biformer_stl_nchw", "biformer_small_det", "biformer_base_det", "biformer_small_seg",
@@ -92,6 +102,44 @@ def _check_input(cfg: BiFormerConfig, x):
 
 
 # ---------------------------------------------------------------------------------------------
+# Linear and Conv2D with torch's bias-gradient accuracy.  A bias's gradient is a sum over every
+# token (N x H x W rows: 6272 at stage 1 for a batch of 2 at 224); Paddle's float32 reduction is
+# 5-15x less accurate than torch's (measured on biformer_tiny: stage-1/2 LePE, qkv, wo and MLP bias
+# gradients 2e-4 to 8e-4 of their RMS off torch's, whose own float32 error is ~5e-5 of it).
+# In training these layers add their bias in float64: the float32 values are the same (a float32
+# sum formed in float64 and rounded once is the float32 sum), and backward then reduces the bias
+# gradient in float64.  Eval runs Paddle's own layer, untouched.
+# ---------------------------------------------------------------------------------------------
+
+def _add_bias64(y, bias):
+    return (y.astype("float64") + bias.astype("float64")).astype(y.dtype)
+
+
+def _bias64(layer, x) -> bool:
+    return layer.training and layer.bias is not None and x.dtype == paddle.float32
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, keys and eval forward); training: bias added in float64."""
+
+    def forward(self, x):
+        if not _bias64(self, x):
+            return super().forward(x)
+        return _add_bias64(F.linear(x, self.weight), self.bias)
+
+
+class Conv2D(nn.Conv2D):
+    """``nn.Conv2D`` (same parameters, keys and eval forward, NCHW); training: bias added in float64."""
+
+    def forward(self, x):
+        if not _bias64(self, x):
+            return super().forward(x)
+        y = F.conv2d(x, self.weight, None, stride=self._stride, padding=self._padding, dilation=self._dilation,
+                     groups=self._groups, data_format=self._data_format)
+        return _add_bias64(y, self.bias.reshape([1, -1, 1, 1]))
+
+
+# ---------------------------------------------------------------------------------------------
 # Bi-Level Routing Attention
 # ---------------------------------------------------------------------------------------------
 
@@ -102,6 +150,8 @@ class TopkRouting(nn.Layer):
     logits (N, P, P) = (query * scale) @ key^T (scale None: unscaled, as in the NCHW BRA), and
     index (N, P, topk) int64, the selected key regions of each query region, best first.
     Models list every TopkRouting in ``routing_modules`` so parity checks can hook them.
+    The descriptors are detached, as the official router does without diff_routing (every
+    released model): the routing takes no part in backward.
     """
 
     def __init__(self, topk: int, scale=None):
@@ -110,6 +160,7 @@ class TopkRouting(nn.Layer):
         self.scale = scale
 
     def forward(self, query, key):
+        query, key = query.detach(), key.detach()
         if self.scale is not None:
             query = query * self.scale
         logits = paddle.matmul(query, key, transpose_y=True)
@@ -149,7 +200,7 @@ class QKVLinear(nn.Layer):
 
     def __init__(self, dim: int, qk_dim: int):
         super().__init__()
-        self.qkv = nn.Linear(dim, 2 * qk_dim + dim)
+        self.qkv = Linear(dim, 2 * qk_dim + dim)
 
     def forward(self, x):
         return self.qkv(x)
@@ -175,11 +226,11 @@ class BiLevelRoutingAttention(nn.Layer):
         self.num_heads = num_heads
         self.n_win = n_win
         self.scale = self.qk_dim ** -0.5
-        self.lepe = nn.Conv2D(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+        self.lepe = Conv2D(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
         self.router = TopkRouting(topk, scale=self.scale)
         self.kv_gather = KVGather()
         self.qkv = QKVLinear(dim, self.qk_dim)
-        self.wo = nn.Linear(dim, dim)
+        self.wo = Linear(dim, dim)
         self.auto_pad = auto_pad
 
     def forward(self, x):
@@ -207,11 +258,11 @@ class BiLevelRoutingAttentionNCHW(nn.Layer):
         self.num_heads = num_heads
         self.n_win = n_win
         self.scale = dim ** -0.5
-        self.lepe = nn.Conv2D(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+        self.lepe = Conv2D(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
         self.router = TopkRouting(topk, scale=None)
         self.kv_gather = KVGather()
-        self.qkv_linear = nn.Conv2D(dim, 3 * dim, 1)
-        self.output_linear = nn.Conv2D(dim, dim, 1)
+        self.qkv_linear = Conv2D(dim, 3 * dim, 1)
+        self.output_linear = Conv2D(dim, dim, 1)
 
     def forward(self, x):
         n, c, hh, ww = x.shape
@@ -237,9 +288,9 @@ class AttentionLePE(nn.Layer):
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias_attr=False)
-        self.proj = nn.Linear(dim, dim)
-        self.lepe = nn.Conv2D(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+        self.qkv = Linear(dim, dim * 3, bias_attr=False)
+        self.proj = Linear(dim, dim)
+        self.lepe = Conv2D(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
 
     def forward(self, x):
         b, h, w, c = x.shape
@@ -261,9 +312,9 @@ class AttentionLePENCHW(nn.Layer):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Conv2D(dim, dim * 3, 1, bias_attr=False)
-        self.proj = nn.Conv2D(dim, dim, 1)
-        self.lepe = nn.Conv2D(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+        self.qkv = Conv2D(dim, dim * 3, 1, bias_attr=False)
+        self.proj = Conv2D(dim, dim, 1)
+        self.lepe = Conv2D(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -280,12 +331,27 @@ class AttentionLePENCHW(nn.Layer):
 # Blocks
 # ---------------------------------------------------------------------------------------------
 
-class LayerNorm2d(nn.LayerNorm):
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters, keys and eval forward); training: computed in float64 and
+    rounded once.  Its backward subtracts two nearly equal terms per token, and Paddle's float32
+    kernel rounds them ~3-7x worse than torch's: the dense backbones' loss gradient, which reaches
+    the trunk only through the extra_norms' backward, carried that into every stage-3/4 gradient."""
+
+    def _layer_norm(self, x):
+        if not (self.training and x.dtype == paddle.float32):
+            return F.layer_norm(x, self._normalized_shape, self.weight, self.bias, self._epsilon)
+        return F.layer_norm(x.astype("float64"), self._normalized_shape, self.weight.astype("float64"),
+                            self.bias.astype("float64"), self._epsilon).astype(x.dtype)
+
+    def forward(self, x):
+        return self._layer_norm(x)
+
+
+class LayerNorm2d(LayerNorm):
     """LayerNorm over the channels of an NCHW tensor (timm's LayerNorm2d, eps 1e-6)."""
 
     def forward(self, x):
-        x = F.layer_norm(_permute(x, [0, 2, 3, 1]), self._normalized_shape, self.weight, self.bias, self._epsilon)
-        return _permute(x, [0, 3, 1, 2])
+        return _permute(self._layer_norm(_permute(x, [0, 2, 3, 1])), [0, 3, 1, 2])
 
 
 def _attention(cfg: BiFormerConfig, dim: int, topk: int, nchw: bool = False) -> nn.Layer:
@@ -296,58 +362,78 @@ def _attention(cfg: BiFormerConfig, dim: int, topk: int, nchw: bool = False) -> 
     return (AttentionLePENCHW if nchw else AttentionLePE)(dim, cfg.global_heads, cfg.side_dwconv)
 
 
-class Block(nn.Layer):
-    """BiFormer block (models/biformer.py): depthwise-conv position embedding, then pre-norm
-    attention and MLP on NHWC.  ``mlp.1`` is the official Identity placeholder of the unused
-    MLP DWConv, kept so the second Linear is ``mlp.3`` as in the checkpoints."""
+def _drop_path(rate: float) -> nn.Layer:
+    """As the official blocks: DropPath only where the rate is positive, else Identity."""
+    return DropPath(rate) if rate > 0.0 else nn.Identity()
 
-    def __init__(self, cfg: BiFormerConfig, dim: int, topk: int):
+
+class Block(nn.Layer):
+    """BiFormer block (models/biformer.py:54-132): depthwise-conv position embedding, then pre-norm
+    attention and MLP on NHWC, each residual branch through drop path (the position embedding's
+    is not), scaled by gamma1 / gamma2 when the config has layer scale.  ``mlp.1`` is the official
+    Identity placeholder of the unused MLP DWConv, kept so the second Linear is ``mlp.3`` as in
+    the checkpoints."""
+
+    def __init__(self, cfg: BiFormerConfig, dim: int, topk: int, drop_path: float = 0.0):
         super().__init__()
         hidden = int(cfg.mlp_ratio * dim)
         k = cfg.pos_embed_kernel
-        self.pos_embed = nn.Conv2D(dim, dim, k, padding=k // 2, groups=dim)
-        self.norm1 = nn.LayerNorm(dim, epsilon=cfg.norm_eps)
+        self.pos_embed = Conv2D(dim, dim, k, padding=k // 2, groups=dim)
+        self.norm1 = LayerNorm(dim, epsilon=cfg.norm_eps)
         self.attn = _attention(cfg, dim, topk)
-        self.norm2 = nn.LayerNorm(dim, epsilon=cfg.norm_eps)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.Identity(), nn.GELU(), nn.Linear(hidden, dim))
+        self.norm2 = LayerNorm(dim, epsilon=cfg.norm_eps)
+        self.mlp = nn.Sequential(Linear(dim, hidden), nn.Identity(), nn.GELU(), Linear(hidden, dim))
+        self.drop_path = _drop_path(drop_path)
+        self.use_layer_scale = cfg.layer_scale_init_value > 0
+        if self.use_layer_scale:
+            init = nn.initializer.Constant(cfg.layer_scale_init_value)
+            self.gamma1 = self.create_parameter([dim], default_initializer=init)
+            self.gamma2 = self.create_parameter([dim], default_initializer=init)
 
     def forward(self, x):  # NCHW -> NCHW
         x = x + self.pos_embed(x)
         x = _permute(x, [0, 2, 3, 1])
-        x = x + self.attn(self.norm1(x))
-        x = x + self.mlp(self.norm2(x))
+        if self.use_layer_scale:
+            x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
+            x = x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x)))
+        else:
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+            x = x + self.drop_path(self.mlp(self.norm2(x)))
         return _permute(x, [0, 3, 1, 2])
 
 
 class BiFormerBlock(nn.Layer):
     """STL block: pre-norm attention and MLP, NHWC (LayerNorm, Linear MLP) or NCHW (LayerNorm2d,
-    1x1-conv MLP, NCHW attention)."""
+    1x1-conv MLP, NCHW attention), both residual branches through drop path."""
 
-    def __init__(self, cfg: BiFormerConfig, dim: int, topk: int):
+    def __init__(self, cfg: BiFormerConfig, dim: int, topk: int, drop_path: float = 0.0):
         super().__init__()
         nchw = cfg.layout == "stl_nchw"
         hidden = int(cfg.mlp_ratio * dim)
-        norm = LayerNorm2d if nchw else nn.LayerNorm
+        norm = LayerNorm2d if nchw else LayerNorm
         self.norm1 = norm(dim, epsilon=cfg.norm_eps)
         self.attn = _attention(cfg, dim, topk, nchw)
         self.norm2 = norm(dim, epsilon=cfg.norm_eps)
         if nchw:
-            self.mlp = nn.Sequential(nn.Conv2D(dim, hidden, 1), nn.GELU(), nn.Conv2D(hidden, dim, 1))
+            self.mlp = nn.Sequential(Conv2D(dim, hidden, 1), nn.GELU(), Conv2D(hidden, dim, 1))
         else:
-            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+            self.mlp = nn.Sequential(Linear(dim, hidden), nn.GELU(), Linear(hidden, dim))
+        self.drop_path = _drop_path(drop_path)
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class BasicLayer(nn.Layer):
-    """One STL stage: its blocks, run on NHWC (stl) or directly on NCHW (stl_nchw)."""
+    """One STL stage: its blocks, run on NHWC (stl) or directly on NCHW (stl_nchw);
+    ``drop_path``: the stage's slice of the model's schedule, one rate per block."""
 
-    def __init__(self, cfg: BiFormerConfig, dim: int, depth: int, topk: int):
+    def __init__(self, cfg: BiFormerConfig, dim: int, depth: int, topk: int, drop_path=None):
         super().__init__()
         self.channels_last = cfg.layout == "stl"
-        self.blocks = nn.LayerList([BiFormerBlock(cfg, dim, topk) for _ in range(depth)])
+        rates = drop_path or [0.0] * depth
+        self.blocks = nn.LayerList([BiFormerBlock(cfg, dim, topk, rates[i]) for i in range(depth)])
 
     def forward(self, x):  # NCHW -> NCHW
         if self.channels_last:
@@ -361,22 +447,70 @@ class BasicLayer(nn.Layer):
 # Models
 # ---------------------------------------------------------------------------------------------
 
+_ZEROS = nn.initializer.Constant(0.0)
+_ONES = nn.initializer.Constant(1.0)
+
+
+def _trunc_normal_(param, std: float = 0.02, a: float = -2.0, b: float = 2.0):
+    """torch's ``trunc_normal_(param, std=std)`` (absolute cut at [a, b]), by torch's own method:
+    inverse-CDF of a uniform draw on the truncated range, on Paddle's seeded generator.  Same
+    distribution as ``nn.initializer.TruncatedNormal(0, std, a, b)``, which is ~1.6x slower on CPU."""
+    def norm_cdf(v):
+        return (1.0 + math.erf(v / math.sqrt(2.0))) / 2.0
+
+    low, high = norm_cdf(a / std), norm_cdf(b / std)
+    u = paddle.uniform(param.shape, dtype=param.dtype, min=2 * low - 1, max=2 * high - 1)
+    param.set_value(paddle.clip(paddle.erfinv(u) * (std * math.sqrt(2.0)), a, b))
+
+
+def _batch_norm(channels: int) -> nn.Layer:
+    """torch's nn.BatchNorm2d(channels) with its defaults (momentum 0.1, eps 1e-5), trained as torch
+    trains it (numerics.BatchNorm2D: unbiased running-variance update)."""
+    return numerics.BatchNorm2D(channels, momentum=0.1, epsilon=1e-5)
+
+
 class _BiFormerBase(nn.Layer):
     """What both model classes share: the input check, the feature loop and the hook lists."""
 
     # Sub-modules whose outputs are the per-stage features (NCHW).
     stage_names = ("stages.0", "stages.1", "stages.2", "stages.3")
 
-    def __init__(self, cfg: BiFormerConfig, num_classes: int):
+    def __init__(self, cfg: BiFormerConfig, num_classes: int, drop_path_rate: float, drop_rate: float):
         super().__init__()
         self.cfg = cfg
         self.num_classes = num_classes
         self.num_features = cfg.embed_dim[-1]
+        self.drop_path_rate = drop_path_rate
+        self.drop_rate = drop_rate  # accepted as the official models accept it; they apply no dropout
+        # the official per-block rates: linspace(0, drop_path_rate, total depth), split by stage
+        self.block_drop_path = drop_path_schedule(drop_path_rate, cfg.depth)
 
     @property
     def routing_modules(self) -> tuple:
         """Paths of every TopkRouting sub-module; each one's forward returns (logits, index)."""
         return tuple(name for name, mod in self.named_sublayers() if isinstance(mod, TopkRouting))
+
+    def _init_weights(self):
+        """The official initialisation (``self.apply(self._init_weights)``, biformer.py:258-267,
+        biformer_stl*.py): Linear trunc-normal(std 0.02, cut at +-2, as torch's trunc_normal_) with
+        zero bias; LayerNorm (LayerNorm2d too) weight 1 / bias 0.  The official convs keep torch's
+        default init, which Paddle's is not (normal weights, zero bias): kaiming-uniform(a=sqrt(5))
+        = U(+-1/sqrt(fan_in)) weights and U(+-1/sqrt(fan_in)) biases, set here.  BatchNorm weight 1
+        / bias 0 and layer scales at their init value are both frameworks' construction already."""
+        for m in self.sublayers():
+            if isinstance(m, nn.Linear):
+                _trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    _ZEROS(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                _ZEROS(m.bias)
+                _ONES(m.weight)
+            elif isinstance(m, nn.Conv2D):
+                _, in_per_group, kh, kw = m.weight.shape
+                bound = 1.0 / math.sqrt(in_per_group * kh * kw)
+                nn.initializer.Uniform(-bound, bound)(m.weight)
+                if m.bias is not None:
+                    nn.initializer.Uniform(-bound, bound)(m.bias)
 
     def forward_features(self, x):
         _check_input(self.cfg, x)
@@ -388,24 +522,27 @@ class _BiFormerBase(nn.Layer):
 class BiFormer(_BiFormerBase):
     """biformer_tiny / small / base."""
 
-    def __init__(self, cfg: BiFormerConfig, num_classes: int = 1000, in_chans: int = 3):
-        super().__init__(cfg, num_classes)
+    def __init__(self, cfg: BiFormerConfig, num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0,
+                 drop_rate: float = 0.0):
+        super().__init__(cfg, num_classes, drop_path_rate, drop_rate)
         dims = cfg.embed_dim
         stem = nn.Sequential(
-            nn.Conv2D(in_chans, dims[0] // 2, 3, stride=2, padding=1),
-            nn.BatchNorm2D(dims[0] // 2),
+            Conv2D(in_chans, dims[0] // 2, 3, stride=2, padding=1),
+            _batch_norm(dims[0] // 2),
             nn.GELU(),
-            nn.Conv2D(dims[0] // 2, dims[0], 3, stride=2, padding=1),
-            nn.BatchNorm2D(dims[0]),
+            Conv2D(dims[0] // 2, dims[0], 3, stride=2, padding=1),
+            _batch_norm(dims[0]),
         )
         self.downsample_layers = nn.LayerList([stem] + [
-            nn.Sequential(nn.Conv2D(dims[i], dims[i + 1], 3, stride=2, padding=1), nn.BatchNorm2D(dims[i + 1]))
+            nn.Sequential(Conv2D(dims[i], dims[i + 1], 3, stride=2, padding=1), _batch_norm(dims[i + 1]))
             for i in range(3)])
         self.stages = nn.LayerList([
-            nn.Sequential(*[Block(cfg, dims[i], cfg.topks[i]) for _ in range(cfg.depth[i])]) for i in range(4)])
-        self.norm = nn.BatchNorm2D(dims[-1])
+            nn.Sequential(*[Block(cfg, dims[i], cfg.topks[i], self.block_drop_path[i][j]) for j in range(cfg.depth[i])])
+            for i in range(4)])
+        self.norm = _batch_norm(dims[-1])
         self.pre_logits = nn.Identity()
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
 
     def forward(self, x):
         x = self.pre_logits(self.forward_features(x))
@@ -415,15 +552,18 @@ class BiFormer(_BiFormerBase):
 class BiFormerSTL(_BiFormerBase):
     """biformer_stl / biformer_stl_nchw (Swin-Tiny layout ablations)."""
 
-    def __init__(self, cfg: BiFormerConfig, num_classes: int = 1000, in_chans: int = 3):
-        super().__init__(cfg, num_classes)
+    def __init__(self, cfg: BiFormerConfig, num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0,
+                 drop_rate: float = 0.0):
+        super().__init__(cfg, num_classes, drop_path_rate, drop_rate)
         dims = cfg.embed_dim
-        stem = nn.Sequential(nn.Conv2D(in_chans, dims[0], 4, stride=4), nn.BatchNorm2D(dims[0]))
+        stem = nn.Sequential(Conv2D(in_chans, dims[0], 4, stride=4), _batch_norm(dims[0]))
         self.downsample_layers = nn.LayerList([stem] + [
-            nn.Sequential(nn.BatchNorm2D(dims[i]), nn.Conv2D(dims[i], dims[i + 1], 2, stride=2)) for i in range(3)])
-        self.stages = nn.LayerList([BasicLayer(cfg, dims[i], cfg.depth[i], cfg.topks[i]) for i in range(4)])
-        self.norm = nn.BatchNorm2D(dims[-1])
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+            nn.Sequential(_batch_norm(dims[i]), Conv2D(dims[i], dims[i + 1], 2, stride=2)) for i in range(3)])
+        self.stages = nn.LayerList([BasicLayer(cfg, dims[i], cfg.depth[i], cfg.topks[i], self.block_drop_path[i])
+                                    for i in range(4)])
+        self.norm = _batch_norm(dims[-1])
+        self.head = Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
 
     def forward(self, x):
         return self.head(numerics.mean(self.forward_features(x), axis=[2, 3]))
@@ -436,16 +576,38 @@ class BiFormerDense(BiFormer):
     through its own side-branch ``extra_norms.{i}`` (timm LayerNorm2d, eps 1e-6, over channels,
     initialised weight 1 / bias 0) while the un-normalised map continues to the next stage.
     All four extra norms exist whatever ``out_indices`` selects, as in the official model.
-    Not reproduced, as they change no eval output: the detection class's ``train()`` returns
-    None (so its ``model.eval()`` does too) and keeps BatchNorm in eval mode while training;
-    the segmentation class converts its BatchNorms to SyncBatchNorm (same keys)."""
 
-    def __init__(self, cfg: BiFormerConfig, out_indices=(0, 1, 2, 3), in_chans: int = 3):
-        super().__init__(cfg, num_classes=0, in_chans=in_chans)
+    Training: ``norm_eval`` (the detection class's default True, biformer_mm.py:13, 59-67):
+    ``train()`` leaves every BatchNorm in eval mode -- normalising with, and never updating, the
+    running statistics; ``disable_bn_grad`` (detection, default False) freezes their affine
+    weights too.  The segmentation class has neither (its factories refuse them) and converts its
+    BatchNorms to SyncBatchNorm (same keys; on one process the same as BatchNorm2d).  Not
+    reproduced: the detection class's ``train()`` returns None."""
+
+    def __init__(self, cfg: BiFormerConfig, out_indices=(0, 1, 2, 3), in_chans: int = 3, drop_path_rate: float = 0.0,
+                 drop_rate: float = 0.0, norm_eval: bool = False, disable_bn_grad: bool = False):
+        super().__init__(cfg, num_classes=0, in_chans=in_chans, drop_path_rate=drop_path_rate, drop_rate=drop_rate)
         del self.head, self.norm  # official step 1
         self.out_indices = tuple(out_indices)
         self.extra_norms = nn.LayerList([LayerNorm2d(dim, epsilon=cfg.norm_eps) for dim in cfg.embed_dim])
         self.feature_info = [{"channels": cfg.embed_dim[i], "stride": 4 * 2 ** i} for i in self.out_indices]
+        self._init_weights()  # official step 3: self.apply(self._init_weights) once more
+        self.norm_eval = norm_eval
+        if disable_bn_grad:
+            for m in self.sublayers():
+                if isinstance(m, nn.BatchNorm2D):
+                    for param in (m.weight, m.bias):
+                        param.stop_gradient = True
+
+    def train(self, mode: bool = True):
+        if not mode:
+            return self.eval()
+        super().train()
+        if self.norm_eval:
+            for m in self.sublayers():
+                if isinstance(m, nn.BatchNorm2D):
+                    m.training = False  # the layer only (Layer.eval() would switch Paddle's global tracer too)
+        return self
 
     def forward_features(self, x):
         _check_input(self.cfg, x)
@@ -468,6 +630,8 @@ DENSE_MODEL = BiFormerDense
 # ---------------------------------------------------------------------------------------------
 
 def _create(name: str, pretrained: bool, num_classes: int, kwargs: dict):
+    """``kwargs``: in_chans, drop_path_rate, drop_rate (official defaults 3, 0., 0.); any other
+    raises TypeError."""
     if pretrained:
         raise ValueError(f"{name}: no bundled weights; convert an official checkpoint with torch2paddle "
                          f"and load it with model.set_state_dict(paddle.load(path))")
@@ -485,10 +649,12 @@ def biformer_stl_nchw(pretrained=False, num_classes=1000, **kwargs): return _cre
 
 
 def _create_dense(name: str, pretrained: bool, kwargs: dict):
+    """``kwargs``: out_indices, in_chans, drop_path_rate, drop_rate (+ norm_eval, disable_bn_grad
+    for *_det); any other raises TypeError."""
     if pretrained:
         raise ValueError(f"{name}: no bundled weights; convert the backbone of a detector / segmentor checkpoint "
                          f"with torch2paddle and load it with model.set_state_dict(paddle.load(path))")
-    return BiFormerDense(DENSE_CONFIGS[name], **kwargs)
+    return BiFormerDense(DENSE_CONFIGS[name], **dense_factory_kwargs(name, kwargs))
 
 
 # The dense backbones, BiFormer_mm as the COCO (n_win 16) and ADE20K (n_win 8) configs build it.

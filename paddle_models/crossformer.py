@@ -12,17 +12,28 @@ derives every block's layout, DPB tables and padding mask from each input's H, W
 reference for the v1 / HEAD grouping and the official code's in-place layout changes, which are
 not reproduced: the layout depends on the current input only).
 
-Inference only: dropout and drop-path (training-time regularisers) are left out.
+Trains as the official model does (see the reference's docstring): ``drop_path_rate`` (stochastic
+depth on both residual branches of every block at the official linspace rate, none at rate 0),
+``drop_rate`` (``pos_drop``, the MLP's dropout, ``proj_drop``), ``attn_drop_rate``, with the official
+defaults.  Built without weights, it is initialised as the official ``_init_weights``: Linear
+trunc_normal(std .02, absolute bounds +-2 as torch's ``trunc_normal_``) with zero bias, LayerNorm 1 / 0,
+and the convs as torch initialises an ``nn.Conv2d`` (the official code leaves them at that default):
+weight and bias uniform(+-1 / sqrt(fan_in)) -- Paddle's own defaults would differ.
 """
 from __future__ import annotations
+
+import math
 
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from model_configs.crossformer import (CONFIGS, DENSE_CONFIGS, CrossFormerConfig, CrossFormerDenseConfig,
-                                       block_layout, check_img_size, coordinate_table, padding_key_mask,
-                                       padding_mask, relative_position_index, scale_dims)
+from model_configs.crossformer import (CONFIGS, DEFAULT_ATTN_DROP_RATE, DEFAULT_DROP_RATE, DENSE_CONFIGS,
+                                       CrossFormerConfig, CrossFormerDenseConfig, block_layout, check_img_size,
+                                       coordinate_table, padding_key_mask, padding_mask, relative_position_index,
+                                       scale_dims, drop_path_rates)
+
+from .layers import DropPath
 
 __all__ = ["CrossFormer", "CrossFormerBackbone", "CrossFormerConfig", "CrossFormerDenseConfig", "CONFIGS",
            "DENSE_CONFIGS", "DENSE_MODEL"]
@@ -44,15 +55,36 @@ def ungroup_tokens(x, batch, height, width, group_h, group_w, interval):
     return x.reshape([batch, height, width, -1])
 
 
+def _init_weights(m):
+    """The official ``CrossFormer._init_weights`` (models/crossformer.py:760-767), plus the torch
+    default the official convs keep (``nn.Conv2d.reset_parameters``: kaiming_uniform(a=sqrt(5)) for
+    the weight and uniform for the bias, both bound 1 / sqrt(fan_in), fan_in = in/groups * kh * kw)."""
+    if isinstance(m, nn.Linear):
+        nn.initializer.TruncatedNormal(mean=0.0, std=.02, a=-2.0, b=2.0)(m.weight)
+        if m.bias is not None:
+            nn.initializer.Constant(0.0)(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.initializer.Constant(0.0)(m.bias)
+        nn.initializer.Constant(1.0)(m.weight)
+    elif isinstance(m, nn.Conv2D):
+        bound = 1.0 / math.sqrt(math.prod(m.weight.shape[1:]))
+        nn.initializer.Uniform(-bound, bound)(m.weight)
+        if m.bias is not None:
+            nn.initializer.Uniform(-bound, bound)(m.bias)
+
+
 class Mlp(nn.Layer):
-    def __init__(self, in_features, hidden_features):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout (one Dropout module, applied twice)."""
+
+    def __init__(self, in_features, hidden_features, drop=0.0):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop = nn.Dropout(drop)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 def _dpb_layer(in_dim, out_dim):
@@ -76,7 +108,7 @@ class DynamicPosBias(nn.Layer):
 class Attention(nn.Layer):
     """Multi-head self-attention inside each group, plus the dynamic position bias."""
 
-    def __init__(self, dim, group_size, num_heads):
+    def __init__(self, dim, group_size, num_heads, attn_drop=0.0, proj_drop=0.0):
         """``group_size``: the G the DPB tables are built (and registered) for, or None (dense: the
         tables follow each call's group shape)."""
         super().__init__()
@@ -88,13 +120,15 @@ class Attention(nn.Layer):
             self.register_buffer("relative_position_index", paddle.to_tensor(relative_position_index(group_size)),
                                  persistable=False)
         self.qkv = nn.Linear(dim, dim * 3)
+        self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x, mask=None, group_shape=None):
         """``group_shape`` (Gh, Gw): build the DPB tables for it now (dense), else use the registered ones."""
         B_, N, C = x.shape
         qkv = self.qkv(x).reshape([B_, N, 3, self.num_heads, C // self.num_heads]).transpose([2, 0, 3, 1, 4])
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k, v = paddle.unbind(qkv, axis=0)  # one concat in backward (indexing: three full-size scatters)
         q = q * self.scale
         attn = paddle.matmul(q, k, transpose_y=True)
         if group_shape is None:
@@ -109,9 +143,9 @@ class Attention(nn.Layer):
             nG = mask.shape[0]
             attn = attn.reshape([B_ // nG, nG, self.num_heads, N, N]) + mask.unsqueeze(1).unsqueeze(0)
             attn = attn.reshape([-1, self.num_heads, N, N])
-        attn = F.softmax(attn, axis=-1)
+        attn = self.attn_drop(F.softmax(attn, axis=-1))
         x = paddle.matmul(attn, v).transpose([0, 2, 1, 3]).reshape([B_, N, C])
-        return self.proj(x)
+        return self.proj_drop(self.proj(x))
 
 
 class CrossFormerBlock(nn.Layer):
@@ -122,7 +156,7 @@ class CrossFormerBlock(nn.Layer):
     official dense ``code`` does; nothing about one call is kept for the next)."""
 
     def __init__(self, dim, input_resolution, num_heads, group_size, interval, lsda_flag, mlp_ratio,
-                 use_extra_conv, code=None):
+                 use_extra_conv, code=None, drop=0.0, attn_drop=0.0, drop_path=0.0):
         super().__init__()
         self.input_resolution = input_resolution
         self.group_size, self.interval, self.lsda_flag, self.code = group_size, interval, lsda_flag, code
@@ -131,12 +165,15 @@ class CrossFormerBlock(nn.Layer):
                                                                           lsda_flag, code)
         self.use_extra_conv = use_extra_conv
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, None if self.layout is None else self.layout.group_size, num_heads)
+        self.attn = Attention(dim, None if self.layout is None else self.layout.group_size, num_heads,
+                              attn_drop=attn_drop, proj_drop=drop)
         if use_extra_conv:
             self.ex_conv = nn.Conv2D(dim, dim, 3, padding=1, groups=dim)
             self.ex_ln = nn.LayerNorm(dim)
+        # one layer on both residual branches, each call drawing its own mask; none at rate 0
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
         mask = None if input_resolution is None else padding_mask(input_resolution, self.layout)
         self.register_buffer("attn_mask", None if mask is None else paddle.to_tensor(mask), persistable=False)
@@ -158,8 +195,8 @@ class CrossFormerBlock(nn.Layer):
         x = self.attn(x, mask=mask, group_shape=group_shape)
         x = ungroup_tokens(x, B, H + lay.pad_h, W + lay.pad_w, lay.group_h, lay.group_w, lay.group_interval)
         x = x[:, :H, :W, :].reshape([B, H * W, C])
-        x = shortcut + x
-        x = x + self.mlp(self.norm2(x))
+        x = shortcut + self.drop_path(x)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
         if self.use_extra_conv:  # ACL: no residual, its output replaces x
             x = self.ex_conv(x.reshape([B, H, W, C]).transpose([0, 3, 1, 2]))
             x = self.ex_ln(x.transpose([0, 2, 3, 1]).reshape([B, H * W, C]))
@@ -185,15 +222,17 @@ class PatchMerging(nn.Layer):
 
 
 class Stage(nn.Layer):
-    """Blocks alternating SDA/LDA; ACL after every third block but the last; then the merge."""
+    """Blocks alternating SDA/LDA; ACL after every third block but the last; then the merge.
+    ``drop_path``: the stage's per-block stochastic-depth rates."""
 
     def __init__(self, dim, input_resolution, depth, num_heads, group_size, interval, mlp_ratio, use_acl,
-                 merge_size=None, code=None):
+                 merge_size=None, code=None, drop=0.0, attn_drop=0.0, drop_path=None):
         super().__init__()
+        drop_path = [0.0] * depth if drop_path is None else drop_path
         self.blocks = nn.LayerList([
             CrossFormerBlock(dim, input_resolution, num_heads, group_size, interval, lsda_flag=i % 2,
                              mlp_ratio=mlp_ratio, use_extra_conv=use_acl and (i + 1) % 3 == 0 and i < depth - 1,
-                             code=code)
+                             code=code, drop=drop, attn_drop=attn_drop, drop_path=drop_path[i])
             for i in range(depth)])
         self.downsample = PatchMerging(input_resolution, dim, merge_size) if merge_size else None
 
@@ -229,25 +268,34 @@ class PatchEmbed(nn.Layer):
 
 
 class CrossFormer(nn.Layer):
-    def __init__(self, cfg: CrossFormerConfig, img_size=224, num_classes=1000):
+    """The classification model.  ``drop_path_rate`` None: the variant's official rate
+    (``cfg.drop_path_rate``); the dropouts default to the official 0."""
+
+    def __init__(self, cfg: CrossFormerConfig, img_size=224, num_classes=1000, drop_rate=DEFAULT_DROP_RATE,
+                 attn_drop_rate=DEFAULT_ATTN_DROP_RATE, drop_path_rate=None):
         super().__init__()
         check_img_size(img_size)
         self.num_classes = num_classes
         num_stages = len(cfg.depths)
         self.num_features = cfg.embed_dim * 2 ** (num_stages - 1)
         self.patch_embed = PatchEmbed(img_size, cfg.patch_size, cfg.embed_dim)
+        self.pos_drop = nn.Dropout(float(drop_rate))
+        # torch.linspace's float32 values, to the bit (the shared numpy schedule misses some by an ulp)
+        dpr = drop_path_rates(cfg.drop_path_rate if drop_path_rate is None else float(drop_path_rate), cfg.depths)
         res = img_size // cfg.patch_size[0]
         self.layers = nn.LayerList([
             Stage(cfg.embed_dim * 2 ** i, (res // 2 ** i, res // 2 ** i), cfg.depths[i], cfg.num_heads[i],
                   cfg.group_size[i], cfg.interval[i], cfg.mlp_ratio, cfg.use_acl,
-                  merge_size=cfg.merge_size[i] if i < num_stages - 1 else None)
+                  merge_size=cfg.merge_size[i] if i < num_stages - 1 else None,
+                  drop=float(drop_rate), attn_drop=float(attn_drop_rate), drop_path=dpr[i])
             for i in range(num_stages)])
         self.stage_names = tuple(f"layers.{i}" for i in range(num_stages))
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
 
     def forward_features(self, x):
-        x = self.patch_embed(x)
+        x = self.pos_drop(self.patch_embed(x))
         for layer in self.layers:
             x = layer(x)
         return self.norm(x).mean(axis=1)  # official: AdaptiveAvgPool1d over the tokens
@@ -260,9 +308,11 @@ class CrossFormerBackbone(nn.Layer):
     """Dense backbone (official ``CrossFormer_S`` / ``_B`` / ``_L`` / ``_S2`` of the detection and
     segmentation factories): patch embedding and the four stages, no ``norm`` / ``avgpool`` / ``head``.
     ``forward`` takes NCHW images of any H, W that are multiples of 32 and returns the NCHW maps of
-    ``out_indices`` (stage i: stride 4 * 2^i), each taken before that stage's PatchMerging."""
+    ``out_indices`` (stage i: stride 4 * 2^i), each taken before that stage's PatchMerging.
+    Training arguments and init as ``CrossFormer``."""
 
-    def __init__(self, cfg: CrossFormerDenseConfig, out_indices=(0, 1, 2, 3)):
+    def __init__(self, cfg: CrossFormerDenseConfig, out_indices=(0, 1, 2, 3), drop_rate=DEFAULT_DROP_RATE,
+                 attn_drop_rate=DEFAULT_ATTN_DROP_RATE, drop_path_rate=None):
         super().__init__()
         num_stages = len(cfg.depths)
         self.out_indices = tuple(out_indices)
@@ -271,21 +321,24 @@ class CrossFormerBackbone(nn.Layer):
             raise ValueError(f"out_indices must be distinct stage indices in 0..{num_stages - 1}, got {out_indices!r}")
         self.cfg = cfg
         self.patch_embed = PatchEmbed(None, cfg.patch_size, cfg.embed_dim)
+        self.pos_drop = nn.Dropout(float(drop_rate))
+        dpr = drop_path_rates(cfg.drop_path_rate if drop_path_rate is None else float(drop_path_rate), cfg.depths)
         self.layers = nn.LayerList([
             Stage(cfg.embed_dim * 2 ** i, None, cfg.depths[i], cfg.num_heads[i], cfg.group_size[i], cfg.interval[i],
                   cfg.mlp_ratio, cfg.use_acl, merge_size=cfg.merge_size[i] if i < num_stages - 1 else None,
-                  code=cfg.code)
+                  code=cfg.code, drop=float(drop_rate), attn_drop=float(attn_drop_rate), drop_path=dpr[i])
             for i in range(num_stages)])
         self.stage_names = tuple(f"layers.{i}" for i in range(num_stages))
         self.feature_info = [{"channels": cfg.embed_dim * 2 ** i, "stride": cfg.patch_size[0] * 2 ** i}
                              for i in self.out_indices]
+        self.apply(_init_weights)
 
     def forward(self, x):
         B, _, H, W = x.shape
         problem = self.cfg.input_problem(H, W)
         if problem:
             raise ValueError(f"CrossFormer dense backbone: {problem}")
-        x = self.patch_embed(x)
+        x = self.pos_drop(self.patch_embed(x))
         H, W = H // self.cfg.patch_size[0], W // self.cfg.patch_size[0]
         feats = {}
         for i, layer in enumerate(self.layers[:max(self.out_indices) + 1]):
@@ -302,10 +355,11 @@ DENSE_MODEL = CrossFormerBackbone
 def _create(name, pretrained=False, num_classes=1000, img_size=224, **kwargs):
     if pretrained:
         raise ValueError("torch2paddle builds models without downloading weights; load converted weights instead")
-    return CrossFormer(CONFIGS[name], img_size=img_size, num_classes=num_classes)
+    return CrossFormer(CONFIGS[name], img_size=img_size, num_classes=num_classes, **kwargs)  # unknown: TypeError
 
 
-# One factory per variant, named as the registry names them; they take num_classes and img_size.
+# One factory per variant, named as the registry names them; they take num_classes, img_size and the
+# training arguments (drop_rate, attn_drop_rate, drop_path_rate).
 def crossformer_tiny(pretrained=False, **kwargs): return _create("crossformer_tiny", pretrained, **kwargs)  # noqa: E704
 def crossformer_small(pretrained=False, **kwargs): return _create("crossformer_small", pretrained, **kwargs)  # noqa: E704
 def crossformer_base(pretrained=False, **kwargs): return _create("crossformer_base", pretrained, **kwargs)  # noqa: E704
@@ -319,10 +373,10 @@ def crossformer_pp_huge(pretrained=False, **kwargs): return _create("crossformer
 def _create_dense(name, pretrained=False, **kwargs):
     if pretrained:
         raise ValueError("torch2paddle builds models without downloading weights; load converted weights instead")
-    return DENSE_MODEL(DENSE_CONFIGS[name], **kwargs)
+    return DENSE_MODEL(DENSE_CONFIGS[name], **kwargs)  # an unknown keyword: TypeError
 
 
-# Dense backbones: one factory per dense name; they take out_indices.
+# Dense backbones: one factory per dense name; they take out_indices and the training arguments.
 def crossformer_small_det(pretrained=False, **kwargs):
     return _create_dense("crossformer_small_det", pretrained, **kwargs)
 

@@ -2,22 +2,45 @@
 attribute names and order, so parameter names are the official checkpoint's (BatchNorm
 running statistics aside: Paddle calls them ``_mean`` / ``_variance``).
 
-Inference only: dropout and drop-path are left out.
+Trains as the official model does: ``drop_path_rate`` / ``drop_rate`` as in the reference, BatchNorm
+``numerics.BatchNorm2D`` (torch's momentum 0.1 and unbiased running-variance update, eps 1e-5), and
+built without weights initialised as the official code initialises (see the reference's docstring;
+Paddle's own defaults would be Xavier / Kaiming-uniform-like).
 """
 from __future__ import annotations
+
+import math
 
 import paddle
 import paddle.nn as nn
 
-from model_configs.fcvit import CONFIGS, DENSE_CONFIGS, FCViTConfig
+from model_configs.fcvit import CONFIGS, DEFAULT_DROP_PATH_RATE, DEFAULT_DROP_RATE, DENSE_CONFIGS, FCViTConfig
 
 from . import numerics
+from .layers import DropPath
 
 __all__ = ["FCViT", "FCViTFeatures", "FCViTConfig", "CONFIGS", "DENSE_CONFIGS"]
 
 
 def _constant(value):
     return nn.initializer.Constant(value)
+
+
+def conv2d(in_channels, out_channels, kernel_size, stride=1, padding=0, groups=1):
+    """``nn.Conv2D`` initialised as the official ``_init_weights``: normal(0, sqrt(2 / fan_out)),
+    fan_out = k*k*out_channels / groups, zero bias."""
+    fan_out = kernel_size * kernel_size * out_channels // groups
+    return nn.Conv2D(in_channels, out_channels, kernel_size, stride=stride, padding=padding, groups=groups,
+                     weight_attr=paddle.ParamAttr(initializer=nn.initializer.Normal(0.0, math.sqrt(2.0 / fan_out))),
+                     bias_attr=paddle.ParamAttr(initializer=_constant(0.0)))
+
+
+def linear(in_features, out_features):
+    """``nn.Linear`` initialised as the official code: trunc_normal(std .02, absolute bounds +-2, as
+    torch's ``trunc_normal_``), zero bias."""
+    return nn.Linear(in_features, out_features,
+                     weight_attr=paddle.ParamAttr(initializer=nn.initializer.TruncatedNormal(0.0, 0.02, a=-2.0, b=2.0)),
+                     bias_attr=paddle.ParamAttr(initializer=_constant(0.0)))
 
 
 class GroupNorm(numerics.GroupNorm):
@@ -32,8 +55,8 @@ class OverlapPatchEmbed(nn.Layer):
 
     def __init__(self, in_chans, embed_dim, patch_size, stride):
         super().__init__()
-        self.proj = nn.Conv2D(in_chans, embed_dim, patch_size, stride=stride, padding=patch_size // 2)
-        self.norm = nn.BatchNorm2D(embed_dim, epsilon=1e-5)
+        self.proj = conv2d(in_chans, embed_dim, patch_size, stride=stride, padding=patch_size // 2)
+        self.norm = numerics.BatchNorm2D(embed_dim, momentum=0.1, epsilon=1e-5)  # torch's BatchNorm2d defaults
 
     def forward(self, x):
         return self.norm(self.proj(x))
@@ -48,8 +71,8 @@ class GlobalContext(nn.Layer):
         self.heads = cfg.gc_heads
         self.scale = (dim // cfg.gc_heads) ** -0.5
         self.eps = cfg.gc_eps
-        self.fc1 = nn.Linear(dim, 2 * dim // cfg.gc_reduction)
-        self.fc2 = nn.Linear(dim // cfg.gc_reduction, dim)
+        self.fc1 = linear(dim, 2 * dim // cfg.gc_reduction)
+        self.fc2 = linear(dim // cfg.gc_reduction, dim)
         self.rescale_weight = self.create_parameter([cfg.gc_heads], default_initializer=_constant(1.0))
         self.rescale_bias = self.create_parameter([cfg.gc_heads], default_initializer=_constant(0.0))
 
@@ -74,7 +97,7 @@ class GlobalContext(nn.Layer):
 
 
 def _pointwise_bottleneck(dim, width):
-    return nn.Sequential(nn.Conv2D(dim, width, 1), nn.GELU(), nn.Conv2D(width, dim, 1))
+    return nn.Sequential(conv2d(dim, width, 1), nn.GELU(), conv2d(width, dim, 1))
 
 
 class TokenMixer(nn.Layer):
@@ -86,10 +109,10 @@ class TokenMixer(nn.Layer):
         k = cfg.mix_kernel
         self.act = nn.GELU()
         self.gc1 = GlobalContext(dim, cfg)
-        self.dw1 = nn.Conv2D(dim, dim, k, padding=k // 2, groups=dim)
+        self.dw1 = conv2d(dim, dim, k, padding=k // 2, groups=dim)
         self.fc1 = _pointwise_bottleneck(dim, width)
         self.gc2 = GlobalContext(dim, cfg)
-        self.dw2 = nn.Conv2D(dim, dim, k, padding=k // 2, groups=dim)
+        self.dw2 = conv2d(dim, dim, k, padding=k // 2, groups=dim)
         self.fc2 = _pointwise_bottleneck(dim, width)
 
     def forward(self, x):
@@ -100,42 +123,53 @@ class TokenMixer(nn.Layer):
 
 
 class ChannelMixer(nn.Layer):
-    """1x1 expand, depthwise 3x3, GELU, 1x1 project (no activation before the depthwise conv)."""
+    """1x1 expand, depthwise 3x3, GELU, 1x1 project (no activation before the depthwise conv);
+    one dropout module applied twice, after the GELU and after ``fc2``."""
 
-    def __init__(self, dim, hidden_dim, cfg: FCViTConfig):
+    def __init__(self, dim, hidden_dim, cfg: FCViTConfig, drop=0.0):
         super().__init__()
         k = cfg.channel_dw_kernel
         self.act = nn.GELU()
-        self.fc1 = nn.Conv2D(dim, hidden_dim, 1)
-        self.dwconv = nn.Conv2D(hidden_dim, hidden_dim, k, padding=k // 2, groups=hidden_dim)
-        self.fc2 = nn.Conv2D(hidden_dim, dim, 1)
+        self.fc1 = conv2d(dim, hidden_dim, 1)
+        self.dwconv = conv2d(hidden_dim, hidden_dim, k, padding=k // 2, groups=hidden_dim)
+        self.fc2 = conv2d(hidden_dim, dim, 1)
+        self.drop = nn.Dropout(drop)  # mode upscale_in_train: torch's
 
     def forward(self, x):
-        return self.fc2(self.act(self.dwconv(self.fc1(x))))
+        x = self.drop(self.act(self.dwconv(self.fc1(x))))
+        return self.drop(self.fc2(x))
 
 
 class BasicBlock(nn.Layer):
-    def __init__(self, dim, mlp_ratio, cfg: FCViTConfig):
+    """Pre-norm block; one DropPath layer (official: only where its rate is > 0) on both residual
+    branches, each call drawing its own mask."""
+
+    def __init__(self, dim, mlp_ratio, cfg: FCViTConfig, drop=0.0, drop_path=0.0, layer_scale_init_value=1e-5):
         super().__init__()
         self.norm1 = GroupNorm(dim)
         self.token_mixer = TokenMixer(dim, cfg)
         self.norm2 = GroupNorm(dim)
-        self.channel_mixer = ChannelMixer(dim, int(dim * mlp_ratio), cfg)
-        self.layer_scale_1 = self.create_parameter([dim], default_initializer=_constant(cfg.layer_scale_init))
-        self.layer_scale_2 = self.create_parameter([dim], default_initializer=_constant(cfg.layer_scale_init))
+        self.channel_mixer = ChannelMixer(dim, int(dim * mlp_ratio), cfg, drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.layer_scale_1 = self.create_parameter([dim], default_initializer=_constant(layer_scale_init_value))
+        self.layer_scale_2 = self.create_parameter([dim], default_initializer=_constant(layer_scale_init_value))
 
     def forward(self, x):
-        x = x + self.layer_scale_1[:, None, None] * self.token_mixer(self.norm1(x))
-        return x + self.layer_scale_2[:, None, None] * self.channel_mixer(self.norm2(x))
+        x = x + self.drop_path(self.layer_scale_1[:, None, None] * self.token_mixer(self.norm1(x)))
+        return x + self.drop_path(self.layer_scale_2[:, None, None] * self.channel_mixer(self.norm2(x)))
 
 
-def _build_trunk(model, cfg: FCViTConfig):
+def _build_trunk(model, cfg: FCViTConfig, drop_rate, drop_path_rate, layer_scale_init_value):
     """The stem and ``network``: stages of blocks (even indices) and downsamplers between them."""
     dims = cfg.embed_dims
+    rates = cfg.drop_path_rates(drop_path_rate)
+    scale = cfg.layer_scale_init if layer_scale_init_value is None else layer_scale_init_value
     model.patch_embed = OverlapPatchEmbed(3, dims[0], patch_size=7, stride=4)
     network = []
     for i, depth in enumerate(cfg.layers):
-        network.append(nn.Sequential(*[BasicBlock(dims[i], cfg.mlp_ratios[i], cfg) for _ in range(depth)]))
+        network.append(nn.Sequential(*[
+            BasicBlock(dims[i], cfg.mlp_ratios[i], cfg, drop=drop_rate, drop_path=rates[i][j],
+                       layer_scale_init_value=scale) for j in range(depth)]))
         if i + 1 < len(cfg.layers):
             network.append(OverlapPatchEmbed(dims[i], dims[i + 1], patch_size=3, stride=2))
     model.network = nn.LayerList(network)
@@ -143,12 +177,15 @@ def _build_trunk(model, cfg: FCViTConfig):
 
 
 class FCViT(nn.Layer):
-    def __init__(self, cfg: FCViTConfig, num_classes=1000):
+    """The classification model (official ``BaseFormer``); arguments as the reference's."""
+
+    def __init__(self, cfg: FCViTConfig, num_classes=1000, drop_rate=DEFAULT_DROP_RATE,
+                 drop_path_rate=DEFAULT_DROP_PATH_RATE, layer_scale_init_value=None):
         super().__init__()
         self.num_classes = num_classes
-        _build_trunk(self, cfg)
+        _build_trunk(self, cfg, float(drop_rate), float(drop_path_rate), layer_scale_init_value)
         self.norm = GroupNorm(cfg.embed_dims[-1])
-        self.head = nn.Linear(cfg.embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.head = linear(cfg.embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x):
         x = self.patch_embed(x)
@@ -163,9 +200,10 @@ class FCViT(nn.Layer):
 class FCViTFeatures(nn.Layer):
     """The dense backbone: each stage's output through its side-branch GroupNorm ``norm{2i}``."""
 
-    def __init__(self, cfg: FCViTConfig, out_indices=(0, 1, 2, 3)):
+    def __init__(self, cfg: FCViTConfig, out_indices=(0, 1, 2, 3), drop_rate=DEFAULT_DROP_RATE,
+                 drop_path_rate=DEFAULT_DROP_PATH_RATE, layer_scale_init_value=None):
         super().__init__()
-        _build_trunk(self, cfg)
+        _build_trunk(self, cfg, float(drop_rate), float(drop_path_rate), layer_scale_init_value)
         self.out_indices = tuple(out_indices)
         for stage in range(len(cfg.layers)):
             self.add_sublayer(f"norm{2 * stage}", GroupNorm(cfg.embed_dims[stage]))
@@ -187,13 +225,13 @@ DENSE_MODEL = FCViTFeatures
 def _create(name, pretrained=False, num_classes=1000, **kwargs):
     if pretrained:
         raise ValueError("torch2paddle builds models without downloading weights; load converted weights instead")
-    return FCViT(CONFIGS[name], num_classes=num_classes)
+    return FCViT(CONFIGS[name], num_classes=num_classes, **kwargs)  # an unknown keyword: TypeError
 
 
 def _create_dense(name, pretrained=False, **kwargs):
     if pretrained:
         raise ValueError("torch2paddle builds models without downloading weights; load converted weights instead")
-    return FCViTFeatures(DENSE_CONFIGS[name], **kwargs)
+    return FCViTFeatures(DENSE_CONFIGS[name], **kwargs)  # an unknown keyword: TypeError
 
 
 # One factory per variant, named as the official code names them.

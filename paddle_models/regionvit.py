@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
-import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
@@ -21,32 +21,39 @@ import paddle.nn.functional as F
 from model_configs.regionvit import (CONFIGS, DENSE_CONFIGS, RegionViTDenseConfig, regional_padding, rel_pos_index,
                                      window_mask)
 
+from .layers import DropPath, drop_path_schedule
+
 __all__ = ["RegionViT", "RegionViTDet", "DENSE_MODEL"]
 
-# Linear weights get the official init (trunc_normal_(std=.02), whose +-2 bounds are +-100 std, i.e. a
-# normal) at creation, so each is sampled once: Paddle's CPU gaussian costs ~20 ns a value and
-# regionvit_base_w14 has 73.8M of them.  Biases keep Paddle's default, zeros, as in the official init.
-_WEIGHT_INIT = nn.initializer.Normal(std=0.02)
+# The official init (see the torch reference's RegionViT docstring), given at creation so that each
+# weight is sampled once (Paddle's CPU sampling costs ~20 ns a value; regionvit_base_w14 has 73.8M).
+# Linear weights and ``rel_pos``: the official trunc_normal_(std .02) cuts at the absolute +-2, i.e.
+# +-100 std, so it IS a normal(0, .02).  Paddle's TruncatedNormal(std=.02, a=-2, b=2) is not: its
+# tails are coarse and about 2e-8 of its values come out clamped to exactly +-2 (measured: 4 in 2e8
+# draws; torch's trunc_normal_ 0 in 2e8), i.e. a 100-std weight somewhere in one init of the larger
+# variants.  Normal has neither defect.  Biases zero.
+_WEIGHT_INIT = nn.initializer.Normal(mean=0.0, std=0.02)
+_ZERO = nn.initializer.Constant(0.0)
+
+
+def linear(in_features: int, out_features: int) -> nn.Linear:
+    return nn.Linear(in_features, out_features, weight_attr=_WEIGHT_INIT, bias_attr=_ZERO)
+
+
+def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+           groups: int = 1, bias: bool = True) -> nn.Conv2D:
+    """``nn.Conv2D`` with torch's default init, which the official code keeps for every conv:
+    kaiming_uniform_(a=sqrt(5)) is uniform(+-1/sqrt(fan_in)), and so is the bias
+    (fan_in = in_channels / groups * k * k).  Paddle's own default is a normal and zero bias."""
+    bound = 1.0 / math.sqrt(in_channels // groups * kernel_size * kernel_size)
+    uniform = nn.initializer.Uniform(-bound, bound)
+    return nn.Conv2D(in_channels, out_channels, kernel_size, stride=stride, padding=padding, groups=groups,
+                     weight_attr=uniform, bias_attr=uniform if bias else False)
 
 
 # ---------------------------------------------------------------------------
 # Layers
 # ---------------------------------------------------------------------------
-
-class DropPath(nn.Layer):
-    """Stochastic depth per sample (identity in eval or at rate 0)."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x):
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        noise = paddle.bernoulli(paddle.full([x.shape[0]] + [1] * (x.ndim - 1), keep, dtype=x.dtype))
-        return x * noise / keep
-
 
 class LayerNorm2d(nn.Layer):
     """LayerNorm over the channels of an NCHW tensor; affine params shaped (1, C, 1, 1)."""
@@ -66,10 +73,10 @@ class LayerNorm2d(nn.Layer):
 class Mlp(nn.Layer):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim, weight_attr=_WEIGHT_INIT)
+        self.fc1 = linear(dim, hidden_dim)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim, weight_attr=_WEIGHT_INIT)
-        self.drop = nn.Dropout(drop)
+        self.fc2 = linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)  # mode upscale_in_train: torch's
 
     def forward(self, x):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
@@ -83,18 +90,18 @@ class PatchEmbed(nn.Layer):
         self.patch_size = patch_size
         if conv_type == "3conv":
             self.proj = nn.Sequential(
-                nn.Conv2D(in_chans, embed_dim // 4, 3, stride=2, padding=1),
+                conv2d(in_chans, embed_dim // 4, 3, stride=2, padding=1),
                 LayerNorm2d(embed_dim // 4),
                 nn.GELU(),
-                nn.Conv2D(embed_dim // 4, embed_dim // 2, 3, stride=2, padding=1),
+                conv2d(embed_dim // 4, embed_dim // 2, 3, stride=2, padding=1),
                 LayerNorm2d(embed_dim // 2),
                 nn.GELU(),
-                nn.Conv2D(embed_dim // 2, embed_dim, 3, stride=1, padding=1),
+                conv2d(embed_dim // 2, embed_dim, 3, stride=1, padding=1),
             )
         elif conv_type == "1conv":
-            self.proj = nn.Conv2D(in_chans, embed_dim, 2 * patch_size, stride=patch_size, padding=patch_size - 1)
+            self.proj = conv2d(in_chans, embed_dim, 2 * patch_size, stride=patch_size, padding=patch_size - 1)
         elif conv_type == "linear":
-            self.proj = nn.Conv2D(in_chans, embed_dim, patch_size, stride=patch_size)
+            self.proj = conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
         else:
             raise ValueError(f"unknown patch conv type {conv_type!r}")
 
@@ -114,9 +121,9 @@ class AttentionWithRelPos(nn.Layer):
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.window_size = window_size
-        self.qkv = nn.Linear(dim, dim * 3, weight_attr=_WEIGHT_INIT)
+        self.qkv = linear(dim, dim * 3)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim, weight_attr=_WEIGHT_INIT)
+        self.proj = linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.rel_pos = self.create_parameter([num_heads, (2 * window_size - 1) ** 2],
                                              default_initializer=_WEIGHT_INIT)
@@ -139,7 +146,8 @@ class AttentionWithRelPos(nn.Layer):
 
 
 class R2LAttentionPlusFFN(nn.Layer):
-    """Regional self-attention, then regional-to-local attention per window, then an MLP."""
+    """Regional self-attention, then regional-to-local attention per window, then an MLP.  One
+    drop-path layer (only where the block's rate is > 0, as official) on all three residual branches."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, mlp_ratio: float, norm_layer,
                  drop_path: float = 0.0, attn_drop: float = 0.0, drop: float = 0.0):
@@ -147,7 +155,7 @@ class R2LAttentionPlusFFN(nn.Layer):
         self.norm0 = norm_layer(dim)
         self.norm1 = norm_layer(dim)
         self.attn = AttentionWithRelPos(dim, num_heads, window_size, attn_drop=attn_drop, proj_drop=drop)
-        self.drop_path = DropPath(drop_path)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
@@ -171,7 +179,7 @@ class Projection(nn.Layer):
             self.proj = nn.Sequential(
                 LayerNorm2d(in_dim),
                 nn.GELU(),
-                nn.Conv2D(in_dim, out_dim, 3, stride=2, padding=1, groups=in_dim),
+                conv2d(in_dim, out_dim, 3, stride=2, padding=1, groups=in_dim),
             )
         else:
             raise ValueError(f"unsupported downsampling {mode!r} for {in_dim} -> {out_dim} channels")
@@ -218,7 +226,7 @@ class ConvAttBlock(nn.Layer):
             [Projection(in_dim, out_dim, downsampling)]
             + [R2LAttentionPlusFFN(out_dim, num_heads, window_size, mlp_ratio, norm_layer,
                                    drop_path=drop_path[i], attn_drop=attn_drop, drop=drop) for i in range(depth)])
-        self.peg = nn.Conv2D(out_dim, out_dim, 3, padding=1, groups=out_dim, bias_attr=False) if peg else None
+        self.peg = conv2d(out_dim, out_dim, 3, padding=1, groups=out_dim, bias=False) if peg else None
 
     def forward(self, regional, local):
         ws = self.window_size
@@ -235,7 +243,8 @@ class ConvAttBlock(nn.Layer):
 
 
 class RegionViT(nn.Layer):
-    """RegionViT.  ``layers[i]`` returns (regional, local) tokens; the head pools the last regional tokens."""
+    """RegionViT.  ``layers[i]`` returns (regional, local) tokens; the head pools the last regional tokens.
+    Training arguments, their official defaults and the init: as the torch reference's docstring."""
 
     def __init__(self, embed_dim=(96, 96, 192, 384, 768), depth=(2, 2, 8, 2), num_heads=(3, 6, 12, 24),
                  window_size: int = 7, patch_conv_type: str = "3conv", peg: bool = False, num_classes: int = 1000,
@@ -250,16 +259,22 @@ class RegionViT(nn.Layer):
         self.patch_embed = PatchEmbed(patch_size, embed_dim[0], patch_conv_type, in_chans)
         self.cls_token = PatchEmbed(patch_size * window_size, embed_dim[0], "linear", in_chans)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = np.linspace(0, drop_path_rate, sum(depth)).tolist()
-        starts = np.cumsum((0,) + tuple(depth)).tolist()
+        dpr = drop_path_schedule(drop_path_rate, depth)  # the official float32 linspace, split by stage
         self.layers = nn.LayerList([
             ConvAttBlock(embed_dim[i], embed_dim[i + 1], window_size, depth[i], num_heads[i], mlp_ratio,
-                         downsampling[i], norm_layer, dpr[starts[i]:starts[i + 1]],
+                         downsampling[i], norm_layer, dpr[i],
                          attn_drop=attn_drop_rate, drop=drop_rate, peg=peg)
             for i in range(len(depth))])
         self.norm = norm_layer(embed_dim[-1])
-        self.head = (nn.Linear(embed_dim[-1], num_classes, weight_attr=_WEIGHT_INIT) if num_classes > 0
-                     else nn.Identity())
+        self.head = linear(embed_dim[-1], num_classes) if num_classes > 0 else nn.Identity()
+
+    def no_weight_decay(self):
+        """Official: nothing by name (see the torch reference)."""
+        return set()
+
+    def drop_path_rates(self) -> list:
+        """The drop-path rate of every R2L block, in order (0 where the block has none)."""
+        return [getattr(blk.drop_path, "drop_prob", 0.0) for layer in self.layers for blk in layer.block[1:]]
 
     def forward_features(self, x):
         local = self.pos_drop(self.patch_embed(x))
@@ -281,11 +296,14 @@ class RegionViTDet(RegionViT):
     map is the i-th output (stride 4 * 2**i) AND the next stage's input.  The regional tokens are
     not normalised.  Any input size: see PatchEmbed (regional padding) and to_flat_layout (mask)."""
 
-    def __init__(self, cfg: RegionViTDenseConfig, out_indices=(0, 1, 2, 3), drop_path_rate=None):
+    def __init__(self, cfg: RegionViTDenseConfig, out_indices=(0, 1, 2, 3), drop_path_rate=None,
+                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0):
         if not out_indices or set(out_indices) - {0, 1, 2, 3}:
             raise ValueError(f"out_indices {out_indices!r}: pick stages among 0, 1, 2, 3")
-        rate = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate  # training only
-        super().__init__(**dataclasses.asdict(cfg.backbone), num_classes=0, drop_path_rate=rate)
+        # None: the detection config's MODEL.BACKBONE.DP_RATE (0.2), as in the torch reference
+        rate = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
+        super().__init__(**dataclasses.asdict(cfg.backbone), num_classes=0, drop_path_rate=rate,
+                         drop_rate=drop_rate, attn_drop_rate=attn_drop_rate)
         del self.norm, self.head  # as the wrapper does
         self.det_norm = cfg.det_norm
         if cfg.det_norm:  # weight 1, bias 0 (LayerNorm2d.reset_parameters); the classifier init skips them

@@ -6,7 +6,14 @@ Swin-Tiny-layout ablations biformer_stl (legacy BRA) and biformer_stl_nchw (ops/
 and the dense backbones biformer_{small,base}_{det,seg} (``BiFormer_mm``, models_mm/biformer_mm.py
 of object_detection/ and semantic_segmentation/): any input size through the BRA's auto_pad.
 State-dict keys and shapes are the official ones; numerics follow the official operation order
-(region means, then scaled query @ key^T, then a hard top-k).  Inference only: no drop path.
+(region means, then scaled query @ key^T, then a hard top-k).
+
+Training as the official code trains: stochastic depth on both residual branches of every block
+(``drop_path_rate``, linspace over all blocks, timm's DropPath from ``layers``), the official
+initialisation (``_init_weights``), the routing computed on detached region descriptors (hard,
+non-differentiable top-k: no gradient reaches q, k through the routing, only through the
+attention), and the detection backbones' frozen BatchNorm (``norm_eval``).  The official models
+have no dropout: ``drop_rate`` is accepted, as they accept it, and unused.
 
 Bi-Level Routing Attention here gathers the routed key/value regions with one index_select over a
 (batch x region) axis, so the gathered tensors hold topk regions per query region, never p^2.
@@ -17,8 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_configs.biformer import CONFIGS, DENSE_CONFIGS, BiFormerConfig
+from model_configs.biformer import CONFIGS, DENSE_CONFIGS, BiFormerConfig, dense_factory_kwargs
 
+from .layers import DropPath, drop_path_schedule
 from .registration import register_model
 
 __all__ = ["BiFormer", "BiFormerSTL", "BiFormerDense", "biformer_tiny", "biformer_small", "biformer_base",
@@ -94,6 +102,8 @@ class TopkRouting(nn.Module):
     logits (N, P, P) = (query * scale) @ key^T (scale None: unscaled, as in the NCHW BRA), and
     index (N, P, topk) int64, the selected key regions of each query region, best first.
     Models list every TopkRouting in ``routing_modules`` so parity checks can hook them.
+    The descriptors are detached, as the official router does without diff_routing (every
+    released model): the routing takes no part in backward.
     """
 
     def __init__(self, topk: int, scale=None):
@@ -102,6 +112,7 @@ class TopkRouting(nn.Module):
         self.scale = scale
 
     def forward(self, query, key):
+        query, key = query.detach(), key.detach()
         if self.scale is not None:
             query = query * self.scale
         logits = query @ key.transpose(-2, -1)
@@ -293,12 +304,19 @@ def _attention(cfg: BiFormerConfig, dim: int, topk: int, nchw: bool = False) -> 
     return (AttentionLePENCHW if nchw else AttentionLePE)(dim, cfg.global_heads, cfg.side_dwconv)
 
 
-class Block(nn.Module):
-    """BiFormer block (models/biformer.py): depthwise-conv position embedding, then pre-norm
-    attention and MLP on NHWC.  ``mlp.1`` is the official Identity placeholder of the unused
-    MLP DWConv, kept so the second Linear is ``mlp.3`` as in the checkpoints."""
+def _drop_path(rate: float) -> nn.Module:
+    """As the official blocks: DropPath only where the rate is positive, else Identity."""
+    return DropPath(rate) if rate > 0.0 else nn.Identity()
 
-    def __init__(self, cfg: BiFormerConfig, dim: int, topk: int):
+
+class Block(nn.Module):
+    """BiFormer block (models/biformer.py:54-132): depthwise-conv position embedding, then pre-norm
+    attention and MLP on NHWC, each residual branch through drop path (the position embedding's
+    is not), scaled by gamma1 / gamma2 when the config has layer scale.  ``mlp.1`` is the official
+    Identity placeholder of the unused MLP DWConv, kept so the second Linear is ``mlp.3`` as in
+    the checkpoints."""
+
+    def __init__(self, cfg: BiFormerConfig, dim: int, topk: int, drop_path: float = 0.0):
         super().__init__()
         hidden = int(cfg.mlp_ratio * dim)
         k = cfg.pos_embed_kernel
@@ -307,20 +325,29 @@ class Block(nn.Module):
         self.attn = _attention(cfg, dim, topk)
         self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.Identity(), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop_path = _drop_path(drop_path)
+        self.use_layer_scale = cfg.layer_scale_init_value > 0
+        if self.use_layer_scale:
+            self.gamma1 = nn.Parameter(cfg.layer_scale_init_value * torch.ones(dim))
+            self.gamma2 = nn.Parameter(cfg.layer_scale_init_value * torch.ones(dim))
 
     def forward(self, x):  # NCHW -> NCHW
         x = x + self.pos_embed(x)
         x = _permute(x, [0, 2, 3, 1])
-        x = x + self.attn(self.norm1(x))
-        x = x + self.mlp(self.norm2(x))
+        if self.use_layer_scale:
+            x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
+            x = x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x)))
+        else:
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+            x = x + self.drop_path(self.mlp(self.norm2(x)))
         return _permute(x, [0, 3, 1, 2])
 
 
 class BiFormerBlock(nn.Module):
     """STL block: pre-norm attention and MLP, NHWC (LayerNorm, Linear MLP) or NCHW (LayerNorm2d,
-    1x1-conv MLP, NCHW attention)."""
+    1x1-conv MLP, NCHW attention), both residual branches through drop path."""
 
-    def __init__(self, cfg: BiFormerConfig, dim: int, topk: int):
+    def __init__(self, cfg: BiFormerConfig, dim: int, topk: int, drop_path: float = 0.0):
         super().__init__()
         nchw = cfg.layout == "stl_nchw"
         hidden = int(cfg.mlp_ratio * dim)
@@ -332,19 +359,22 @@ class BiFormerBlock(nn.Module):
             self.mlp = nn.Sequential(nn.Conv2d(dim, hidden, 1), nn.GELU(), nn.Conv2d(hidden, dim, 1))
         else:
             self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop_path = _drop_path(drop_path)
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class BasicLayer(nn.Module):
-    """One STL stage: its blocks, run on NHWC (stl) or directly on NCHW (stl_nchw)."""
+    """One STL stage: its blocks, run on NHWC (stl) or directly on NCHW (stl_nchw);
+    ``drop_path``: the stage's slice of the model's schedule, one rate per block."""
 
-    def __init__(self, cfg: BiFormerConfig, dim: int, depth: int, topk: int):
+    def __init__(self, cfg: BiFormerConfig, dim: int, depth: int, topk: int, drop_path=None):
         super().__init__()
         self.channels_last = cfg.layout == "stl"
-        self.blocks = nn.ModuleList([BiFormerBlock(cfg, dim, topk) for _ in range(depth)])
+        rates = drop_path or [0.0] * depth
+        self.blocks = nn.ModuleList([BiFormerBlock(cfg, dim, topk, rates[i]) for i in range(depth)])
 
     def forward(self, x):  # NCHW -> NCHW
         if self.channels_last:
@@ -364,11 +394,17 @@ class _BiFormerBase(nn.Module):
     # Sub-modules whose outputs are the per-stage features (NCHW).
     stage_names = ("stages.0", "stages.1", "stages.2", "stages.3")
 
-    def __init__(self, cfg: BiFormerConfig, num_classes: int):
+    def __init__(self, cfg: BiFormerConfig, num_classes: int, drop_path_rate: float, drop_rate: float):
         super().__init__()
         self.cfg = cfg
         self.num_classes = num_classes
         self.num_features = cfg.embed_dim[-1]
+        self.drop_path_rate = drop_path_rate
+        self.drop_rate = drop_rate  # accepted as the official models accept it; they apply no dropout
+        # the official per-block rates: linspace(0, drop_path_rate, total depth), split by stage
+        # (computed on the CPU: plain floats, also when the model is built on the meta device)
+        with torch.device("cpu"):
+            self.block_drop_path = drop_path_schedule(drop_path_rate, cfg.depth)
 
     @property
     def routing_modules(self) -> tuple:
@@ -376,13 +412,19 @@ class _BiFormerBase(nn.Module):
         return tuple(name for name, mod in self.named_modules() if isinstance(mod, TopkRouting))
 
     def _init_weights(self):
-        """The official initialisation: Linear trunc-normal(0.02) with zero bias.  Its other half,
-        LayerNorm weight 1 / bias 0, is what torch initialises them to already."""
+        """The official initialisation (``self.apply(self._init_weights)``, biformer.py:258-267,
+        biformer_stl*.py): Linear trunc-normal(std 0.02, cut at +-2) with zero bias; LayerNorm
+        (timm's LayerNorm2d too) weight 1 / bias 0.  Convs and BatchNorms keep torch's defaults
+        (kaiming-uniform(a=sqrt(5)) weights and U(+-1/sqrt(fan_in)) biases; BN weight 1 / bias 0);
+        layer scales keep their init value."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                    nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.constant_(m.bias, 0)
+                nn.init.constant_(m.weight, 1.0)
 
     def forward_features(self, x):
         _check_input(self.cfg, x)
@@ -394,8 +436,9 @@ class _BiFormerBase(nn.Module):
 class BiFormer(_BiFormerBase):
     """biformer_tiny / small / base."""
 
-    def __init__(self, cfg: BiFormerConfig, num_classes: int = 1000, in_chans: int = 3):
-        super().__init__(cfg, num_classes)
+    def __init__(self, cfg: BiFormerConfig, num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0,
+                 drop_rate: float = 0.0):
+        super().__init__(cfg, num_classes, drop_path_rate, drop_rate)
         dims = cfg.embed_dim
         stem = nn.Sequential(
             nn.Conv2d(in_chans, dims[0] // 2, 3, stride=2, padding=1),
@@ -408,7 +451,8 @@ class BiFormer(_BiFormerBase):
             nn.Sequential(nn.Conv2d(dims[i], dims[i + 1], 3, stride=2, padding=1), nn.BatchNorm2d(dims[i + 1]))
             for i in range(3)])
         self.stages = nn.ModuleList([
-            nn.Sequential(*[Block(cfg, dims[i], cfg.topks[i]) for _ in range(cfg.depth[i])]) for i in range(4)])
+            nn.Sequential(*[Block(cfg, dims[i], cfg.topks[i], self.block_drop_path[i][j]) for j in range(cfg.depth[i])])
+            for i in range(4)])
         self.norm = nn.BatchNorm2d(dims[-1])
         self.pre_logits = nn.Identity()
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
@@ -422,13 +466,15 @@ class BiFormer(_BiFormerBase):
 class BiFormerSTL(_BiFormerBase):
     """biformer_stl / biformer_stl_nchw (Swin-Tiny layout ablations)."""
 
-    def __init__(self, cfg: BiFormerConfig, num_classes: int = 1000, in_chans: int = 3):
-        super().__init__(cfg, num_classes)
+    def __init__(self, cfg: BiFormerConfig, num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0,
+                 drop_rate: float = 0.0):
+        super().__init__(cfg, num_classes, drop_path_rate, drop_rate)
         dims = cfg.embed_dim
         stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4), nn.BatchNorm2d(dims[0]))
         self.downsample_layers = nn.ModuleList([stem] + [
             nn.Sequential(nn.BatchNorm2d(dims[i]), nn.Conv2d(dims[i], dims[i + 1], 2, stride=2)) for i in range(3)])
-        self.stages = nn.ModuleList([BasicLayer(cfg, dims[i], cfg.depth[i], cfg.topks[i]) for i in range(4)])
+        self.stages = nn.ModuleList([BasicLayer(cfg, dims[i], cfg.depth[i], cfg.topks[i], self.block_drop_path[i])
+                                     for i in range(4)])
         self.norm = nn.BatchNorm2d(dims[-1])
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
@@ -444,16 +490,36 @@ class BiFormerDense(BiFormer):
     through its own side-branch ``extra_norms.{i}`` (timm LayerNorm2d, eps 1e-6, over channels,
     initialised weight 1 / bias 0) while the un-normalised map continues to the next stage.
     All four extra norms exist whatever ``out_indices`` selects, as in the official model.
-    Not reproduced, as they change no eval output: the detection class's ``train()`` returns
-    None (so its ``model.eval()`` does too) and keeps BatchNorm in eval mode while training;
-    the segmentation class converts its BatchNorms to SyncBatchNorm (same keys)."""
 
-    def __init__(self, cfg: BiFormerConfig, out_indices=(0, 1, 2, 3), in_chans: int = 3):
-        super().__init__(cfg, num_classes=0, in_chans=in_chans)
+    Training: ``norm_eval`` (the detection class's default True, biformer_mm.py:13, 59-67):
+    ``train()`` leaves every BatchNorm in eval mode -- normalising with, and never updating, the
+    running statistics; ``disable_bn_grad`` (detection, default False) freezes their affine
+    weights too.  The segmentation class has neither (its factories refuse them) and converts its
+    BatchNorms to SyncBatchNorm (same keys; on one process the same as BatchNorm2d).  Not
+    reproduced: the detection class's ``train()`` returns None."""
+
+    def __init__(self, cfg: BiFormerConfig, out_indices=(0, 1, 2, 3), in_chans: int = 3, drop_path_rate: float = 0.0,
+                 drop_rate: float = 0.0, norm_eval: bool = False, disable_bn_grad: bool = False):
+        super().__init__(cfg, num_classes=0, in_chans=in_chans, drop_path_rate=drop_path_rate, drop_rate=drop_rate)
         del self.head, self.norm  # official step 1
         self.out_indices = tuple(out_indices)
         self.extra_norms = nn.ModuleList([LayerNorm2d(dim, eps=cfg.norm_eps) for dim in cfg.embed_dim])
         self.feature_info = [{"channels": cfg.embed_dim[i], "stride": 4 * 2 ** i} for i in self.out_indices]
+        self._init_weights()  # official step 3: self.apply(self._init_weights) once more
+        self.norm_eval = norm_eval
+        if disable_bn_grad:
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    for param in m.parameters():
+                        param.requires_grad = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
 
     def forward_features(self, x):
         _check_input(self.cfg, x)
@@ -476,6 +542,8 @@ DENSE_MODEL = BiFormerDense
 # ---------------------------------------------------------------------------------------------
 
 def _create(name: str, pretrained: bool, num_classes: int, kwargs: dict):
+    """``kwargs``: in_chans, drop_path_rate, drop_rate (official defaults 3, 0., 0.); any other
+    raises TypeError."""
     if pretrained:
         raise ValueError(f"{name}: this reference does not download weights; load an official checkpoint "
                          f"with model.load_state_dict(torch.load(path)['model'])")
@@ -498,10 +566,12 @@ def biformer_stl_nchw(pretrained=False, num_classes=1000, **kwargs): return _cre
 
 
 def _create_dense(name: str, pretrained: bool, kwargs: dict):
+    """``kwargs``: out_indices, in_chans, drop_path_rate, drop_rate (+ norm_eval, disable_bn_grad
+    for *_det); any other raises TypeError."""
     if pretrained:
         raise ValueError(f"{name}: this reference does not download weights; load the backbone keys of a "
                          f"detector / segmentor checkpoint with model.load_state_dict(...)")
-    return BiFormerDense(DENSE_CONFIGS[name], **kwargs)
+    return BiFormerDense(DENSE_CONFIGS[name], **dense_factory_kwargs(name, kwargs))
 
 
 # The dense backbones, BiFormer_mm as the COCO (n_win 16) and ADE20K (n_win 8) configs build it.

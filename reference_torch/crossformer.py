@@ -32,7 +32,19 @@ the official code whose LDA grouping it reproduces: "v1" (``models/crossformer_b
 write a forced SDA / shrunken group size into themselves on small maps, the layout here depends on
 the current input only: a fresh official model's behaviour on every input.
 
-Inference only: dropout and drop-path (training-time regularisers) are left out.
+Training as the official code trains (models/crossformer.py @ 7952010; the dense codes alike):
+``drop_path_rate`` -- stochastic depth on both residual branches (attention and MLP, not the ACL)
+of every block, at rate linspace(0, drop_path_rate, total depth) by block, blocks at rate 0 without
+any (``nn.Identity``); ``drop_rate`` -- dropout after the patch embedding (``pos_drop``), in the MLP
+(after the GELU and after ``fc2``) and after the attention projection (``proj_drop``);
+``attn_drop_rate`` -- dropout on the attention weights.  Defaults as the official builders build
+each variant: drop_path_rate from its YAML / dense factory (``cfg.drop_path_rate``: T 0.1, S 0.2,
+B 0.3, L 0.5, ++S 0.2, ++B 0.3, ++L/H 0.5), the dropouts 0.  No head dropout, no BatchNorm.
+
+Built without weights, a model is initialised as the official ``_init_weights``
+(models/crossformer.py:760-767, applied to the whole model last): every Linear trunc_normal(std .02)
+with zero bias, every LayerNorm weight 1 / bias 0; the convs (patch embedding, merges, ACL) keep
+torch's default init.  Modules are built in the official order, so one seed draws the same weights.
 """
 from __future__ import annotations
 
@@ -40,10 +52,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_configs.crossformer import (CONFIGS, DENSE_CONFIGS, CrossFormerConfig, CrossFormerDenseConfig,
-                                       block_layout, check_img_size, coordinate_table, padding_key_mask,
-                                       padding_mask, relative_position_index, scale_dims)
+from model_configs.crossformer import (CONFIGS, DEFAULT_ATTN_DROP_RATE, DEFAULT_DROP_RATE, DENSE_CONFIGS,
+                                       CrossFormerConfig, CrossFormerDenseConfig, block_layout, check_img_size,
+                                       coordinate_table, padding_key_mask, padding_mask, relative_position_index,
+                                       scale_dims)
 
+from .layers import DropPath, drop_path_schedule
 from .registration import register_model
 
 __all__ = ["CrossFormer", "CrossFormerBackbone", "CrossFormerConfig", "CrossFormerDenseConfig", "CONFIGS",
@@ -66,15 +80,29 @@ def ungroup_tokens(x, batch, height, width, group_h, group_w, interval):
     return x.reshape(batch, height, width, -1)
 
 
+def _init_weights(m):
+    """The official ``CrossFormer._init_weights`` (models/crossformer.py:760-767)."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.constant_(m.bias, 0)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.constant_(m.bias, 0)
+        nn.init.constant_(m.weight, 1.0)
+
+
 class Mlp(nn.Module):
-    def __init__(self, in_features, hidden_features):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout (one Dropout module, applied twice)."""
+
+    def __init__(self, in_features, hidden_features, drop=0.0):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop = nn.Dropout(drop)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 def _dpb_layer(in_dim, out_dim):
@@ -98,7 +126,7 @@ class DynamicPosBias(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention inside each group, plus the dynamic position bias."""
 
-    def __init__(self, dim, group_size, num_heads):
+    def __init__(self, dim, group_size, num_heads, attn_drop=0.0, proj_drop=0.0):
         """``group_size``: the G the DPB tables are built (and registered) for, or None (dense: the
         tables follow each call's group shape)."""
         super().__init__()
@@ -110,7 +138,9 @@ class Attention(nn.Module):
             self.register_buffer("relative_position_index", torch.tensor(relative_position_index(group_size)),
                                  persistent=False)
         self.qkv = nn.Linear(dim, dim * 3)
+        self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x, mask=None, group_shape=None):
         """``group_shape`` (Gh, Gw): build the DPB tables for it now (dense), else use the registered ones."""
@@ -132,9 +162,9 @@ class Attention(nn.Module):
             nG = mask.shape[0]
             attn = attn.view(B_ // nG, nG, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
             attn = attn.view(-1, self.num_heads, N, N)
-        attn = attn.softmax(dim=-1)
+        attn = self.attn_drop(attn.softmax(dim=-1))
         x = (attn @ v).transpose(1, 2).reshape(B_, N, C)
-        return self.proj(x)
+        return self.proj_drop(self.proj(x))
 
 
 class CrossFormerBlock(nn.Module):
@@ -145,7 +175,7 @@ class CrossFormerBlock(nn.Module):
     official dense ``code`` does; nothing about one call is kept for the next)."""
 
     def __init__(self, dim, input_resolution, num_heads, group_size, interval, lsda_flag, mlp_ratio,
-                 use_extra_conv, code=None):
+                 use_extra_conv, code=None, drop=0.0, attn_drop=0.0, drop_path=0.0):
         super().__init__()
         self.input_resolution = input_resolution
         self.group_size, self.interval, self.lsda_flag, self.code = group_size, interval, lsda_flag, code
@@ -154,12 +184,15 @@ class CrossFormerBlock(nn.Module):
                                                                           lsda_flag, code)
         self.use_extra_conv = use_extra_conv
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, None if self.layout is None else self.layout.group_size, num_heads)
+        self.attn = Attention(dim, None if self.layout is None else self.layout.group_size, num_heads,
+                              attn_drop=attn_drop, proj_drop=drop)
         if use_extra_conv:
             self.ex_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
             self.ex_ln = nn.LayerNorm(dim)
+        # one module on both residual branches, each call drawing its own mask; none at rate 0
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
         mask = None if input_resolution is None else padding_mask(input_resolution, self.layout)
         self.register_buffer("attn_mask", None if mask is None else torch.tensor(mask), persistent=False)
@@ -181,8 +214,8 @@ class CrossFormerBlock(nn.Module):
         x = self.attn(x, mask=mask, group_shape=group_shape)
         x = ungroup_tokens(x, B, H + lay.pad_h, W + lay.pad_w, lay.group_h, lay.group_w, lay.group_interval)
         x = x[:, :H, :W, :].reshape(B, H * W, C)
-        x = shortcut + x
-        x = x + self.mlp(self.norm2(x))
+        x = shortcut + self.drop_path(x)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
         if self.use_extra_conv:  # ACL: no residual, its output replaces x
             # contiguous like the official code: torch picks its conv kernel by memory layout
             x = self.ex_conv(x.view(B, H, W, C).permute(0, 3, 1, 2).contiguous())
@@ -211,15 +244,17 @@ class PatchMerging(nn.Module):
 
 
 class Stage(nn.Module):
-    """Blocks alternating SDA/LDA; ACL after every third block but the last; then the merge."""
+    """Blocks alternating SDA/LDA; ACL after every third block but the last; then the merge.
+    ``drop_path``: the stage's per-block stochastic-depth rates."""
 
     def __init__(self, dim, input_resolution, depth, num_heads, group_size, interval, mlp_ratio, use_acl,
-                 merge_size=None, code=None):
+                 merge_size=None, code=None, drop=0.0, attn_drop=0.0, drop_path=None):
         super().__init__()
+        drop_path = [0.0] * depth if drop_path is None else drop_path
         self.blocks = nn.ModuleList([
             CrossFormerBlock(dim, input_resolution, num_heads, group_size, interval, lsda_flag=i % 2,
                              mlp_ratio=mlp_ratio, use_extra_conv=use_acl and (i + 1) % 3 == 0 and i < depth - 1,
-                             code=code)
+                             code=code, drop=drop, attn_drop=attn_drop, drop_path=drop_path[i])
             for i in range(depth)])
         self.downsample = PatchMerging(input_resolution, dim, merge_size) if merge_size else None
 
@@ -255,25 +290,33 @@ class PatchEmbed(nn.Module):
 
 
 class CrossFormer(nn.Module):
-    def __init__(self, cfg: CrossFormerConfig, img_size=224, num_classes=1000):
+    """The classification model.  ``drop_path_rate`` None: the variant's official rate
+    (``cfg.drop_path_rate``); the dropouts default to the official 0."""
+
+    def __init__(self, cfg: CrossFormerConfig, img_size=224, num_classes=1000, drop_rate=DEFAULT_DROP_RATE,
+                 attn_drop_rate=DEFAULT_ATTN_DROP_RATE, drop_path_rate=None):
         super().__init__()
         check_img_size(img_size)
         self.num_classes = num_classes
         num_stages = len(cfg.depths)
         self.num_features = cfg.embed_dim * 2 ** (num_stages - 1)
         self.patch_embed = PatchEmbed(img_size, cfg.patch_size, cfg.embed_dim)
+        self.pos_drop = nn.Dropout(float(drop_rate))
+        dpr = drop_path_schedule(cfg.drop_path_rate if drop_path_rate is None else float(drop_path_rate), cfg.depths)
         res = img_size // cfg.patch_size[0]
         self.layers = nn.ModuleList([
             Stage(cfg.embed_dim * 2 ** i, (res // 2 ** i, res // 2 ** i), cfg.depths[i], cfg.num_heads[i],
                   cfg.group_size[i], cfg.interval[i], cfg.mlp_ratio, cfg.use_acl,
-                  merge_size=cfg.merge_size[i] if i < num_stages - 1 else None)
+                  merge_size=cfg.merge_size[i] if i < num_stages - 1 else None,
+                  drop=float(drop_rate), attn_drop=float(attn_drop_rate), drop_path=dpr[i])
             for i in range(num_stages)])
         self.stage_names = tuple(f"layers.{i}" for i in range(num_stages))
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
 
     def forward_features(self, x):
-        x = self.patch_embed(x)
+        x = self.pos_drop(self.patch_embed(x))
         for layer in self.layers:
             x = layer(x)
         return self.norm(x).mean(dim=1)  # official: AdaptiveAvgPool1d over the tokens
@@ -286,9 +329,13 @@ class CrossFormerBackbone(nn.Module):
     """Dense backbone (official ``CrossFormer_S`` / ``_B`` / ``_L`` / ``_S2`` of the detection and
     segmentation factories): patch embedding and the four stages, no ``norm`` / ``avgpool`` / ``head``.
     ``forward`` takes NCHW images of any H, W that are multiples of 32 and returns the NCHW maps of
-    ``out_indices`` (stage i: stride 4 * 2^i), each taken before that stage's PatchMerging."""
+    ``out_indices`` (stage i: stride 4 * 2^i), each taken before that stage's PatchMerging.
+    Training arguments and init as ``CrossFormer`` (``drop_path_rate`` None: the official factory's,
+    ``cfg.drop_path_rate``); HEAD's ``init_weights`` (models/crossformer_backbone_det.py:740-752, called
+    by mmdet) initialises as v1's ``_init_weights`` (models/crossformer_backbone.py:607, 614-621)."""
 
-    def __init__(self, cfg: CrossFormerDenseConfig, out_indices=(0, 1, 2, 3)):
+    def __init__(self, cfg: CrossFormerDenseConfig, out_indices=(0, 1, 2, 3), drop_rate=DEFAULT_DROP_RATE,
+                 attn_drop_rate=DEFAULT_ATTN_DROP_RATE, drop_path_rate=None):
         super().__init__()
         num_stages = len(cfg.depths)
         self.out_indices = tuple(out_indices)
@@ -297,21 +344,24 @@ class CrossFormerBackbone(nn.Module):
             raise ValueError(f"out_indices must be distinct stage indices in 0..{num_stages - 1}, got {out_indices!r}")
         self.cfg = cfg
         self.patch_embed = PatchEmbed(None, cfg.patch_size, cfg.embed_dim)
+        self.pos_drop = nn.Dropout(float(drop_rate))
+        dpr = drop_path_schedule(cfg.drop_path_rate if drop_path_rate is None else float(drop_path_rate), cfg.depths)
         self.layers = nn.ModuleList([
             Stage(cfg.embed_dim * 2 ** i, None, cfg.depths[i], cfg.num_heads[i], cfg.group_size[i], cfg.interval[i],
                   cfg.mlp_ratio, cfg.use_acl, merge_size=cfg.merge_size[i] if i < num_stages - 1 else None,
-                  code=cfg.code)
+                  code=cfg.code, drop=float(drop_rate), attn_drop=float(attn_drop_rate), drop_path=dpr[i])
             for i in range(num_stages)])
         self.stage_names = tuple(f"layers.{i}" for i in range(num_stages))
         self.feature_info = [{"channels": cfg.embed_dim * 2 ** i, "stride": cfg.patch_size[0] * 2 ** i}
                              for i in self.out_indices]
+        self.apply(_init_weights)
 
     def forward(self, x):
         B, _, H, W = x.shape
         problem = self.cfg.input_problem(H, W)
         if problem:
             raise ValueError(f"CrossFormer dense backbone: {problem}")
-        x = self.patch_embed(x)
+        x = self.pos_drop(self.patch_embed(x))
         H, W = H // self.cfg.patch_size[0], W // self.cfg.patch_size[0]
         feats = {}
         for i, layer in enumerate(self.layers[:max(self.out_indices) + 1]):
@@ -328,10 +378,11 @@ DENSE_MODEL = CrossFormerBackbone
 def _create(name, pretrained=False, num_classes=1000, img_size=224, **kwargs):
     if pretrained:
         raise ValueError("torch2paddle builds models without downloading weights; load a checkpoint instead")
-    return CrossFormer(CONFIGS[name], img_size=img_size, num_classes=num_classes)
+    return CrossFormer(CONFIGS[name], img_size=img_size, num_classes=num_classes, **kwargs)  # unknown: TypeError
 
 
-# One factory per variant, named as the registry names them; they take num_classes and img_size.
+# One factory per variant, named as the registry names them; they take num_classes, img_size and the
+# training arguments (drop_rate, attn_drop_rate, drop_path_rate).
 @register_model
 def crossformer_tiny(pretrained=False, **kwargs): return _create("crossformer_tiny", pretrained, **kwargs)  # noqa: E704
 @register_model
@@ -353,10 +404,10 @@ def crossformer_pp_huge(pretrained=False, **kwargs): return _create("crossformer
 def _create_dense(name, pretrained=False, **kwargs):
     if pretrained:
         raise ValueError("torch2paddle builds models without downloading weights; load a checkpoint instead")
-    return DENSE_MODEL(DENSE_CONFIGS[name], **kwargs)
+    return DENSE_MODEL(DENSE_CONFIGS[name], **kwargs)  # an unknown keyword: TypeError
 
 
-# Dense backbones: one factory per dense name; they take out_indices.
+# Dense backbones: one factory per dense name; they take out_indices and the training arguments.
 @register_model
 def crossformer_small_det(pretrained=False, **kwargs):
     return _create_dense("crossformer_small_det", pretrained, **kwargs)

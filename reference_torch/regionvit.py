@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from model_configs.regionvit import (CONFIGS, DENSE_CONFIGS, RegionViTDenseConfig, regional_padding, rel_pos_index,
                                      window_mask)
 
+from .layers import DropPath, drop_path_schedule
 from .registration import register_model
 
 __all__ = ["RegionViT", "RegionViTDet", "DENSE_MODEL"]
@@ -47,21 +47,6 @@ __all__ = ["RegionViT", "RegionViTDet", "DENSE_MODEL"]
 # ---------------------------------------------------------------------------
 # Layers
 # ---------------------------------------------------------------------------
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (identity in eval or at rate 0)."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x):
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        noise = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * noise / keep
-
 
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channels of an NCHW tensor; affine params shaped (1, C, 1, 1)."""
@@ -134,7 +119,7 @@ class AttentionWithRelPos(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.rel_pos = nn.Parameter(torch.zeros(num_heads, (2 * window_size - 1) ** 2))
-        nn.init.normal_(self.rel_pos, std=0.02)  # = the official trunc_normal_: its cut-off is +-100 std
+        nn.init.trunc_normal_(self.rel_pos, std=0.02)  # attention_variants.py:40
         self.register_buffer("rel_pos_index", torch.tensor(rel_pos_index(window_size)), persistent=False)
 
     def forward(self, x, patch_attn: bool = False, mask=None):
@@ -154,7 +139,10 @@ class AttentionWithRelPos(nn.Module):
 
 
 class R2LAttentionPlusFFN(nn.Module):
-    """Regional self-attention, then regional-to-local attention per window, then an MLP."""
+    """Regional self-attention, then regional-to-local attention per window, then an MLP.  One
+    drop-path module (official: only where the block's rate is > 0, regionvit.py:97) on all three
+    residual branches, each call drawing its own per-sample mask; ``drop`` is the attention's
+    output dropout and the MLP's, ``attn_drop`` the dropout on the attention weights."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, mlp_ratio: float, norm_layer,
                  drop_path: float = 0.0, attn_drop: float = 0.0, drop: float = 0.0):
@@ -162,7 +150,7 @@ class R2LAttentionPlusFFN(nn.Module):
         self.norm0 = norm_layer(dim)
         self.norm1 = norm_layer(dim)
         self.attn = AttentionWithRelPos(dim, num_heads, window_size, attn_drop=attn_drop, proj_drop=drop)
-        self.drop_path = DropPath(drop_path)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
@@ -250,7 +238,17 @@ class ConvAttBlock(nn.Module):
 
 
 class RegionViT(nn.Module):
-    """RegionViT.  ``layers[i]`` returns (regional, local) tokens; the head pools the last regional tokens."""
+    """RegionViT.  ``layers[i]`` returns (regional, local) tokens; the head pools the last regional tokens.
+
+    Training arguments, official defaults (regionvit.py:294-296; the factories pass nothing else):
+    ``drop_rate`` 0 (``pos_drop`` on the local tokens after the stem, the attention's ``proj_drop``
+    and the MLP's dropout; none before the head), ``attn_drop_rate`` 0 (on the attention weights),
+    ``drop_path_rate`` 0 (per block ``torch.linspace(0, rate, sum(depth))`` in block order over all
+    stages, regionvit.py:324; the ImageNet recipe passes --drop-path 0.1, main.py:45).
+    Built without weights it is initialised as the official ``_init_weights`` (regionvit.py:356):
+    Linear trunc_normal_(std .02) with zero bias, LayerNorm / LayerNorm2d weight 1 bias 0, ``rel_pos``
+    trunc_normal_(std .02); convolutions keep torch's default (kaiming_uniform(a=sqrt(5)) weight,
+    uniform(+-1/sqrt(fan_in)) bias)."""
 
     def __init__(self, embed_dim=(96, 96, 192, 384, 768), depth=(2, 2, 8, 2), num_heads=(3, 6, 12, 24),
                  window_size: int = 7, patch_conv_type: str = "3conv", peg: bool = False, num_classes: int = 1000,
@@ -265,11 +263,11 @@ class RegionViT(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, embed_dim[0], patch_conv_type, in_chans)
         self.cls_token = PatchEmbed(patch_size * window_size, embed_dim[0], "linear", in_chans)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = np.linspace(0, drop_path_rate, sum(depth)).tolist()
-        starts = np.cumsum((0,) + tuple(depth)).tolist()
+        with torch.device("cpu"):  # python floats, also when the model is built on the meta device
+            dpr = drop_path_schedule(drop_path_rate, depth)  # the official float32 linspace, split by stage
         self.layers = nn.ModuleList([
             ConvAttBlock(embed_dim[i], embed_dim[i + 1], window_size, depth[i], num_heads[i], mlp_ratio,
-                         downsampling[i], norm_layer, dpr[starts[i]:starts[i + 1]],
+                         downsampling[i], norm_layer, dpr[i],
                          attn_drop=attn_drop_rate, drop=drop_rate, peg=peg)
             for i in range(len(depth))])
         self.norm = norm_layer(embed_dim[-1])
@@ -279,8 +277,20 @@ class RegionViT(nn.Module):
     @staticmethod
     def _init_weights(m):
         if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)  # = the official trunc_normal_: its cut-off is +-100 std
+            nn.init.trunc_normal_(m.weight, std=0.02)
             nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self):
+        """Official (regionvit.py:365-370, computed_cls_token=True): nothing by name, so timm's
+        create_optimizer decays every parameter except 1-D ones and names ending in ``.bias``."""
+        return set()
+
+    def drop_path_rates(self) -> list:
+        """The drop-path rate of every R2L block, in order (0 where the block has none)."""
+        return [getattr(blk.drop_path, "drop_prob", 0.0) for layer in self.layers for blk in layer.block[1:]]
 
     def forward_features(self, x):
         local = self.pos_drop(self.patch_embed(x))
@@ -302,11 +312,15 @@ class RegionViTDet(RegionViT):
     map is the i-th output (stride 4 * 2**i) AND the next stage's input.  The regional tokens are
     not normalised.  Any input size: see PatchEmbed (regional padding) and to_flat_layout (mask)."""
 
-    def __init__(self, cfg: RegionViTDenseConfig, out_indices=(0, 1, 2, 3), drop_path_rate=None):
+    def __init__(self, cfg: RegionViTDenseConfig, out_indices=(0, 1, 2, 3), drop_path_rate=None,
+                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0):
         if not out_indices or set(out_indices) - {0, 1, 2, 3}:
             raise ValueError(f"out_indices {out_indices!r}: pick stages among 0, 1, 2, 3")
-        rate = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate  # training only
-        super().__init__(**dataclasses.asdict(cfg.backbone), num_classes=0, drop_path_rate=rate)
+        # None: the detection config's MODEL.BACKBONE.DP_RATE (0.2); drop_rate / attn_drop_rate: the
+        # classifier's defaults, which the official RegionViTBackbone does not override
+        rate = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
+        super().__init__(**dataclasses.asdict(cfg.backbone), num_classes=0, drop_path_rate=rate,
+                         drop_rate=drop_rate, attn_drop_rate=attn_drop_rate)
         del self.norm, self.head  # as the wrapper does
         self.det_norm = cfg.det_norm
         if cfg.det_norm:  # weight 1, bias 0 (LayerNorm2d.reset_parameters); the classifier init skips them

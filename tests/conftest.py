@@ -131,3 +131,95 @@ class RunsShell:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+# ----------------------------------------------------------------- initialisation of fresh models
+
+def fresh_states(build_torch, build_paddle, rules, seeds=(1, 2)) -> dict:
+    """Models built without weights, once per seed in each framework:
+    ``{(framework, seed): {official key: float64 array}}``.  Paddle's tensors are read back
+    through the mapping table (names reversed, Linear weights transposed back), so both sides
+    are compared key for key; what the table drops (``num_batches_tracked``, tables Paddle
+    recomputes) is left out of torch's."""
+    import numpy as np
+    import paddle
+    import torch
+
+    from converter.engine import reverse_key
+    from mappings.rules import Drop, Transpose
+
+    transposes = [r for r in rules if isinstance(r, Transpose)]
+    drops = [r for r in rules if isinstance(r, Drop)]
+    states = {}
+    for seed in seeds:
+        torch.manual_seed(seed)
+        states["torch", seed] = {k: v.detach().numpy().astype(np.float64)
+                                 for k, v in build_torch().state_dict().items()
+                                 if not any(d.matches(k) for d in drops)}
+        paddle.seed(seed)
+        state = {}
+        for key, value in build_paddle().state_dict().items():
+            t_key = reverse_key(key, rules)
+            value = value.numpy().astype(np.float64)
+            state[t_key] = value.T if any(t.matches(t_key) for t in transposes) else value
+        states["paddle", seed] = state
+    return states
+
+
+def init_by_module(torch_model, special=lambda key, module, leaf: None) -> dict:
+    """Official key -> its initialisation (see ``assert_initialised_as``), from the module that owns
+    the tensor, as the four official repos initialise them (timm's ``_init_weights`` pattern):
+    Linear weight trunc_normal(0.02), bias 0; LayerNorm / GroupNorm / BatchNorm (and the families'
+    LayerNorm2d) weight 1, bias 0, running mean 0, variance 1; Conv2d torch's own default, weight and
+    bias uniform(+-1/sqrt(fan_in)).  ``special(key, module, leaf)`` answers first where a family
+    differs (layer scales, position tables, another conv init); it returns None to fall through."""
+    import numpy as np
+    import torch.nn as nn
+
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
+    expected = {}
+    for key in torch_model.state_dict():
+        if key.endswith("num_batches_tracked"):
+            continue
+        module_name, _, leaf = key.rpartition(".")
+        module = torch_model.get_submodule(module_name)
+        init = special(key, module, leaf)
+        if init is None and isinstance(module, nn.Linear):
+            init = ("trunc_normal", 0.02) if leaf == "weight" else ("const", 0.0)
+        elif init is None and isinstance(module, nn.Conv2d):
+            init = ("uniform", 1.0 / np.sqrt(module.weight[0].numel()))
+        elif init is None and (isinstance(module, norms) or type(module).__name__ == "LayerNorm2d"):
+            init = ("const", {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}[leaf])
+        if init is not None:
+            expected[key] = init
+    return expected
+
+
+def assert_initialised_as(states: dict, expected: dict) -> None:
+    """``expected``: official key -> ``("const", value)``, ``("normal", std)``,
+    ``("trunc_normal", std)`` (torch's default bounds +-2, i.e. a plain normal at std 0.02) or
+    ``("uniform", bound)``.  In both frameworks: the keys are exactly ``expected``'s; exactly the
+    "const" tensors come out the same for every seed, at their value; every random tensor's sample
+    mean and std are the official distribution's within 6 standard errors, inside its bounds."""
+    import numpy as np
+
+    frameworks = sorted({fw for fw, _ in states})
+    for framework in frameworks:
+        runs = [state for (fw, _), state in sorted(states.items()) if fw == framework]
+        assert set(runs[0]) == set(expected), (framework, sorted(set(runs[0]) ^ set(expected))[:5])  # none unknown
+        same = {k for k in expected if all(np.array_equal(runs[0][k], run[k]) for run in runs[1:])}
+        constants = {k for k, (kind, _) in expected.items() if kind == "const"}
+        assert same == constants, (framework, sorted(same ^ constants)[:5])
+        for key, (kind, value) in expected.items():
+            for run in runs:
+                w = run[key].ravel()
+                if kind == "const":
+                    assert np.all(w == np.float32(value)), (framework, key)
+                    continue
+                std = value / np.sqrt(3.0) if kind == "uniform" else value
+                # standard error of the sample std, relative: 1/sqrt(2n) for a normal, sqrt(0.2/n) uniform
+                se_std = np.sqrt(0.2 / w.size) if kind == "uniform" else 1.0 / np.sqrt(2.0 * w.size)
+                assert abs(w.mean()) <= 6 * std / np.sqrt(w.size), (framework, key, w.mean(), std)
+                assert abs(w.std() / std - 1.0) <= 6 * se_std, (framework, key, w.std(), std)
+                bound = {"uniform": value * (1 + 1e-6), "trunc_normal": 2.0}.get(kind, np.inf)
+                assert np.abs(w).max() <= bound, (framework, key, np.abs(w).max())

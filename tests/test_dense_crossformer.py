@@ -308,7 +308,9 @@ def test_v1_and_head_features_agree_at_224_only():
     for size in FIXTURE_SIZES:
         for stage, (a, b) in enumerate(zip(_torch_features(v1_model, _image(*size)),
                                            _torch_features(head_model, _image(*size)))):
-            assert np.abs(a - b).max() > 0.1 * np.abs(a).max(), (size, stage)
+            # 1% of the map's scale: 10^4 x float32 noise (with the official init, std 0.02, the two
+            # groupings differ by 3-10% of the scale; the same code path would agree to 1e-6)
+            assert np.abs(a - b).max() > 0.01 * np.abs(a).max(), (size, stage)
 
 
 def _stage_maps(cfg, height, width):

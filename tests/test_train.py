@@ -122,6 +122,23 @@ def test_batchnorm_eval_mode_is_paddles_own():
     assert list(bn.state_dict()) == list(stock.state_dict())  # same keys: checkpoints convert as before
 
 
+# --- verify --train and diff --backward through the CLI (FCViT: BatchNorm in the stem) -------------
+
+def test_verify_train_cli_passes_and_reports(official_checkpoint, tmp_path, capsys):
+    import json
+
+    from conftest import cli
+
+    code, out, err = cli(capsys, "verify", "fcvit_tiny", "--torch-ckpt", official_checkpoint("fcvit_tiny"), "--train",
+                         "--steps", "2", "--optimizer", "adamw", "--json", tmp_path / "t.json")
+    assert code == 0, out + err
+    assert "step 2" in out and "PASS" in out
+    report = json.loads((tmp_path / "t.json").read_text())
+    assert report["passed"] and report["failed_grads"] == 0 and report["num_params"] > 400
+    assert report["max_loss_rel_err"] < 1e-6
+    assert report["running_stats_err"] < 1e-5
+
+
 def test_diff_backward_names_the_layer_whose_gradient_goes_wrong(official_checkpoint):
     """A Paddle layer whose forward is exact but whose backward scales the gradient by 1.01: the
     first layer, in backward order, with a wrong output gradient is one that feeds it."""
@@ -153,3 +170,22 @@ def test_diff_backward_names_the_layer_whose_gradient_goes_wrong(official_checkp
     assert first.torch.startswith("network.4.0.channel_mixer.")  # what feeds fc2 (its dropout or GELU)
     assert not any(d.exceeds(1e-4) for d in layers[:order.index(first.torch)])
     assert input_grad.max_abs_err > 0
+
+
+def test_readme_fine_tuning_example_runs_as_written(official_checkpoint, tmp_path, monkeypatch, capsys):
+    """The README's fine-tuning example, taken from the README itself and run on a converted file."""
+    from converter import convert
+
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("Fine-tuning on your own classes"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[:code.index("```")]
+    convert("fcvit_tiny", official_checkpoint("fcvit_tiny"), tmp_path / "fcvit_tiny.pdparams")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    losses = [float(line.split("loss ")[1]) for line in out.splitlines() if line.startswith("step ")]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert "accuracy on the batch" in out
