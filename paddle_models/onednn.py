@@ -17,6 +17,9 @@ patterns the ports use, each of which has an exact (or float32-rounding) equival
 * ``pad`` of every axis (what ``F.pad`` of a 3-D tensor with 4 pads becomes): the oneDNN kernel
   swaps the pads as if the tensor were 2-D and writes past its output (heap corruption, crash or
   hang).  ``F.pad`` of a 4-D NCHW tensor (``pad3d``, last two axes) is fine.
+* ``square``: the oneDNN kernel writes its result over its input as well, so any other reader
+  of that input gets the squares (``c.square() + c`` comes out as ``2 * c**2``).  Write
+  ``c * c`` (the same float32 rounding).
 * ``layer_norm`` on weights-only inputs: see ``TableLayerNorm``.
 """
 from __future__ import annotations
@@ -52,5 +55,6 @@ class TableLayerNorm(nn.LayerNorm):
 
     def forward(self, x):
         mu = x.mean(axis=-1, keepdim=True)
-        var = (x - mu).square().mean(axis=-1, keepdim=True)  # biased, as layer_norm
-        return (x - mu) / paddle.sqrt(var + self._epsilon) * self.weight + self.bias
+        centred = x - mu
+        var = (centred * centred).mean(axis=-1, keepdim=True)  # biased, as layer_norm; not .square(), see above
+        return centred / paddle.sqrt(var + self._epsilon) * self.weight + self.bias
