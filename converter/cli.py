@@ -341,7 +341,8 @@ def diff(model, torch_ckpt, paddle_params, ema, entry_key, unsafe_pickle, json_p
 @json_option
 def export(model, params, out_dir, json_path, **kwargs):
     """Save MODEL with weights PARAMS (.pdparams) as a static Paddle inference model in OUT_DIR,
-    reload it (paddle.jit.load and Paddle Inference) and check it against the dynamic model."""
+    reload it (paddle.jit.load; Paddle Inference with oneDNN off and on) and check it against the
+    dynamic model."""
     from .export import export_model
 
     report = export_model(model, params, out_dir, **kwargs)

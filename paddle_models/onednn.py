@@ -17,9 +17,9 @@ patterns the ports use, each of which has an exact (or float32-rounding) equival
 * ``pad`` of every axis (what ``F.pad`` of a 3-D tensor with 4 pads becomes): the oneDNN kernel
   swaps the pads as if the tensor were 2-D and writes past its output (heap corruption, crash or
   hang).  ``F.pad`` of a 4-D NCHW tensor (``pad3d``, last two axes) is fine.
-* ``square``: the oneDNN kernel writes its result over its input as well, so any other reader
-  of that input gets the squares (``c.square() + c`` comes out as ``2 * c**2``).  Write
-  ``c * c`` (the same float32 rounding).
+* ``square`` whose input has another reader: inplace_pass turns the oneDNN square into an
+  in-place one anyway, so the other reader gets the squares (``c.square() + c`` comes out as
+  ``2 * c**2``).  Write ``c * c`` (the same float32 rounding).
 * ``layer_norm`` on weights-only inputs: see ``TableLayerNorm``.
 """
 from __future__ import annotations
