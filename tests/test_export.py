@@ -7,7 +7,7 @@ import paddle
 import pytest
 
 from converter import convert, create_paddle_model
-from converter.export import RUNTIMES, export_model
+from converter.export import RUNTIMES, ExportReport, export_model
 
 from conftest import MAX_ABS_ERR, ONE_PER_FAMILY, assert_one_line_error, cli
 
@@ -61,6 +61,19 @@ def test_fixed_batch_and_a_failed_check_writes_nothing(official_checkpoint, tmp_
     assert [c["batch_size"] for c in report.checks] == [2] * len(RUNTIMES)
     assert all(c["max_abs_err"] <= MAX_ABS_ERR for c in report.checks)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pdparams"]
+
+
+def test_the_gate_scales_with_the_logits():
+    """max_err, times the dynamic model's largest |logit| where that exceeds 1: oneDNN's float32
+    rounding differs by ~1e-6 of the logits' magnitude, which trained classifiers put near 10."""
+    def report(err, logit):
+        check = {"runtime": RUNTIMES[-1], "batch_size": 1, "max_abs_err": err, "mean_abs_err": err / 10,
+                 "max_abs_logit": logit}
+        return ExportReport("m", "out", [None, 3, 224, 224], 1e-5, checks=[check])
+
+    assert report(5e-5, 10.0).passed and not report(2e-4, 10.0).passed
+    assert report(9e-6, 0.5).passed and not report(2e-5, 0.5).passed  # never looser than max_err itself
+    assert "FAIL" in report(2e-4, 10.0).format() and RUNTIMES[-1] in report(2e-4, 10.0).format()
 
 
 def _untraceable_forward(self, x):
