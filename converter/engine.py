@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
-from mappings.rules import Drop, Init, Rename, Transpose
+from mappings.rules import Drop, Init, Move, Recompute, Rename, Transpose
 
 from .errors import UserError
 from .lazy import transposed
@@ -42,10 +42,25 @@ class ConversionReport:
 
 
 def _split(rules: Iterable) -> tuple:
+    """(drops, renames, transposes); Move rules count as renames (both change the key)."""
     rules = tuple(rules)
     return ([r for r in rules if isinstance(r, Drop)],
-            [r for r in rules if isinstance(r, Rename)],
+            [r for r in rules if isinstance(r, (Move, Rename))],
             [r for r in rules if isinstance(r, Transpose)])
+
+
+def renamed_key(key: str, renames: Iterable) -> str:
+    """``key`` after the first matching Move (its module path) and then the first matching
+    Rename (its leaf); unchanged when none matches."""
+    moves = [r for r in renames if isinstance(r, Move)]
+    leaves = [r for r in renames if isinstance(r, Rename)]
+    for rule_set in (moves, leaves):
+        for rule in rule_set:
+            new = rule.forward(key)
+            if new is not None:
+                key = new
+                break
+    return key
 
 
 def target_key(key: str, rules: Iterable) -> Optional[str]:
@@ -53,11 +68,7 @@ def target_key(key: str, rules: Iterable) -> Optional[str]:
     drops, renames, _ = _split(rules)
     if any(d.matches(key) for d in drops):
         return None
-    for rename in renames:
-        new = rename.forward(key)
-        if new is not None:
-            return new
-    return key
+    return renamed_key(key, renames)
 
 
 def convert_state_dict(
@@ -65,10 +76,12 @@ def convert_state_dict(
     rules: Iterable,
     target_shapes: Mapping[str, tuple],
     allow_missing: Iterable[str] = (),
+    computed: Optional[Callable[[list], Mapping[str, np.ndarray]]] = None,
 ) -> tuple:
     """Apply ``rules`` to ``source``; check the result against ``target_shapes`` exactly.
 
-    ``allow_missing`` holds glob patterns of target keys that may stay unfilled, and whose
+    ``computed(keys)`` returns the target model's own values of the keys Recompute rules name
+    (buffers it computes when built).  ``allow_missing`` holds glob patterns of target keys that may stay unfilled, and whose
     source tensors may then be left over or differ in shape (e.g. ``head.*`` for a head with
     another class count).  Returns ``(state_dict, report)``; raises MappingError otherwise.
     """
@@ -90,13 +103,9 @@ def convert_state_dict(
                 failed_checks.append(f"{key}: {problem}")
             report.dropped[drop.reason] = report.dropped.get(drop.reason, 0) + 1
             continue
-        new_key = key
-        for rename in renames:
-            renamed = rename.forward(key)
-            if renamed is not None:
-                new_key = renamed
-                report.renamed += 1
-                break
+        new_key = renamed_key(key, renames)
+        if new_key != key:
+            report.renamed += 1
         if any(t.matches(key) for t in transposes):
             if np.ndim(value) != 2:
                 bad_transpose.append(f"{key} {tuple(np.shape(value))}")
@@ -123,6 +132,7 @@ def convert_state_dict(
 
     missing = [k for k in target_shapes if k not in out and k not in reported]
     missing = _initialise(missing, rules, target_shapes, out, report)
+    missing = _recompute(missing, rules, target_shapes, out, report, computed)
     report.allowed_missing = [k for k in missing if allowed(k)]
     missing = [k for k in missing if not allowed(k)]
 
@@ -151,6 +161,30 @@ def _initialise(missing: list, rules: Iterable, target_shapes: Mapping[str, tupl
     return still_missing
 
 
+def _recompute(missing: list, rules: Iterable, target_shapes: Mapping[str, tuple], out: dict,
+               report: ConversionReport, computed) -> list:
+    """Fill the missing keys a Recompute rule names with the target model's own value (shape
+    checked); return the keys still missing."""
+    rules = [r for r in rules if isinstance(r, Recompute)]
+    named = {key: next((r for r in rules if r.matches(key)), None) for key in missing}
+    wanted = [key for key, rule in named.items() if rule is not None]
+    if not wanted:
+        return missing
+    if computed is None:
+        raise UserError(f"{len(wanted)} key(s) the target model computes itself (e.g. {wanted[0]}) "
+                        f"need that model's values, which this conversion was not given")
+    values = computed(wanted)
+    for key in wanted:
+        value = np.asarray(values[key])
+        if tuple(value.shape) != tuple(target_shapes[key]):
+            raise UserError(f"{key}: the model computes shape {tuple(value.shape)}, the layout says "
+                            f"{tuple(target_shapes[key])}")
+        out[key] = value
+        reason = named[key].reason
+        report.initialised[reason] = report.initialised.get(reason, 0) + 1
+    return [key for key in missing if named[key] is None]
+
+
 def shapes_fit(source_shapes: Mapping[str, tuple], rules: Iterable, target_shapes: Mapping[str, tuple]) -> bool:
     """Whether a state dict with these key shapes converts cleanly (no tensors needed)."""
     rules = tuple(rules)
@@ -166,10 +200,14 @@ def shapes_fit(source_shapes: Mapping[str, tuple], rules: Iterable, target_shape
 def reverse_key(key: str, rules: Iterable) -> str:
     """The official torch key for a Paddle key (renames read backwards)."""
     _, renames, _ = _split(rules)
-    for rename in renames:
-        old = rename.backward(key)
-        if old is not None:
-            return old
+    moves = [r for r in renames if isinstance(r, Move)]
+    leaves = [r for r in renames if isinstance(r, Rename)]
+    for rule_set in (leaves, moves):  # undone in the opposite order: the leaf, then the module path
+        for rule in rule_set:
+            old = rule.backward(key)
+            if old is not None:
+                key = old
+                break
     return key
 
 
@@ -204,7 +242,10 @@ def reverse_state_dict(params: Mapping[str, np.ndarray], rules: Iterable,
     out: dict = {}
     unexpected, mismatched, bad_transpose = [], [], []
     reported = set()  # torch keys already named as a problem, not to be listed as missing too
+    recomputed = [r for r in rules if isinstance(r, Recompute)]
     for key, value in params.items():
+        if any(r.matches(key) for r in recomputed):
+            continue  # a buffer the Paddle model computes itself: the torch checkpoint never held it
         torch_key = reverse_key(key, rules)
         if targets.get(torch_key) != key:
             unexpected.append(key)  # no official key the table maps onto this one
