@@ -12,7 +12,7 @@ How it pairs (the rules a reviewer of a pair file can rely on):
 * Both models run one seeded batch with hooks; each unit's order is when its forward is first
   entered.  Layer units (conv / linear / norm / embedding) are paired in that order, each pair
   checked for the same kind, the same tensor shapes (a Linear weight compared transposed) and the
-  same output shape up to a permutation of axes (NCHW vs NHWC).  ``param`` units form a second
+  same output size (layouts differ: NCHW vs NHWC, (N, H*W, C) tokens).  ``param`` units form a second
   sequence, ordered by first entry of the owning module and then registration order (a module
   never called comes after those that were, by registration), paired the same way: the place a
   table lives relative to the layers may differ between implementations; its order of use not.
@@ -298,9 +298,10 @@ def _compatible(t: Unit, p: Unit) -> bool:
     return True
 
 
-def _shape_key(shape: tuple) -> list:
-    """An output shape up to axis order and size-1 axes (NCHW vs NHWC, (N, C, 1, 1) vs (N, C))."""
-    return sorted(d for d in shape if d != 1)
+def _shape_key(shape: tuple) -> int:
+    """An output's size: implementations lay the same activations out differently (NCHW vs NHWC,
+    (N, H, W, C) vs (N, H*W, C), (N, C, 1, 1) vs (N, C)); the tensor shapes are compared exactly."""
+    return int(np.prod(shape))
 
 
 def _never_ran(units: dict, framework: str) -> list:

@@ -249,6 +249,7 @@ def map_pair(torch_spec: str, paddle_spec: str, output, *, input_size: Optional[
     torch_model = build(t_ref, "torch")
     preprocessing = timm_preprocessing(torch_model) if t_ref.source == "timm" else None
     size = int(input_size or (preprocessing or DEFAULT_PREPROCESSING)["input_size"])
+    preprocessing = {**(preprocessing or DEFAULT_PREPROCESSING), "input_size": size}  # the crop is the input
     paddle_model = build(p_ref, "paddle")
     batch = np.random.default_rng(seed).standard_normal((1, 3, size, size), dtype=np.float32)
     t_units, p_units = torch_units(torch_model), paddle_units(paddle_model)
@@ -291,8 +292,8 @@ def pair_file_text(name, t_ref, p_ref, size, num_classes, preprocessing, rules, 
                             "checkpoint_entries": list(PAIR.checkpoint_entries)}),
         toml_table("torch", {"spec": t_ref.spec, "kwargs": t_ref.kwargs}),
         toml_table("paddle", {"spec": p_ref.spec, "kwargs": p_ref.kwargs}),
-        toml_table("preprocessing", {"source": "timm pretrained_cfg" if preprocessing else "default (ImageNet)",
-                                     **(preprocessing or DEFAULT_PREPROCESSING)},
+        toml_table("preprocessing", {"source": "timm pretrained_cfg" if t_ref.source == "timm" else "default (ImageNet)",
+                                     **preprocessing},
                    "Eval preprocessing (eval, verify --images, export's metadata)."),
         toml_table("rules", rules_to_toml(rules),
                    "moves: torch module path -> Paddle module path ({i} matches a number), applied before the\n"
