@@ -55,6 +55,7 @@ class Unit:
     order: Optional[int] = None  # when its forward was first entered (None: never ran)
     out_shape: Optional[tuple] = None
     input_id: Optional[int] = None  # identity of its first input tensor, to find siblings
+    output_id: Optional[int] = None  # identity of its first output tensor, to follow a conv into its norm
     registration: int = 0
 
     def canonical(self, name: str, framework: str) -> tuple:
@@ -231,7 +232,9 @@ def trace_torch(model, units: dict, batch: np.ndarray) -> None:
         def hook(module, args, output):
             if unit.out_shape is None:
                 first = _first_tensor(output, torch.Tensor)
+                keep.append(first)
                 unit.out_shape = tuple(first.shape) if first is not None else ()
+                unit.output_id = id(first) if first is not None else None
         return hook
 
     for unit in units.values():
@@ -265,7 +268,9 @@ def trace_paddle(model, units: dict, batch: np.ndarray) -> None:
         def hook(layer, args, output):
             if unit.out_shape is None:
                 first = _first_tensor(output, paddle.Tensor)
+                keep.append(first)
                 unit.out_shape = tuple(first.shape) if first is not None else ()
+                unit.output_id = id(first) if first is not None else None
         return hook
 
     for unit in units.values():
@@ -285,9 +290,39 @@ def _hand_snippet(lines: list) -> str:
     return "state it in the pair file's [hand] section and re-run map, e.g. " + "; ".join(lines)
 
 
-def _sequence(units: dict, layers: bool) -> list:
+def _sequence(units: dict, layers: bool, framework: str) -> list:
+    """Units in the order they ran, except where an implementation's choice of order is no part
+    of the network: units fed the same input tensor (parallel branches: RepVGG's 3x3 / 1x1, a
+    block's conv1 and its downsample) form one cluster at the first one's place, ordered inside by
+    their shapes and output size, each followed by the norm that takes its output directly.  Members of a cluster that cannot be told apart stay undecided (check_siblings)."""
     chosen = [u for u in units.values() if (u.kind in LAYER_KINDS) == layers]
-    return sorted(chosen, key=lambda u: (u.order is None, u.order if u.order is not None else 0, u.registration))
+    ran = [u for u in chosen if u.order is not None]
+    first: dict = {}
+    members: dict = {}
+    for u in ran:
+        if u.input_id is not None:
+            first[u.input_id] = min(first.get(u.input_id, u.order), u.order)
+            members[u.input_id] = members.get(u.input_id, 0) + 1
+    producer = {u.output_id: u for u in ran if u.output_id is not None}
+    keys: dict = {}
+
+    def key(u) -> tuple:
+        if u.path not in keys:
+            keys[u.path] = ((u.order, "", u.order),)  # provisional: guards against cycles
+            if layers and u.input_id is not None and members[u.input_id] > 1:
+                keys[u.path] = ((first[u.input_id], _sibling_key(u, framework), u.order),)
+            elif layers and u.kind == "norm" and u.input_id in producer:
+                parent = producer[u.input_id]  # a branch's norm goes with its conv / linear
+                if parent.kind in ("conv", "linear") and members.get(parent.input_id, 0) > 1:
+                    keys[u.path] = key(parent) + ((u.order, "", u.order),)
+        return keys[u.path]
+
+    never = sorted((u for u in chosen if u.order is None), key=lambda u: u.registration)
+    return sorted(ran, key=key) + never
+
+
+def _sibling_key(u: Unit, framework: str) -> str:
+    return repr((u.signature(framework), _shape_key(u.out_shape or ())))
 
 
 def _compatible(t: Unit, p: Unit) -> bool:
@@ -390,13 +425,13 @@ def _fused(one: Unit, others: list, other_side: str) -> Optional[str]:
 
 
 def check_siblings(pairs: list, hand_modules: set) -> None:
-    """Two units fed the same input with the same shapes: their call order is an implementation
-    detail, so order-based pairing cannot tell which is which."""
+    """Two units fed the same input with the same shapes and output size: their call order is an
+    implementation detail, so order-based pairing cannot tell which is which."""
     groups: dict = {}
     for t, p in pairs:
         if t.input_id is None or t.path in hand_modules:
             continue
-        groups.setdefault((t.input_id, t.signature("torch")), []).append((t, p))
+        groups.setdefault((t.input_id, _sibling_key(t, "torch")), []).append((t, p))
     for members in groups.values():
         if len(members) > 1:
             torch_paths = ", ".join(t.path for t, _ in members)
@@ -485,9 +520,9 @@ def derive_keymap(t_units: dict, p_units: dict, hand: HandEdits, torch_is_linear
             f"(first: {never[0].path}); " + _hand_snippet(['modules = [["<torch module>", "<paddle module>"]]',
                                                            'drops = [["<torch key>", "why"]]']),
             [u.describe("?") for u in never[:6]])
-    pairs = align(_sequence(t_units, True), _sequence(p_units, True), "layer")
+    pairs = align(_sequence(t_units, True, "torch"), _sequence(p_units, True, "paddle"), "layer")
     check_siblings(pairs, hand_modules)
-    pairs += align(_sequence(t_units, False), _sequence(p_units, False), "parameter-holding module")
+    pairs += align(_sequence(t_units, False, "torch"), _sequence(p_units, False, "paddle"), "parameter-holding module")
     for t, p in pairs:
         pair_tensors(t, p, keymap)
         keymap.unit_pairs.append((t.path, p.path))
@@ -725,7 +760,7 @@ def _templated_moves(modules: dict, keymap: KeyMap, full: list) -> list:
     chosen = []
     while remaining:
         best, best_covered = None, []
-        for template in {tpl for m in remaining for tpl in _templates(*m)}:
+        for template in sorted({tpl for m in remaining for tpl in _templates(*m)}):  # sorted: the same file every run
             move = Move(*template)
             covered = [m for m in remaining if move.forward(m[0]) == m[1] and depth(template[0]) == depth(m[0])]
             if len(covered) > len(best_covered) and _safe(move, pairs, owner_t, depth):
@@ -772,10 +807,10 @@ def _generalise_keys(keys: set, universe: set) -> list:
     that catches no other key, else the key itself."""
     patterns, left = [], set(keys)
     groups: dict = {}
-    for key in keys:
+    for key in sorted(keys):
         general = r"\.".join(r"\d+" if NUMBER.match(p) else re.escape(p) for p in key.split("."))
         groups.setdefault(f"^{general}$", []).append(key)
-    for pattern, members in sorted(groups.items(), key=lambda g: -len(g[1])):
+    for pattern, members in sorted(groups.items(), key=lambda g: (-len(g[1]), g[0])):
         regex = re.compile(pattern)
         if all(k in keys for k in universe if regex.search(k)):
             patterns.append(pattern)

@@ -20,10 +20,14 @@ NETS = textwrap.dedent('''
 
 
     class TorchNet(torch.nn.Module):
-        def __init__(self, width=8, mixer="proj", num_classes=10):
+        def __init__(self, width=8, mixer="proj", num_classes=10, branches=False):
             super().__init__()
             self.mixer = mixer
             self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, width, 3, 2, 1, bias=False), torch.nn.BatchNorm2d(width))
+            if branches:  # RepVGG-like: a 3x3 and a 1x1 branch on the same input, each with its BatchNorm
+                self.dense = torch.nn.Sequential(torch.nn.Conv2d(width, width, 3, 1, 1), torch.nn.BatchNorm2d(width))
+                self.point = torch.nn.Sequential(torch.nn.Conv2d(width, width, 1), torch.nn.BatchNorm2d(width))
+            self.branches = branches
             self.scale = torch.nn.Parameter(torch.ones(width))
             if mixer == "fused":
                 self.qkv = torch.nn.Linear(width, 3 * width)
@@ -35,7 +39,10 @@ NETS = textwrap.dedent('''
             self.head = torch.nn.Linear(width, num_classes)
 
         def forward(self, x):
-            x = (self.stem(x).relu() * self.scale[:, None, None]).mean((2, 3))
+            x = self.stem(x).relu()
+            if self.branches:
+                x = self.dense(x) + self.point(x)  # 3x3 first
+            x = (x * self.scale[:, None, None]).mean((2, 3))
             if self.mixer == "fused":
                 q, k, v = self.qkv(x).chunk(3, -1)
                 y = q * k + v
@@ -47,11 +54,15 @@ NETS = textwrap.dedent('''
 
 
     class PaddleNet(paddle.nn.Layer):
-        def __init__(self, width=8, mixer="proj", num_classes=10, extra=False, proj_bias=True):
+        def __init__(self, width=8, mixer="proj", num_classes=10, extra=False, proj_bias=True, branches=False):
             super().__init__()
             self.mixer = mixer
             self.conv = paddle.nn.Conv2D(3, width, 3, 2, 1, bias_attr=False)
             self.bn = paddle.nn.BatchNorm2D(width)
+            self.branches = branches
+            if branches:
+                self.b1x1, self.b1x1_bn = paddle.nn.Conv2D(width, width, 1), paddle.nn.BatchNorm2D(width)
+                self.b3x3, self.b3x3_bn = paddle.nn.Conv2D(width, width, 3, 1, 1), paddle.nn.BatchNorm2D(width)
             self.extra = paddle.nn.Conv2D(width, width, 1) if extra else None
             self.gamma = self.create_parameter([width], default_initializer=paddle.nn.initializer.Constant(1.0))
             if mixer == "siblings":
@@ -63,6 +74,8 @@ NETS = textwrap.dedent('''
 
         def forward(self, x):
             x = paddle.nn.functional.relu(self.bn(self.conv(x)))
+            if self.branches:
+                x = self.b1x1_bn(self.b1x1(x)) + self.b3x3_bn(self.b3x3(x))  # 1x1 first
             if self.extra is not None:
                 x = self.extra(x)
             x = (x * self.gamma[:, None, None]).mean((2, 3))
@@ -87,19 +100,12 @@ NETS = textwrap.dedent('''
 
 
 @pytest.fixture
-def nets(tmp_path, monkeypatch):
+def nets(tmp_path, monkeypatch, restore_registry):
     """The module ``pairnets`` importable; the registry restored after the test."""
-    from converter import registry
-
     (tmp_path / "pairnets.py").write_text(NETS)
     monkeypatch.syspath_prepend(str(tmp_path))
-    models, aliases = dict(registry.MODELS), dict(registry.ALIASES)
     yield tmp_path
     sys.modules.pop("pairnets", None)
-    registry.MODELS.clear()
-    registry.MODELS.update(models)
-    registry.ALIASES.clear()
-    registry.ALIASES.update(aliases)
 
 
 def run_map(capsys, torch_spec, paddle_spec, out, *extra):
@@ -158,6 +164,43 @@ def test_pair_through_reverse_diff_and_export(capsys, nets, tmp_path):
     code, out, err = cli(capsys, "export", pair, dst, tmp_path / "infer")
     assert code == 0, err
     assert (tmp_path / "infer" / "inference.pdiparams").is_file()
+
+
+def test_eval_runs_a_pair(capsys, nets, tmp_path):
+    from PIL import Image
+
+    pair = tmp_path / "tiny.toml"
+    assert run_map(capsys, "pairnets:torch_net", "pairnets:paddle_net", pair)[0] == 0
+    from converter.fixtures import make_official_checkpoint
+
+    ckpt = make_official_checkpoint(str(pair), tmp_path / "tiny.pth")
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "data" / label / f"{i}.png")
+    code, out, err = cli(capsys, "eval", pair, "--data", tmp_path / "data", "--torch-ckpt", ckpt, "--num-classes", "10",
+                         "--no-progress", "--workers", "0")
+    assert code == 0, err
+    assert "resize 36 bicubic, crop 32" in out and "4 evaluated" in out
+    assert "agreement    100.000% same top-1 class" in out
+
+
+def test_parallel_branches_pair_whatever_order_they_run_in(capsys, nets, tmp_path):
+    """A 3x3 and a 1x1 branch on the same input, run in the other order on the Paddle side: each
+    conv pairs by its shape, and each BatchNorm follows the conv whose output it takes (pairing the
+    norms by call order would swap them: same shapes, different statistics)."""
+    pair = tmp_path / "branches.toml"
+    code, out, err = run_map(capsys, "pairnets:torch_net(branches=True)", "pairnets:paddle_net(branches=True)", pair)
+    assert code == 0, err
+    moves = tomllib.loads(pair.read_text())["rules"]["moves"]
+    assert ["dense.0", "b3x3"] in moves and ["dense.1", "b3x3_bn"] in moves
+    assert ["point.0", "b1x1"] in moves and ["point.1", "b1x1_bn"] in moves
+    from converter.fixtures import make_official_checkpoint
+
+    ckpt = make_official_checkpoint(str(pair), tmp_path / "branches.pth")
+    code, out, err = cli(capsys, "verify", pair, "--torch-ckpt", ckpt, "--max-err", "1e-5")
+    assert code == 0, err
 
 
 def test_siblings_are_ambiguous_until_stated_by_hand(capsys, nets, tmp_path):
@@ -225,7 +268,7 @@ def test_pair_file_errors_are_one_line(capsys, nets, tmp_path):
 
 
 @pytest.mark.parametrize("name", ONE_PER_FAMILY)
-def test_map_rederives_the_builtin_tables(capsys, tmp_path, name):
+def test_map_rederives_the_builtin_tables(capsys, tmp_path, restore_registry, name):
     """map on a family's reference and Paddle factories: the same key pairs, transposes and drops
     as the hand-written table, over every key of the reference's state dict."""
     from converter.engine import target_key
