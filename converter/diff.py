@@ -152,10 +152,11 @@ def pair_modules_by_keys(torch_model, paddle_model, rules) -> tuple:
     module and a Paddle module are a pair when the mapping sends exactly the tensors under the one
     to exactly the tensors under the other (innermost first where several enclose the same set).
     Weightless modules are not paired: nothing ties a timm activation to a PaddleClas one."""
-    from mappings.rules import Recompute
+    from mappings.rules import Recompute, Split
 
     recomputed = [r for r in rules if isinstance(r, Recompute)]
-    torch_keys = {k: target_key(k, rules) for k in torch_model.state_dict()}
+    split = {r.source for r in rules if isinstance(r, Split)}  # one torch tensor in several modules: no pair
+    torch_keys = {k: None if k in split else target_key(k, rules) for k in torch_model.state_dict()}
     paddle_keys = [k for k in paddle_model.state_dict() if not any(r.matches(k) for r in recomputed)]
 
     def by_content(paths, keys_under) -> dict:

@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
-from mappings.rules import Drop, Init, Move, Recompute, Rename, Transpose
+from mappings.rules import Drop, Init, Move, Recompute, Rename, Split, Transpose
 
 from .errors import UserError
 from .lazy import transposed
@@ -64,11 +64,17 @@ def renamed_key(key: str, renames: Iterable) -> str:
 
 
 def target_key(key: str, rules: Iterable) -> Optional[str]:
-    """Where a source key goes, or None if a rule drops it (no tensor needed)."""
+    """Where a source key goes (a Split source: its first part), or None if a rule drops it."""
+    rules = tuple(rules)
     drops, renames, _ = _split(rules)
     if any(d.matches(key) for d in drops):
         return None
-    return renamed_key(key, renames)
+    split = _split_rule(key, rules)
+    return split.targets[0] if split else renamed_key(key, renames)
+
+
+def _split_rule(key: str, rules: Iterable) -> Optional[Split]:
+    return next((r for r in rules if isinstance(r, Split) and r.source == key), None)
 
 
 def convert_state_dict(
@@ -103,32 +109,27 @@ def convert_state_dict(
                 failed_checks.append(f"{key}: {problem}")
             report.dropped[drop.reason] = report.dropped.get(drop.reason, 0) + 1
             continue
-        new_key = renamed_key(key, renames)
-        if new_key != key:
-            report.renamed += 1
-        if any(t.matches(key) for t in transposes):
-            if np.ndim(value) != 2:
-                bad_transpose.append(f"{key} {tuple(np.shape(value))}")
-                continue
-            value = transposed(value)  # stays lazy for a lazily read checkpoint
-            report.transposed += 1
-        if new_key not in target_shapes:
-            if not allowed(new_key):
-                unexpected.append(key)
-            continue
-        if new_key in filled_by:
-            duplicated.append(f"{new_key} <- {filled_by[new_key]}, {key}")
-            continue
-        expected = tuple(target_shapes[new_key])
-        if tuple(np.shape(value)) != expected:
-            if not allowed(new_key):
-                mismatched.append(f"{key} {tuple(np.shape(value))} -> {new_key} expects {expected}")
-                reported.add(new_key)
-            continue
-        filled_by[new_key] = key
-        out[new_key] = value
-        report.converted += 1
-        report.num_parameters += int(np.size(value))
+        split = _split_rule(key, rules)
+        if split is not None:
+            parts = _split_parts(key, value, split, any(t.matches(key) for t in transposes), mismatched)
+            placements = list(zip(split.targets, parts))
+            report.renamed += len(placements)
+            if any(t.matches(key) for t in transposes):
+                report.transposed += len(placements)
+        else:
+            new_key = renamed_key(key, renames)
+            if new_key != key:
+                report.renamed += 1
+            if any(t.matches(key) for t in transposes):
+                if np.ndim(value) != 2:
+                    bad_transpose.append(f"{key} {tuple(np.shape(value))}")
+                    continue
+                value = transposed(value)  # stays lazy for a lazily read checkpoint
+                report.transposed += 1
+            placements = [(new_key, value)]
+        for new_key, value in placements:
+            _place(key, new_key, value, target_shapes, allowed, out, filled_by, report,
+                   unexpected, duplicated, mismatched, reported)
 
     missing = [k for k in target_shapes if k not in out and k not in reported]
     missing = _initialise(missing, rules, target_shapes, out, report)
@@ -144,6 +145,39 @@ def convert_state_dict(
     # Emit in the model's own order, so output files are deterministic and read naturally.
     ordered = {k: out[k] for k in target_shapes if k in out}
     return ordered, report
+
+
+def _place(key, new_key, value, target_shapes, allowed, out, filled_by, report, unexpected, duplicated,
+           mismatched, reported) -> None:
+    """Put one converted tensor at ``new_key``, or record why it does not fit there."""
+    if new_key not in target_shapes:
+        if not allowed(new_key):
+            unexpected.append(key)
+        return
+    if new_key in filled_by:
+        duplicated.append(f"{new_key} <- {filled_by[new_key]}, {key}")
+        return
+    expected = tuple(target_shapes[new_key])
+    if tuple(np.shape(value)) != expected:
+        if not allowed(new_key):
+            mismatched.append(f"{key} {tuple(np.shape(value))} -> {new_key} expects {expected}")
+            reported.add(new_key)
+        return
+    filled_by[new_key] = key
+    out[new_key] = value
+    report.converted += 1
+    report.num_parameters += int(np.size(value))
+
+
+def _split_parts(key: str, value, split: Split, linear: bool, mismatched: list) -> list:
+    """The parts of a Split source (each transposed for a Linear weight); [] when it cannot be cut."""
+    value = np.asarray(value)
+    n = len(split.targets)
+    if value.ndim <= split.axis or value.shape[split.axis] % n:
+        mismatched.append(f"{key} {tuple(value.shape)} cannot be cut into {n} equal parts along axis {split.axis}")
+        return []
+    parts = np.split(value, n, axis=split.axis)
+    return [np.ascontiguousarray(p.T) if linear and p.ndim == 2 else p for p in parts]
 
 
 def _initialise(missing: list, rules: Iterable, target_shapes: Mapping[str, tuple], out: dict,
@@ -223,6 +257,22 @@ def _raise_problems(what: str, groups) -> None:
     raise MappingError(f"{what}: {summary}", details, sum(len(items) for _, items in problems))
 
 
+def _join_splits(params: Mapping, rules: tuple, transposes: list, out: dict, report: ConversionReport) -> dict:
+    """Split rules read backwards: the parts concatenated into their source (in ``out``); returns
+    the Paddle tensors left to map one to one.  A part that is missing is left to be reported."""
+    left = dict(params)
+    for split in (r for r in rules if isinstance(r, Split)):
+        if not all(t in left for t in split.targets):
+            continue
+        linear = any(t.matches(split.source) for t in transposes)
+        parts = [np.asarray(left.pop(t)) for t in split.targets]
+        parts = [p.T if linear and p.ndim == 2 else p for p in parts]
+        out[split.source] = np.ascontiguousarray(np.concatenate(parts, axis=split.axis))
+        report.converted += 1
+        report.renamed += len(parts)
+    return left
+
+
 def reverse_state_dict(params: Mapping[str, np.ndarray], rules: Iterable,
                        reference_shapes: Mapping[str, tuple]) -> tuple:
     """The table read backwards: a Paddle state dict -> the official torch state dict.
@@ -237,12 +287,14 @@ def reverse_state_dict(params: Mapping[str, np.ndarray], rules: Iterable,
     """
     rules = tuple(rules)
     _, _, transposes = _split(rules)
-    targets = {k: target_key(k, rules) for k in reference_shapes}  # None: the table drops it
+    splits = {r.source for r in rules if isinstance(r, Split)}
+    targets = {k: target_key(k, rules) for k in reference_shapes if k not in splits}  # None: dropped
     report = ConversionReport()
     out: dict = {}
     unexpected, mismatched, bad_transpose = [], [], []
     reported = set()  # torch keys already named as a problem, not to be listed as missing too
     recomputed = [r for r in rules if isinstance(r, Recompute)]
+    params = _join_splits(params, rules, transposes, out, report)
     for key, value in params.items():
         if any(r.matches(key) for r in recomputed):
             continue  # a buffer the Paddle model computes itself: the torch checkpoint never held it
@@ -270,6 +322,12 @@ def reverse_state_dict(params: Mapping[str, np.ndarray], rules: Iterable,
     dropped = [k for k, target in targets.items() if target is None]
     missing = [target for k, target in targets.items() if target is not None and k not in out
                and k not in reported]  # named as the Paddle key that should have been there
+    for split in (r for r in rules if isinstance(r, Split) and r.source in reference_shapes):
+        if split.source not in out:
+            missing += [t for t in split.targets if t not in params]
+        elif tuple(out[split.source].shape) != tuple(reference_shapes[split.source]):
+            mismatched.append(f"{', '.join(split.targets)} joined {tuple(out[split.source].shape)} -> "
+                              f"{split.source} expects {tuple(reference_shapes[split.source])}")
     _raise_problems("Paddle weights do not match the torch reference", (
         ("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched),
         ("transpose rule on a non-2-D tensor", bad_transpose)))

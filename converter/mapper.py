@@ -36,11 +36,12 @@ import numpy as np
 
 from .errors import UserError
 from .engine import MappingError
-from mappings.rules import Drop, Move, Recompute, Rename, Transpose
+from mappings.rules import Drop, Move, Recompute, Rename, Split, Transpose
 
 ROLES = {"running_mean": "mean", "_mean": "mean", "running_var": "variance", "_variance": "variance"}
 STEP_COUNTER = "num_batches_tracked"
 LAYER_KINDS = ("conv", "linear", "norm", "embedding")
+NUMBER = re.compile(r"^\d+$")  # a numbered path component (Sequential / ModuleList index)
 
 
 @dataclass
@@ -80,10 +81,11 @@ class HandEdits:
     modules: list = field(default_factory=list)  # [[torch module path, paddle module path]]
     keys: list = field(default_factory=list)  # [[torch key, paddle key]]
     drops: list = field(default_factory=list)  # [[torch key, reason]]
+    splits: list = field(default_factory=list)  # [[torch key, [paddle keys]]]: cut along the torch axis 0
 
     @property
     def count(self) -> int:
-        return len(self.modules) + len(self.keys) + len(self.drops)
+        return len(self.modules) + len(self.keys) + len(self.drops) + len(self.splits)
 
     @classmethod
     def from_toml(cls, table: dict) -> "HandEdits":
@@ -93,7 +95,12 @@ class HandEdits:
                     isinstance(p, list) and len(p) == 2 and all(isinstance(s, str) for s in p) for p in value):
                 raise UserError(f"[hand] {name} must be a list of [\"...\", \"...\"] pairs")
             return [list(p) for p in value]
-        return cls(pairs("modules"), pairs("keys"), pairs("drops"))
+        splits = table.get("splits", [])
+        if not isinstance(splits, list) or not all(
+                isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], list)
+                and len(p[1]) > 1 and all(isinstance(t, str) for t in p[1]) for p in splits):
+            raise UserError('[hand] splits must be a list of ["torch key", ["paddle key", "paddle key", ...]]')
+        return cls(pairs("modules"), pairs("keys"), pairs("drops"), [[p[0], list(p[1])] for p in splits])
 
 
 @dataclass
@@ -105,6 +112,7 @@ class KeyMap:
     transposed: set = field(default_factory=set)  # torch keys (nn.Linear weights)
     drops: dict = field(default_factory=dict)  # torch key -> reason
     recomputed: dict = field(default_factory=dict)  # paddle key -> reason
+    splits: dict = field(default_factory=dict)  # torch key -> [paddle keys] (stated by hand)
     unit_pairs: list = field(default_factory=list)  # [(torch path, paddle path)]
 
 
@@ -339,7 +347,7 @@ def _shape_key(shape: tuple) -> int:
     return int(np.prod(shape))
 
 
-def _never_ran(units: dict, framework: str) -> list:
+def _never_ran(units: dict) -> list:
     return [u for u in units.values() if u.kind in LAYER_KINDS and u.order is None]
 
 
@@ -362,7 +370,7 @@ def _unpaired(extra: list, side: str, what: str) -> MappingError:
     return MappingError(
         f"{len(extra)} {side} {what} hold weights with no {other} counterpart "
         f"(first: {extra[0].path or '<model>'}); "
-        + _hand_snippet([f'keys = [["<torch key>", "<paddle key>"]]', f'drops = [["<torch key>", "why"]]']),
+        + _hand_snippet(['keys = [["<torch key>", "<paddle key>"]]', 'drops = [["<torch key>", "why"]]']),
         [f"{side}: {u.describe(side)}" for u in extra[:6]])
 
 
@@ -418,9 +426,12 @@ def _fused(one: Unit, others: list, other_side: str) -> Optional[str]:
         total += u.canonical("weight", other_side)[-1 if u.kind == "linear" else 0]
         if total == out_dim and len(run) > 1:
             parts = ", ".join(u.path for u in run)
-            return (f"fused vs separate: {side} {one.path} ({out_dim} outputs) is {other_side} {parts} "
-                    f"concatenated; splitting a tensor is not a rule yet: adapt the {other_side} model or pair "
-                    f"by hand in [hand] keys")
+            if side == "torch":
+                targets = ", ".join(f'"{_key(u.path, "weight")}"' for u in run)
+                how = _hand_snippet([f'splits = [["{_key(one.path, "weight")}", [{targets}]]] (and the biases alike)'])
+            else:
+                how = "joining several torch tensors into one Paddle tensor is not a rule: adapt one model"
+            return f"fused vs separate: {side} {one.path} ({out_dim} outputs) is {other_side} {parts} concatenated; {how}"
     return None
 
 
@@ -502,7 +513,7 @@ def _key(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def derive_keymap(t_units: dict, p_units: dict, hand: HandEdits, torch_is_linear=None) -> KeyMap:
+def derive_keymap(t_units: dict, p_units: dict, hand: HandEdits) -> KeyMap:
     """Pair the units of both models (hand edits first) and their tensors."""
     keymap = KeyMap()
     _apply_hand_keys(t_units, p_units, hand, keymap)
@@ -513,7 +524,7 @@ def derive_keymap(t_units: dict, p_units: dict, hand: HandEdits, torch_is_linear
         keymap.unit_pairs.append((t.path, p.path))
         hand_modules.add(t_path)
         del t_units[t_path], p_units[p_path]
-    never = _never_ran(t_units, "torch") + _never_ran(p_units, "paddle")
+    never = _never_ran(t_units) + _never_ran(p_units)
     if never:
         raise MappingError(
             f"{len(never)} module(s) hold weights but never ran in the forward, so nothing places them "
@@ -556,14 +567,25 @@ def _apply_hand_keys(t_units: dict, p_units: dict, hand: HandEdits, keymap: KeyM
     for t_key, reason in hand.drops:
         take(t_units, t_key, "torch")
         keymap.drops[t_key] = reason
+    for t_key, p_keys in hand.splits:
+        t = take(t_units, t_key, "torch")
+        for p_key in p_keys:
+            take(p_units, p_key, "paddle")
+        keymap.splits[t_key] = list(p_keys)
+        if t.is_linear and t_key.endswith(".weight"):
+            keymap.transposed.add(t_key)
 
 
 def check_complete(keymap: KeyMap, torch_keys: list, paddle_keys: list) -> None:
     """Every torch key paired or dropped, every Paddle key filled exactly once."""
-    unaccounted = [k for k in torch_keys if k not in keymap.pairs and k not in keymap.drops]
+    unaccounted = [k for k in torch_keys if k not in keymap.pairs and k not in keymap.drops
+                   and k not in keymap.splits]
     filled: dict = {}
     for t_key, p_key in keymap.pairs.items():
         filled.setdefault(p_key, []).append(t_key)
+    for t_key, p_keys in keymap.splits.items():
+        for p_key in p_keys:
+            filled.setdefault(p_key, []).append(t_key)
     twice = [f"{p} <- {', '.join(t)}" for p, t in filled.items() if len(t) > 1]
     unfilled = [k for k in paddle_keys if k not in filled and k not in keymap.recomputed]
     problems = [(label, items) for label, items in (("torch keys not paired", unaccounted),
@@ -615,8 +637,6 @@ def _walk_paddle(layer, prefix: str = ""):
             yield from _walk_paddle(child, f"{prefix}.{name}" if prefix else name)
 
 
-NUMBER = re.compile(r"^\d+$")
-
 
 # --- the key mapping as rules -----------------------------------------------------------------
 
@@ -632,15 +652,17 @@ def compress(keymap: KeyMap) -> tuple:
         k.endswith(STEP_COUNTER) for k in keymap.drops)
     renames = tuple(r for r in BATCHNORM if isinstance(r, Rename)) if bn else ()
     drops = _drop_rules(keymap, bn)
-    transposes = tuple(Transpose(p) for p in _generalise_keys(set(keymap.transposed), set(keymap.pairs)))
+    transposes = tuple(Transpose(p) for p in _generalise_keys(set(keymap.transposed),
+                                                               set(keymap.pairs) | set(keymap.splits)))
+    splits = tuple(Split(t, tuple(p)) for t, p in keymap.splits.items())
     recompute = _recompute_rules(keymap)
     full, modules = _split_moves(keymap, renames)
     for moves in (_templated_moves(modules, keymap, full), _exact_moves(modules), None):
         if moves is None:  # last resort: one rule per key, always exact
             moves = [Move(t, p) for t, p in keymap.pairs.items() if t != p]
-            rules = renames + tuple(moves) + transposes + drops + recompute
+            rules = renames + tuple(moves) + transposes + drops + recompute + splits
         else:
-            rules = renames + tuple(full) + tuple(moves) + transposes + drops + recompute
+            rules = renames + tuple(full) + tuple(moves) + transposes + drops + recompute + splits
         if reproduces(rules, keymap):
             return rules
     raise AssertionError("per-key rules always reproduce the key map")
@@ -655,6 +677,9 @@ def reproduces(rules: tuple, keymap: KeyMap) -> bool:
     for t_key, p_key in keymap.pairs.items():
         if target_key(t_key, rules) != p_key or reverse_key(p_key, rules) != t_key:
             return False
+        if any(r.matches(t_key) for r in transposes) != (t_key in keymap.transposed):
+            return False
+    for t_key in keymap.splits:
         if any(r.matches(t_key) for r in transposes) != (t_key in keymap.transposed):
             return False
     return all(target_key(t_key, rules) is None for t_key in keymap.drops)

@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from mappings.rules import Drop, Move, Recompute, Rename, Transpose
+from mappings.rules import Drop, Move, Recompute, Rename, Split, Transpose
 
 from .checkpoint import atomic_write
 from .errors import UserError
@@ -128,7 +128,7 @@ def pair_from_toml(data: dict, path: Optional[Path] = None) -> PairSpec:
 
 def rules_from_toml(rules: dict) -> tuple:
     """The [rules] table as rule objects, in the engine's order of precedence."""
-    unknown = set(rules) - {"renames", "moves", "transposes", "drops", "recompute"}
+    unknown = set(rules) - {"renames", "moves", "transposes", "drops", "recompute", "splits"}
     if unknown:
         raise ValueError(f"unknown [rules] entries: {', '.join(sorted(unknown))}")
     out = [Rename(*pair) for pair in rules.get("renames", [])]
@@ -136,6 +136,7 @@ def rules_from_toml(rules: dict) -> tuple:
     out += [Transpose(re.compile(p).pattern) for p in rules.get("transposes", [])]
     out += [Drop(re.compile(d["pattern"]).pattern, d["reason"]) for d in rules.get("drops", [])]
     out += [Recompute(re.compile(d["pattern"]).pattern, d["reason"]) for d in rules.get("recompute", [])]
+    out += [Split(d["source"], tuple(d["targets"]), int(d.get("axis", 0))) for d in rules.get("splits", [])]
     return tuple(out)
 
 
@@ -202,6 +203,8 @@ def rules_to_toml(rules: tuple) -> dict:
         "transposes": [r.pattern for r in rules if isinstance(r, Transpose)],
         "drops": [{"pattern": r.pattern, "reason": r.reason} for r in rules if isinstance(r, Drop)],
         "recompute": [{"pattern": r.pattern, "reason": r.reason} for r in rules if isinstance(r, Recompute)],
+        "splits": [{"source": r.source, "targets": list(r.targets), "axis": r.axis} for r in rules
+                   if isinstance(r, Split)],
     }
 
 
@@ -298,9 +301,10 @@ def pair_file_text(name, t_ref, p_ref, size, num_classes, preprocessing, rules, 
         toml_table("rules", rules_to_toml(rules),
                    "moves: torch module path -> Paddle module path ({i} matches a number), applied before the\n"
                    "tensor renames; transposes: nn.Linear weights (torch (out, in) -> Paddle (in, out));\n"
-                   "recompute: Paddle buffers no torch tensor fills, taken from the freshly built Paddle model."),
-        toml_table("hand", {"modules": hand.modules, "keys": hand.keys, "drops": hand.drops},
+                   "recompute: Paddle buffers no torch tensor fills, taken from the freshly built Paddle model;\n"
+                   "splits: one torch tensor cut into several Paddle ones (fused qkv against q, k, v)."),
+        toml_table("hand", {"modules": hand.modules, "keys": hand.keys, "drops": hand.drops, "splits": hand.splits},
                    "Hand edits: modules = [[torch module, paddle module]], keys = [[torch key, paddle key]],\n"
-                   "drops = [[torch key, reason]]."),
+                   "drops = [[torch key, reason]], splits = [[torch key, [paddle keys]]] (cut along torch axis 0)."),
     ]
     return "\n".join(parts)

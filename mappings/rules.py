@@ -84,6 +84,18 @@ def _move(key: str, pattern: str, replacement: str) -> Optional[str]:
 
 
 @dataclass(frozen=True)
+class Split:
+    """One source tensor is several target tensors: ``source`` (an exact key) is cut into
+    ``len(targets)`` equal parts along ``axis`` of the torch tensor, in order -- a fused qkv Linear
+    against separate q / k / v.  A part of a Linear weight (a Transpose rule matching ``source``)
+    is transposed like the whole.  Read backwards, the parts are concatenated again."""
+
+    source: str
+    targets: tuple
+    axis: int = 0
+
+
+@dataclass(frozen=True)
 class Transpose:
     """Source keys matching ``pattern`` are ``nn.Linear`` weights: torch (out, in) -> Paddle (in, out)."""
 
