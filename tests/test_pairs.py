@@ -273,6 +273,15 @@ def test_bad_specs_are_one_line(capsys, nets, tmp_path, torch_spec, fragment):
     assert not (tmp_path / "x.toml").exists()
 
 
+def test_map_keeps_no_file_it_cannot_read(capsys, nets, tmp_path):
+    """map rewrites a pair file keeping its [hand]; a file that is not TOML is refused, untouched."""
+    out_file = tmp_path / "notes.toml"
+    out_file.write_text("these are my notes, not TOML = = =\n")
+    code, out, err = run_map(capsys, "pairnets:torch_net", "pairnets:paddle_net", out_file)
+    assert_one_line_error(code, err, "exists and is not TOML")
+    assert out_file.read_text().startswith("these are my notes")
+
+
 def test_pair_file_errors_are_one_line(capsys, nets, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[pair\n")

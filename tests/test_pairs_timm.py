@@ -5,7 +5,6 @@ model loads the result with set_state_dict (nothing missing, nothing unexpected)
 abs logit error (batch 2, CPU float32) is within 1e-4 -- or, for a pair whose PaddleClas model is
 numerically another network, diff names the first divergent layer recorded here with its cause."""
 import tomllib
-from pathlib import Path
 
 import pytest
 
@@ -102,3 +101,16 @@ def test_timm_to_paddleclas(name, tmp_path, restore_registry):
 def _spec(side: dict) -> str:
     args = ", ".join(f"{k}={v!r}" for k, v in side.get("kwargs", {}).items())
     return side["spec"] + (f"({args})" if args else "")
+
+
+@pytest.mark.parametrize("torch_spec, paddle_spec, fragments", [
+    ("timm:convnxt_tiny", "paddleclas:ConvNeXt_tiny", ["timm has no model 'convnxt_tiny'", "did you mean", "convnext_tiny"]),
+    ("timm:convnext_tiny", "paddleclas:ConvNext_tiny", ["PaddleClas has no backbone 'ConvNext_tiny'", "ConvNeXt_tiny"]),
+    ("timm:convnext_tiny", "timm:convnext_tiny", ["timm:convnext_tiny: builds a torch model, but a paddle model is needed"]),
+])
+def test_unknown_names_are_one_line(capsys, tmp_path, torch_spec, paddle_spec, fragments):
+    from conftest import assert_one_line_error, cli
+
+    code, out, err = cli(capsys, "map", torch_spec, paddle_spec, "-o", tmp_path / "x.toml")
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "x.toml").exists()
