@@ -87,9 +87,9 @@ def convert_state_dict(
     """Apply ``rules`` to ``source``; check the result against ``target_shapes`` exactly.
 
     ``computed(keys)`` returns the target model's own values of the keys Recompute rules name
-    (buffers it computes when built).  ``allow_missing`` holds glob patterns of target keys that may stay unfilled, and whose
-    source tensors may then be left over or differ in shape (e.g. ``head.*`` for a head with
-    another class count).  Returns ``(state_dict, report)``; raises MappingError otherwise.
+    (buffers it computes when built).  ``allow_missing`` holds glob patterns of target keys that may
+    stay unfilled, and whose source tensors may then be left over or differ in shape (e.g.
+    ``head.*`` for a head with another class count).  Returns ``(state_dict, report)``; raises MappingError otherwise.
     """
     rules = tuple(rules)
     drops, renames, transposes = _split(rules)

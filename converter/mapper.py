@@ -302,7 +302,8 @@ def _sequence(units: dict, layers: bool, framework: str) -> list:
     """Units in the order they ran, except where an implementation's choice of order is no part
     of the network: units fed the same input tensor (parallel branches: RepVGG's 3x3 / 1x1, a
     block's conv1 and its downsample) form one cluster at the first one's place, ordered inside by
-    their shapes and output size, each followed by the norm that takes its output directly.  Members of a cluster that cannot be told apart stay undecided (check_siblings)."""
+    their shapes and output size, each followed by the norm that takes its output directly.
+    Members of a cluster that cannot be told apart stay undecided (check_siblings)."""
     chosen = [u for u in units.values() if (u.kind in LAYER_KINDS) == layers]
     ran = [u for u in chosen if u.order is not None]
     first: dict = {}
@@ -431,7 +432,8 @@ def _fused(one: Unit, others: list, other_side: str) -> Optional[str]:
                 how = _hand_snippet([f'splits = [["{_key(one.path, "weight")}", [{targets}]]] (and the biases alike)'])
             else:
                 how = "joining several torch tensors into one Paddle tensor is not a rule: adapt one model"
-            return f"fused vs separate: {side} {one.path} ({out_dim} outputs) is {other_side} {parts} concatenated; {how}"
+            return (f"fused vs separate: {side} {one.path} ({out_dim} outputs) is {other_side} {parts} "
+                    f"concatenated; {how}")
     return None
 
 
@@ -505,7 +507,8 @@ def pair_tensors(t: Unit, p: Unit, keymap: KeyMap) -> None:
     if t_names or p_names:
         left = [f"torch {_key(t.path, n)}" for n in t_names] + [f"paddle {_key(p.path, n)}" for n in p_names]
         raise MappingError(f"unpaired tensors in torch {t.path} / paddle {p.path}: {', '.join(left)}; "
-                           + _hand_snippet(['keys = [["<torch key>", "<paddle key>"]]', 'drops = [["<torch key>", "why"]]']),
+                           + _hand_snippet(['keys = [["<torch key>", "<paddle key>"]]',
+                                            'drops = [["<torch key>", "why"]]']),
                            [])
 
 

@@ -178,7 +178,8 @@ def test_eval_runs_a_pair(capsys, nets, tmp_path):
     for label in ("a", "b"):
         (tmp_path / "data" / label).mkdir(parents=True)
         for i in range(2):
-            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "data" / label / f"{i}.png")
+            image = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(image).save(tmp_path / "data" / label / f"{i}.png")
     code, out, err = cli(capsys, "eval", pair, "--data", tmp_path / "data", "--torch-ckpt", ckpt, "--num-classes", "10",
                          "--no-progress", "--workers", "0")
     assert code == 0, err
@@ -240,7 +241,8 @@ def test_fused_against_separate_qkv_until_split_by_hand(capsys, nets, tmp_path):
     code, out, err = run_map(capsys, *args)
     assert code == 0, err
     rules = tomllib.loads(pair.read_text())["rules"]
-    assert {"source": "qkv.weight", "targets": ["to_q.weight", "to_k.weight", "to_v.weight"], "axis": 0} in rules["splits"]
+    split = {"source": "qkv.weight", "targets": ["to_q.weight", "to_k.weight", "to_v.weight"], "axis": 0}
+    assert split in rules["splits"]
     assert r"^qkv\.weight$" in rules["transposes"]  # each part of a Linear weight is transposed like the whole
     from converter.fixtures import make_official_checkpoint
 

@@ -104,9 +104,11 @@ def _spec(side: dict) -> str:
 
 
 @pytest.mark.parametrize("torch_spec, paddle_spec, fragments", [
-    ("timm:convnxt_tiny", "paddleclas:ConvNeXt_tiny", ["timm has no model 'convnxt_tiny'", "did you mean", "convnext_tiny"]),
+    ("timm:convnxt_tiny", "paddleclas:ConvNeXt_tiny",
+     ["timm has no model 'convnxt_tiny'", "did you mean", "convnext_tiny"]),
     ("timm:convnext_tiny", "paddleclas:ConvNext_tiny", ["PaddleClas has no backbone 'ConvNext_tiny'", "ConvNeXt_tiny"]),
-    ("timm:convnext_tiny", "timm:convnext_tiny", ["timm:convnext_tiny: builds a torch model, but a paddle model is needed"]),
+    ("timm:convnext_tiny", "timm:convnext_tiny",
+     ["timm:convnext_tiny: builds a torch model, but a paddle model is needed"]),
 ])
 def test_unknown_names_are_one_line(capsys, tmp_path, torch_spec, paddle_spec, fragments):
     from conftest import assert_one_line_error, cli
