@@ -3,7 +3,9 @@ pairs/timm_paddleclas/, `map` re-derives exactly its rules (honouring its [hand]
 timm-format checkpoint (a bare state dict) with seeded random weights converts, PaddleClas's own
 model loads the result with set_state_dict (nothing missing, nothing unexpected), and verify's max
 abs logit error (batch 2, CPU float32) is within 1e-4 -- or, for a pair whose PaddleClas model is
-numerically another network, diff names the first divergent layer recorded here with its cause."""
+numerically another network, diff names the first divergent layer recorded here with its cause; or,
+for a seeded network so ill-conditioned that float32 alone exceeds 1e-4, within 3x timm's own
+float32-vs-float64 error."""
 import tomllib
 
 import pytest
@@ -45,10 +47,12 @@ DIVERGENT = {
         "the first block of stage 1 has stride 1 but a downsample: timm (like the official Res2Net) treats it as "
         "a stage's first block and feeds each split to its 3x3 conv alone; PaddleClas treats only stride-2 blocks "
         "so, and adds the previous split's output first"),
-    "levit_128s": (
-        "stages.2.blocks.0.attn.proj.ln.linear",
-        "not established: no single layer jumps; the error grows block by block from "
-        "stages.1.downsample.attn_downsample on (3.2e-5 at magnitude 16) to 2e-1 in stage 3"),
+}
+# Pairs that compute the same function but whose seeded network is so ill-conditioned that float32
+# rounding alone exceeds MAX_ERR: held to 3x the timm model's own float32-vs-float64 logit error.
+NOISE_FLOOR = {
+    "levit_128s": "attention logits grow through the stages (random Linear+BN weights): timm's own float32 "
+                  "forward differs from its float64 forward by ~1.4e-3; no single layer jumps",
 }
 
 PAIRS = sorted(p.stem for p in PAIR_DIR.glob("*.toml"))
@@ -87,7 +91,10 @@ def test_timm_to_paddleclas(name, tmp_path, restore_registry):
     assert (missing, unexpected) == ([], [])
 
     report = run_verify(name, ckpt, pdparams, batch_size=2)
-    if name in DIVERGENT:
+    if name in NOISE_FLOOR:
+        floor = _float32_noise(spec, ckpt)
+        assert report.max_abs_err > MAX_ERR and report.max_abs_err <= 3 * floor, (report.max_abs_err, floor)
+    elif name in DIVERGENT:
         from converter.diff import run_diff
 
         layer, cause = DIVERGENT[name]
@@ -96,6 +103,21 @@ def test_timm_to_paddleclas(name, tmp_path, restore_registry):
     else:
         assert report.max_abs_err <= MAX_ERR, report.format()
         assert report.top1_agreement == 1.0
+
+
+def _float32_noise(spec, ckpt) -> float:
+    """Max abs difference between the torch model's float32 and float64 logits on verify's batch."""
+    import torch
+
+    from converter.api import create_torch_model
+    from converter.verify import random_batch
+
+    model = create_torch_model(str(spec.path), ckpt)
+    batch = torch.from_numpy(random_batch(2, spec.input_size, 0))
+    with torch.no_grad():
+        single = model(batch).double()
+        double = model.double()(batch.double())
+    return float((single - double).abs().max())
 
 
 def _spec(side: dict) -> str:
