@@ -114,7 +114,8 @@ def convert_checkpoint(spec: ModelSpec, ckpt: Checkpoint, *, allow_missing: Iter
     rules = conversion_rules(spec, ckpt)
     _check_has_backbone(spec, ckpt, rules, shapes)
     try:
-        state_dict, report = convert_state_dict(ckpt.state_dict, rules, shapes, allow_missing)
+        state_dict, report = convert_state_dict(ckpt.state_dict, rules, shapes, allow_missing,
+                                                computed=getattr(spec, "computed_values", None))
         return (state_dict if lazy else materialize(state_dict)), report
     except MappingError as exc:
         if exc.count > len(shapes) // 10:  # not a few stray keys: maybe another model's checkpoint
@@ -128,6 +129,8 @@ def closest_model(state_dict: dict) -> Optional[str]:
     """The registered model whose keys and shapes ``state_dict`` fits exactly, if any."""
     source = {k: np.shape(v) for k, v in state_dict.items()}
     for spec in MODELS.values():
+        if not isinstance(spec, ModelSpec):
+            continue  # pair files and plug-ins: building their models to compare would cost seconds each
         try:
             if shapes_fit(source, spec.rules, paddle_target_shapes(spec)):
                 return spec.name

@@ -70,22 +70,48 @@ def cli():
 @cli.command("list")
 def list_models():
     """Every model, with parameter count and official eval preprocessing."""
-    from .registry import MODELS
+    from .registry import all_models
     from .api import count_parameters
     from .verify_all import table_lines
 
     rows = [("model", "family", "params", "eval preprocessing", "aliases")]
+    pair_rows = [("pair", "params", "torch -> paddle", "from")]
     dense_rows = [("dense backbone", "params", "out channels", "strides", "checkpoint", "reproduces", "config")]
-    for spec in MODELS.values():
+    for spec in all_models().values():
         params = f"{count_parameters(spec) / 1e6:.2f}M"
-        if spec.dense:
+        if getattr(spec, "torch_ref", None) is not None:  # a pair file (a plug-in's, or --pairs)
+            pair_rows.append((spec.name, params, spec.source, str(spec.path or "plug-in")))
+        elif spec.dense:
             d = spec.dense
             dense_rows.append((spec.name, params, "/".join(map(str, d.channels)), "/".join(map(str, d.strides)),
                                f"{d.framework} '{d.checkpoint_prefix}'", d.source, d.config))
         else:
             rows.append((spec.name, spec.family.name, params, spec.preprocessing.describe(), ", ".join(spec.aliases)))
-    for line in table_lines(rows) + [""] + table_lines(dense_rows):
+    lines = table_lines(rows) + [""] + table_lines(dense_rows)
+    if len(pair_rows) > 1:
+        lines += [""] + table_lines(pair_rows)
+    for line in lines:
         click.echo(line)
+
+
+@cli.command("map")
+@click.argument("torch_spec", metavar="TORCH")
+@click.argument("paddle_spec", metavar="PADDLE")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The pair file to write (PAIR.toml); an existing one's [hand] section is kept and honoured.")
+@click.option("--input-size", type=click.IntRange(16), default=None,
+              help="Input size N (N x N) the models run at (default: timm's pretrained_cfg, else 224).")
+@click.option("--name", default=None, help="The pair's model name (default: the file name without .toml).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def map_command(torch_spec, paddle_spec, output, input_size, name, seed):
+    """Derive the mapping between a torch model TORCH and a Paddle model PADDLE and write it as a
+    pair file.  Specs: timm:NAME, paddleclas:FACTORY, or package.module:callable, each optionally
+    with keyword arguments, e.g. 'mypkg.models:build(depth=4)'."""
+    from .extras import require_torch
+    from .pairs import map_pair
+
+    require_torch("torch2paddle map")
+    click.echo(map_pair(torch_spec, paddle_spec, output, input_size=input_size, name=name, seed=seed).summary())
 
 
 @cli.command()
@@ -188,6 +214,8 @@ paddle_params_option = click.option("--paddle-params", type=click.Path(dir_okay=
                    "default: seeded official-format checkpoints.")
 @click.option("--models", "patterns", multiple=True, metavar="GLOB",
               help="With --all: only models matching this glob, e.g. 'fcvit_*' (repeatable).")
+@click.option("--pairs", "pairs_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="With --all: verify the pair files (*.toml) in this directory instead of the registered models.")
 @with_checkpoint_options
 @option_group(verify_options)
 @click.option("--train", "train_steps", is_flag=True,
@@ -201,7 +229,7 @@ paddle_params_option = click.option("--paddle-params", type=click.Path(dir_okay=
               help="With --train: gate on each gradient's error relative to its RMS (or 3x the reference's own "
                    "float32 error, where that is larger).")
 @runs_both_frameworks
-def verify(model, torch_ckpt, paddle_params, all_models, ckpt_dir, patterns, ema, entry_key, unsafe_pickle,
+def verify(model, torch_ckpt, paddle_params, all_models, ckpt_dir, patterns, pairs_dir, ema, entry_key, unsafe_pickle,
            train_steps, steps, optimizer, lr, max_grad_err, **kwargs):
     """Run the torch reference and the Paddle model on the same batch and compare them."""
     checkpoint_kwargs = dict(ema=ema, key=entry_key, unsafe_pickle=unsafe_pickle)
@@ -215,9 +243,9 @@ def verify(model, torch_ckpt, paddle_params, all_models, ckpt_dir, patterns, ema
         if model or torch_ckpt or paddle_params:
             raise UserError("verify --all takes no MODEL, --torch-ckpt or --paddle-params "
                             "(choose models with --models GLOB, real checkpoints with --ckpt-dir DIR)")
-        _verify_all(ckpt_dir, patterns, **checkpoint_kwargs, **kwargs)
-    elif ckpt_dir or patterns:
-        raise UserError("--ckpt-dir and --models go with --all")
+        _verify_all(ckpt_dir, patterns, pairs_dir, **checkpoint_kwargs, **kwargs)
+    elif ckpt_dir or patterns or pairs_dir:
+        raise UserError("--ckpt-dir, --models and --pairs go with --all")
     elif not model or torch_ckpt is None:
         raise UserError("verify needs MODEL and --torch-ckpt (or --all to verify every registered model)")
     else:
@@ -272,7 +300,7 @@ def _locate_divergence(model, torch_ckpt, paddle_params, *, max_err, **kwargs):
     return first.torch if first else None
 
 
-def _verify_all(ckpt_dir, patterns, *, json_path=None, **kwargs):
+def _verify_all(ckpt_dir, patterns, pairs_dir, *, json_path=None, **kwargs):
     from .verify_all import verify_all
 
     def show(i, n, r):
@@ -280,7 +308,7 @@ def _verify_all(ckpt_dir, patterns, *, json_path=None, **kwargs):
             f"{'PASS' if r.passed else 'FAIL'}  max abs err {r.max_abs_err:.3e}")
         click.echo(f"[{i:>{len(str(n))}}/{n}] {r.name:<26}{outcome}  ({r.seconds:.1f} s)")
 
-    report = verify_all(ckpt_dir=ckpt_dir, patterns=patterns, on_result=show, **kwargs)
+    report = verify_all(ckpt_dir=ckpt_dir, patterns=patterns, pairs_dir=pairs_dir, on_result=show, **kwargs)
     click.echo("")
     click.echo(report.format())
     if json_path:

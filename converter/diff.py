@@ -27,7 +27,7 @@ import numpy as np
 
 from . import extras
 from .checkpoint import atomic_write, check_output_path
-from .engine import reverse_key
+from .engine import reverse_key, target_key
 from .errors import UserError
 from .verify import DEFAULT_MAX_ERR, Discrepancy, RunSetting, _Capture, _flatten, forward_both, prepare_run
 
@@ -147,6 +147,42 @@ def _enclosing(path: str) -> list:
     return [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
 
 
+def pair_modules_by_keys(torch_model, paddle_model, rules) -> tuple:
+    """Pairing for two implementations that need not share a module tree (a pair file's): a torch
+    module and a Paddle module are a pair when the mapping sends exactly the tensors under the one
+    to exactly the tensors under the other (innermost first where several enclose the same set).
+    Weightless modules are not paired: nothing ties a timm activation to a PaddleClas one."""
+    from mappings.rules import Recompute, Split
+
+    recomputed = [r for r in rules if isinstance(r, Recompute)]
+    split = {r.source for r in rules if isinstance(r, Split)}  # one torch tensor in several modules: no pair
+    torch_keys = {k: None if k in split else target_key(k, rules) for k in torch_model.state_dict()}
+    paddle_keys = [k for k in paddle_model.state_dict() if not any(r.matches(k) for r in recomputed)]
+
+    def by_content(paths, keys_under) -> dict:
+        groups: dict = {}
+        for path in paths:
+            content = frozenset(keys_under(path))
+            if content:
+                groups.setdefault(content, []).append(path)
+        return groups
+
+    t_paths = [p for p, _ in torch_model.named_modules() if p]
+    t_groups = by_content(t_paths, lambda m: (v for k, v in torch_keys.items() if v and _owner(k).startswith(m)
+                                              and (_owner(k) == m or _owner(k)[len(m)] == ".")))
+    p_groups = by_content([p for p, _ in paddle_model.named_sublayers()],
+                          lambda m: (k for k in paddle_keys if _owner(k) == m or _owner(k).startswith(m + ".")))
+    pairs = {}
+    for content, t_list in t_groups.items():
+        deepest_first = lambda paths: sorted(paths, key=lambda p: -p.count("."))  # noqa: E731
+        for t_path, p_path in zip(deepest_first(t_list), deepest_first(p_groups.get(content, []))):
+            pairs[t_path] = p_path
+    unpaired = [p for p in t_paths if p not in pairs and any(
+        v for k, v in torch_keys.items() if _owner(k) == p)]
+    order = {p: i for i, p in enumerate(t_paths)}
+    return dict(sorted(pairs.items(), key=lambda item: order[item[0]])), unpaired
+
+
 def pair_modules(torch_model, paddle_model, rules) -> tuple:
     """``({torch path: Paddle path}, [unpaired torch paths])``, in the torch model's module order.
 
@@ -183,6 +219,33 @@ def _has_state(torch_module) -> bool:
 
 # --- comparison -----------------------------------------------------------------------------
 
+def same_memory_layout(a: tuple, b: tuple) -> bool:
+    """Whether shapes ``a`` and ``b`` hold the same number of values and differ only by merging
+    adjacent axes or by size-1 axes, so that a reshape (never a transpose) maps one onto the other."""
+    a, b = [d for d in a if d != 1], [d for d in b if d != 1]
+    if int(np.prod(a)) != int(np.prod(b)):
+        return False
+    i = j = 0
+    while i < len(a) and j < len(b):
+        x, y = a[i], b[j]
+        i, j = i + 1, j + 1
+        if x < y:  # axes of ``a`` merge into one of ``b``'s
+            while x < y and i < len(a):
+                x, i = x * a[i], i + 1
+        elif y < x:
+            while y < x and j < len(b):
+                y, j = y * b[j], j + 1
+        if x != y:
+            return False
+    return i == len(a) and j == len(b)
+
+
+def _fused_relu(expected: list, actual: list) -> bool:
+    """The first output has negative values and the second none: a ReLU fused into the second."""
+    floats = [(a, b) for a, b in zip(expected, actual) if a.size and a.dtype.kind == "f"]
+    return bool(floats) and all(float(a.min()) < 0 <= float(b.min()) for a, b in floats)
+
+
 def compare_outputs(expected: Optional[list], actual: list) -> dict:
     """max / mean abs error and max |torch output| over one call's output tensors, or a note
     saying why they cannot be compared."""
@@ -190,13 +253,28 @@ def compare_outputs(expected: Optional[list], actual: list) -> dict:
         return {"note": "the torch module made no such call"}
     t_shapes = [tuple(a.shape) for a in expected]
     p_shapes = [tuple(a.shape) for a in actual]
+    if len(t_shapes) == len(p_shapes) and all(map(same_memory_layout, t_shapes, p_shapes)):
+        # (N, H, W, C) against (N, H*W, C), (N, C, 1, 1) against (N, C): the same values in the
+        # same order, as two implementations (a pair file's) may shape them.
+        actual = [b.reshape(a.shape) for a, b in zip(expected, actual)]
+        p_shapes = t_shapes
     if t_shapes != p_shapes:
         return {"note": f"outputs differ in structure: torch {t_shapes} vs paddle {p_shapes}"}
+    relu_note = ""
+    if _fused_relu(expected, actual):
+        # PaddleClas's BatchNorm(act="relu") and the like end in the activation the torch model
+        # runs as a module of its own: compare with the torch output after ReLU, and say so.
+        expected = [np.maximum(a, 0) for a in expected]
+        relu_note = "compared after ReLU: the Paddle layer applies the activation itself"
+    elif _fused_relu(actual, expected):  # timm's BatchNormAct2d against a plain BatchNorm
+        actual = [np.maximum(b, 0) for b in actual]
+        relu_note = "compared after ReLU: the torch layer applies the activation itself"
     # Integer and boolean outputs are discrete choices (top-k indices, masks): an error size means
     # nothing there, so they are counted as differing elements instead.
     pairs = [(a, b) for a, b in zip(expected, actual) if a.size and a.dtype.kind == "f"]
     changed = sum(int(np.count_nonzero(a != b)) for a, b in zip(expected, actual) if a.dtype.kind != "f")
     note = f"{changed} integer/boolean output elements differ" if changed else ""
+    note = "; ".join(n for n in (note, relu_note) if n)
     if not pairs:
         return {"note": note or "no floating-point output"}
     parts = [Discrepancy.between(a, b) for a, b in pairs]
@@ -324,7 +402,9 @@ def run_diff(name: str, torch_ckpt, paddle_params=None, *, tol: float = DEFAULT_
                            input_size=input_size, seed=seed, device=device, ema=ema, key=key,
                            unsafe_pickle=unsafe_pickle, num_classes=num_classes)
     torch_model, paddle_model = prepared.pair.torch_model, prepared.pair.paddle_model
-    pairs, unpaired = pair_modules(torch_model, paddle_model, prepared.spec.rules)
+    # Built-in ports keep the reference's module tree; a pair file's two models need not.
+    pairing = pair_modules_by_keys if getattr(prepared.spec, "torch_ref", None) else pair_modules
+    pairs, unpaired = pairing(torch_model, paddle_model, prepared.spec.rules)
     if backward:
         labels = np.random.default_rng(seed + 1).integers(0, num_classes, size=prepared.batch.shape[0])
         layers, logits = layer_gradient_errors(torch_model, paddle_model, pairs, prepared.batch,

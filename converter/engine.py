@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
-from mappings.rules import Drop, Init, Rename, Transpose
+from mappings.rules import Drop, Init, Move, Recompute, Rename, Split, Transpose
 
 from .errors import UserError
 from .lazy import transposed
@@ -42,22 +42,39 @@ class ConversionReport:
 
 
 def _split(rules: Iterable) -> tuple:
+    """(drops, renames, transposes); Move rules count as renames (both change the key)."""
     rules = tuple(rules)
     return ([r for r in rules if isinstance(r, Drop)],
-            [r for r in rules if isinstance(r, Rename)],
+            [r for r in rules if isinstance(r, (Move, Rename))],
             [r for r in rules if isinstance(r, Transpose)])
 
 
+def renamed_key(key: str, renames: Iterable) -> str:
+    """``key`` after the first matching Move (its module path) and then the first matching
+    Rename (its leaf); unchanged when none matches."""
+    moves = [r for r in renames if isinstance(r, Move)]
+    leaves = [r for r in renames if isinstance(r, Rename)]
+    for rule_set in (moves, leaves):
+        for rule in rule_set:
+            new = rule.forward(key)
+            if new is not None:
+                key = new
+                break
+    return key
+
+
 def target_key(key: str, rules: Iterable) -> Optional[str]:
-    """Where a source key goes, or None if a rule drops it (no tensor needed)."""
+    """Where a source key goes (a Split source: its first part), or None if a rule drops it."""
+    rules = tuple(rules)
     drops, renames, _ = _split(rules)
     if any(d.matches(key) for d in drops):
         return None
-    for rename in renames:
-        new = rename.forward(key)
-        if new is not None:
-            return new
-    return key
+    split = _split_rule(key, rules)
+    return split.targets[0] if split else renamed_key(key, renames)
+
+
+def _split_rule(key: str, rules: Iterable) -> Optional[Split]:
+    return next((r for r in rules if isinstance(r, Split) and r.source == key), None)
 
 
 def convert_state_dict(
@@ -65,12 +82,14 @@ def convert_state_dict(
     rules: Iterable,
     target_shapes: Mapping[str, tuple],
     allow_missing: Iterable[str] = (),
+    computed: Optional[Callable[[list], Mapping[str, np.ndarray]]] = None,
 ) -> tuple:
     """Apply ``rules`` to ``source``; check the result against ``target_shapes`` exactly.
 
-    ``allow_missing`` holds glob patterns of target keys that may stay unfilled, and whose
-    source tensors may then be left over or differ in shape (e.g. ``head.*`` for a head with
-    another class count).  Returns ``(state_dict, report)``; raises MappingError otherwise.
+    ``computed(keys)`` returns the target model's own values of the keys Recompute rules name
+    (buffers it computes when built).  ``allow_missing`` holds glob patterns of target keys that may
+    stay unfilled, and whose source tensors may then be left over or differ in shape (e.g.
+    ``head.*`` for a head with another class count).  Returns ``(state_dict, report)``; raises MappingError otherwise.
     """
     rules = tuple(rules)
     drops, renames, transposes = _split(rules)
@@ -90,39 +109,31 @@ def convert_state_dict(
                 failed_checks.append(f"{key}: {problem}")
             report.dropped[drop.reason] = report.dropped.get(drop.reason, 0) + 1
             continue
-        new_key = key
-        for rename in renames:
-            renamed = rename.forward(key)
-            if renamed is not None:
-                new_key = renamed
+        split = _split_rule(key, rules)
+        if split is not None:
+            parts = _split_parts(key, value, split, any(t.matches(key) for t in transposes), mismatched)
+            placements = list(zip(split.targets, parts))
+            report.renamed += len(placements)
+            if any(t.matches(key) for t in transposes):
+                report.transposed += len(placements)
+        else:
+            new_key = renamed_key(key, renames)
+            if new_key != key:
                 report.renamed += 1
-                break
-        if any(t.matches(key) for t in transposes):
-            if np.ndim(value) != 2:
-                bad_transpose.append(f"{key} {tuple(np.shape(value))}")
-                continue
-            value = transposed(value)  # stays lazy for a lazily read checkpoint
-            report.transposed += 1
-        if new_key not in target_shapes:
-            if not allowed(new_key):
-                unexpected.append(key)
-            continue
-        if new_key in filled_by:
-            duplicated.append(f"{new_key} <- {filled_by[new_key]}, {key}")
-            continue
-        expected = tuple(target_shapes[new_key])
-        if tuple(np.shape(value)) != expected:
-            if not allowed(new_key):
-                mismatched.append(f"{key} {tuple(np.shape(value))} -> {new_key} expects {expected}")
-                reported.add(new_key)
-            continue
-        filled_by[new_key] = key
-        out[new_key] = value
-        report.converted += 1
-        report.num_parameters += int(np.size(value))
+            if any(t.matches(key) for t in transposes):
+                if np.ndim(value) != 2:
+                    bad_transpose.append(f"{key} {tuple(np.shape(value))}")
+                    continue
+                value = transposed(value)  # stays lazy for a lazily read checkpoint
+                report.transposed += 1
+            placements = [(new_key, value)]
+        for new_key, value in placements:
+            _place(key, new_key, value, target_shapes, allowed, out, filled_by, report,
+                   unexpected, duplicated, mismatched, reported)
 
     missing = [k for k in target_shapes if k not in out and k not in reported]
     missing = _initialise(missing, rules, target_shapes, out, report)
+    missing = _recompute(missing, rules, target_shapes, out, report, computed)
     report.allowed_missing = [k for k in missing if allowed(k)]
     missing = [k for k in missing if not allowed(k)]
 
@@ -134,6 +145,39 @@ def convert_state_dict(
     # Emit in the model's own order, so output files are deterministic and read naturally.
     ordered = {k: out[k] for k in target_shapes if k in out}
     return ordered, report
+
+
+def _place(key, new_key, value, target_shapes, allowed, out, filled_by, report, unexpected, duplicated,
+           mismatched, reported) -> None:
+    """Put one converted tensor at ``new_key``, or record why it does not fit there."""
+    if new_key not in target_shapes:
+        if not allowed(new_key):
+            unexpected.append(key)
+        return
+    if new_key in filled_by:
+        duplicated.append(f"{new_key} <- {filled_by[new_key]}, {key}")
+        return
+    expected = tuple(target_shapes[new_key])
+    if tuple(np.shape(value)) != expected:
+        if not allowed(new_key):
+            mismatched.append(f"{key} {tuple(np.shape(value))} -> {new_key} expects {expected}")
+            reported.add(new_key)
+        return
+    filled_by[new_key] = key
+    out[new_key] = value
+    report.converted += 1
+    report.num_parameters += int(np.size(value))
+
+
+def _split_parts(key: str, value, split: Split, linear: bool, mismatched: list) -> list:
+    """The parts of a Split source (each transposed for a Linear weight); [] when it cannot be cut."""
+    value = np.asarray(value)
+    n = len(split.targets)
+    if value.ndim <= split.axis or value.shape[split.axis] % n:
+        mismatched.append(f"{key} {tuple(value.shape)} cannot be cut into {n} equal parts along axis {split.axis}")
+        return []
+    parts = np.split(value, n, axis=split.axis)
+    return [np.ascontiguousarray(p.T) if linear and p.ndim == 2 else p for p in parts]
 
 
 def _initialise(missing: list, rules: Iterable, target_shapes: Mapping[str, tuple], out: dict,
@@ -151,6 +195,30 @@ def _initialise(missing: list, rules: Iterable, target_shapes: Mapping[str, tupl
     return still_missing
 
 
+def _recompute(missing: list, rules: Iterable, target_shapes: Mapping[str, tuple], out: dict,
+               report: ConversionReport, computed) -> list:
+    """Fill the missing keys a Recompute rule names with the target model's own value (shape
+    checked); return the keys still missing."""
+    rules = [r for r in rules if isinstance(r, Recompute)]
+    named = {key: next((r for r in rules if r.matches(key)), None) for key in missing}
+    wanted = [key for key, rule in named.items() if rule is not None]
+    if not wanted:
+        return missing
+    if computed is None:
+        raise UserError(f"{len(wanted)} key(s) the target model computes itself (e.g. {wanted[0]}) "
+                        f"need that model's values, which this conversion was not given")
+    values = computed(wanted)
+    for key in wanted:
+        value = np.asarray(values[key])
+        if tuple(value.shape) != tuple(target_shapes[key]):
+            raise UserError(f"{key}: the model computes shape {tuple(value.shape)}, the layout says "
+                            f"{tuple(target_shapes[key])}")
+        out[key] = value
+        reason = named[key].reason
+        report.initialised[reason] = report.initialised.get(reason, 0) + 1
+    return [key for key in missing if named[key] is None]
+
+
 def shapes_fit(source_shapes: Mapping[str, tuple], rules: Iterable, target_shapes: Mapping[str, tuple]) -> bool:
     """Whether a state dict with these key shapes converts cleanly (no tensors needed)."""
     rules = tuple(rules)
@@ -166,10 +234,14 @@ def shapes_fit(source_shapes: Mapping[str, tuple], rules: Iterable, target_shape
 def reverse_key(key: str, rules: Iterable) -> str:
     """The official torch key for a Paddle key (renames read backwards)."""
     _, renames, _ = _split(rules)
-    for rename in renames:
-        old = rename.backward(key)
-        if old is not None:
-            return old
+    moves = [r for r in renames if isinstance(r, Move)]
+    leaves = [r for r in renames if isinstance(r, Rename)]
+    for rule_set in (leaves, moves):  # undone in the opposite order: the leaf, then the module path
+        for rule in rule_set:
+            old = rule.backward(key)
+            if old is not None:
+                key = old
+                break
     return key
 
 
@@ -183,6 +255,22 @@ def _raise_problems(what: str, groups) -> None:
     details = [f"{label} ({len(items)}): " + ", ".join(items[:6]) + (", ..." if len(items) > 6 else "")
                for label, items in problems]
     raise MappingError(f"{what}: {summary}", details, sum(len(items) for _, items in problems))
+
+
+def _join_splits(params: Mapping, rules: tuple, transposes: list, out: dict, report: ConversionReport) -> dict:
+    """Split rules read backwards: the parts concatenated into their source (in ``out``); returns
+    the Paddle tensors left to map one to one.  A part that is missing is left to be reported."""
+    left = dict(params)
+    for split in (r for r in rules if isinstance(r, Split)):
+        if not all(t in left for t in split.targets):
+            continue
+        linear = any(t.matches(split.source) for t in transposes)
+        parts = [np.asarray(left.pop(t)) for t in split.targets]
+        parts = [p.T if linear and p.ndim == 2 else p for p in parts]
+        out[split.source] = np.ascontiguousarray(np.concatenate(parts, axis=split.axis))
+        report.converted += 1
+        report.renamed += len(parts)
+    return left
 
 
 def reverse_state_dict(params: Mapping[str, np.ndarray], rules: Iterable,
@@ -199,12 +287,17 @@ def reverse_state_dict(params: Mapping[str, np.ndarray], rules: Iterable,
     """
     rules = tuple(rules)
     _, _, transposes = _split(rules)
-    targets = {k: target_key(k, rules) for k in reference_shapes}  # None: the table drops it
+    splits = {r.source for r in rules if isinstance(r, Split)}
+    targets = {k: target_key(k, rules) for k in reference_shapes if k not in splits}  # None: dropped
     report = ConversionReport()
     out: dict = {}
     unexpected, mismatched, bad_transpose = [], [], []
     reported = set()  # torch keys already named as a problem, not to be listed as missing too
+    recomputed = [r for r in rules if isinstance(r, Recompute)]
+    params = _join_splits(params, rules, transposes, out, report)
     for key, value in params.items():
+        if any(r.matches(key) for r in recomputed):
+            continue  # a buffer the Paddle model computes itself: the torch checkpoint never held it
         torch_key = reverse_key(key, rules)
         if targets.get(torch_key) != key:
             unexpected.append(key)  # no official key the table maps onto this one
@@ -229,6 +322,12 @@ def reverse_state_dict(params: Mapping[str, np.ndarray], rules: Iterable,
     dropped = [k for k, target in targets.items() if target is None]
     missing = [target for k, target in targets.items() if target is not None and k not in out
                and k not in reported]  # named as the Paddle key that should have been there
+    for split in (r for r in rules if isinstance(r, Split) and r.source in reference_shapes):
+        if split.source not in out:
+            missing += [t for t in split.targets if t not in params]
+        elif tuple(out[split.source].shape) != tuple(reference_shapes[split.source]):
+            mismatched.append(f"{', '.join(split.targets)} joined {tuple(out[split.source].shape)} -> "
+                              f"{split.source} expects {tuple(reference_shapes[split.source])}")
     _raise_problems("Paddle weights do not match the torch reference", (
         ("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched),
         ("transpose rule on a non-2-D tensor", bad_transpose)))

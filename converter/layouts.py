@@ -44,6 +44,8 @@ def paddle_skeleton(spec: ModelSpec, num_classes: int = 1000, img_size: Optional
     """The Paddle model built under ``paddle.LazyGuard``: names and shapes, no weights initialised."""
     import paddle
 
+    if not getattr(spec, "builds_lazily", True):  # pair files: others' models may not build under LazyGuard
+        return spec.create_paddle(num_classes=num_classes, img_size=img_size)
     with paddle.LazyGuard():
         return spec.create_paddle(num_classes=num_classes, img_size=img_size)
 

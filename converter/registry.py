@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -277,8 +278,83 @@ for _spec in _CLASSIFIERS + DENSE_MODELS:
 ALIASES = {alias: spec.name for spec in MODELS.values() for alias in spec.aliases}
 
 
+PLUGIN_GROUP = "torch2paddle.models"
+_plugins_loaded = False
+
+
+def register(spec) -> None:
+    """Add a spec with ``ModelSpec``'s interface (a pair file's ``PairSpec``, a plug-in's own) to
+    ``MODELS``.  A built-in model's name cannot be taken; a pair loaded again replaces itself."""
+    current = MODELS.get(spec.name)
+    if current is not None and current is not spec:
+        if isinstance(current, ModelSpec) or getattr(current, "path", None) != getattr(spec, "path", None):
+            where = getattr(current, "path", None) or "built in"
+            raise UserError(f"model name '{spec.name}' is taken ({where}); give the pair another name "
+                            f"([pair] name = ...)")
+    MODELS[spec.name] = spec
+    for alias in getattr(spec, "aliases", ()):
+        ALIASES[alias] = spec.name
+
+
+def register_pairs(path) -> list:
+    """Register a pair file, or every ``*.toml`` in a directory; returns their specs."""
+    from pathlib import Path
+
+    from .pairs import load_pair_file
+
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.toml"))
+        if not files:
+            raise UserError(f"{path}: no pair files (*.toml) in this directory")
+    else:
+        files = [path]
+    specs = [load_pair_file(f) for f in files]
+    for spec in specs:
+        register(spec)
+    return specs
+
+
+def load_plugins(refresh: bool = False) -> None:
+    """Register what installed packages offer under the ``torch2paddle.models`` entry point: each
+    entry point names a callable (or a value) giving an iterable of pair-file paths, directories of
+    pair files, or spec objects with ``ModelSpec``'s interface."""
+    global _plugins_loaded
+    if _plugins_loaded and not refresh:
+        return
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            offered = ep.load()
+            items = offered() if callable(offered) else offered
+            for item in items:
+                if isinstance(item, (str, os.PathLike)):
+                    register_pairs(item)
+                else:
+                    register(item)
+        except UserError as exc:
+            raise UserError(f"plug-in '{ep.name}' ({ep.value}): {exc}") from None
+        except Exception as exc:
+            raise UserError(f"plug-in '{ep.name}' ({ep.value}) failed: {type(exc).__name__}: {exc}") from None
+
+
+def all_models() -> dict:
+    """``MODELS`` with the plug-ins' entries."""
+    load_plugins()
+    return MODELS
+
+
 def get_spec(name: str) -> ModelSpec:
-    """The spec for a model name or alias; unknown names get close suggestions."""
+    """The spec for a model name or alias, or a pair file (``*.toml``); unknown names get close
+    suggestions."""
+    if str(name).endswith(".toml"):
+        return register_pairs(name)[0]
+    canonical = ALIASES.get(name, name)
+    if canonical in MODELS:
+        return MODELS[canonical]
+    load_plugins()
     canonical = ALIASES.get(name, name)
     if canonical in MODELS:
         return MODELS[canonical]

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 from .checkpoint import SAFETENSORS_SUFFIX, TORCH_SUFFIXES
 from .errors import UserError, one_line
-from .registry import MODELS, ModelSpec
+from .registry import ModelSpec, all_models, register_pairs
 from .verify import DEFAULT_MAX_ERR
 
 SEEDED = "seeded official-format (random weights)"
@@ -77,11 +77,15 @@ def table_lines(rows: list) -> list:
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
 
 
-def select_models(patterns=()) -> list:
-    """Registered models whose name or alias matches any glob (all of them without globs)."""
+def select_models(patterns=(), pairs_dir=None) -> list:
+    """Registered models (plug-ins' included) whose name or alias matches any glob (all of them
+    without globs).  With ``pairs_dir``, its pair files are registered and chosen from instead."""
+    models = all_models()
+    if pairs_dir is not None:
+        models = {spec.name: spec for spec in register_pairs(pairs_dir)}
     if not patterns:
-        return list(MODELS.values())
-    chosen = [spec for spec in MODELS.values()
+        return list(models.values())
+    chosen = [spec for spec in models.values()
               if any(fnmatch.fnmatchcase(n, p) for p in patterns for n in (spec.name, *spec.aliases))]
     if not chosen:
         raise UserError(f"--models {' '.join(patterns)}: matches no registered model "
@@ -128,13 +132,13 @@ def verify_one(spec: ModelSpec, checkpoint: Optional[Path], workdir: Path, max_e
     return result
 
 
-def verify_all(*, ckpt_dir=None, patterns=(), max_err: float = DEFAULT_MAX_ERR,
+def verify_all(*, ckpt_dir=None, patterns=(), pairs_dir=None, max_err: float = DEFAULT_MAX_ERR,
                on_result: Callable[[int, int, ModelResult], None] = lambda i, n, r: None,
                **verify_kwargs) -> ZooReport:
     """Verify every selected model; ``verify_kwargs`` go to ``run_verify`` (batch_size, images,
     input_size, seed, device, ema, key, unsafe_pickle)."""
     start = time.perf_counter()
-    specs = select_models(patterns)
+    specs = select_models(patterns, pairs_dir)
     report = ZooReport(max_err)
     checkpoints = {spec.name: None for spec in specs}
     if ckpt_dir is not None:

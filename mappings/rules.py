@@ -7,6 +7,7 @@ what to do: a Linear weight is transposed because a rule says it is one.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -45,6 +46,56 @@ class Rename:
 
 
 @dataclass(frozen=True)
+class Move:
+    """Keys under the module path ``pattern`` move under ``replacement`` (whole path components,
+    the rest of the key kept): ``Move("stages.{i}.downsample", "downsample_layers.{i}")`` sends
+    ``stages.2.downsample.0.weight`` to ``downsample_layers.2.0.weight``.  A ``{name}`` placeholder
+    matches one integer component and must appear on both sides.  Derived by ``torch2paddle map``
+    for pair files; read backwards for the reverse conversion and diff's layer pairing."""
+
+    pattern: str
+    replacement: str
+
+    def forward(self, key: str) -> Optional[str]:
+        return _move(key, self.pattern, self.replacement)
+
+    def backward(self, key: str) -> Optional[str]:
+        return _move(key, self.replacement, self.pattern)
+
+
+_PLACEHOLDER = re.compile(r"^\{([a-z]\w*)\}$")
+
+
+@functools.lru_cache(maxsize=None)
+def _path_regex(template: str) -> "re.Pattern":
+    """``stages.{i}.downsample`` -> a regex matching that module path at the start of a key."""
+    parts = []
+    for part in template.split(".") if template else []:
+        placeholder = _PLACEHOLDER.match(part)
+        parts.append(f"(?P<{placeholder.group(1)}>\\d+)" if placeholder else re.escape(part))
+    return re.compile("^" + r"\.".join(parts) + r"(?=\.|$)")
+
+
+def _move(key: str, pattern: str, replacement: str) -> Optional[str]:
+    match = _path_regex(pattern).match(key)
+    if match is None:
+        return None
+    return replacement.format(**match.groupdict()) + key[match.end():]
+
+
+@dataclass(frozen=True)
+class Split:
+    """One source tensor is several target tensors: ``source`` (an exact key) is cut into
+    ``len(targets)`` equal parts along ``axis`` of the torch tensor, in order -- a fused qkv Linear
+    against separate q / k / v.  A part of a Linear weight (a Transpose rule matching ``source``)
+    is transposed like the whole.  Read backwards, the parts are concatenated again."""
+
+    source: str
+    targets: tuple
+    axis: int = 0
+
+
+@dataclass(frozen=True)
 class Transpose:
     """Source keys matching ``pattern`` are ``nn.Linear`` weights: torch (out, in) -> Paddle (in, out)."""
 
@@ -62,6 +113,21 @@ class Init:
 
     pattern: str
     value: float
+    reason: str
+
+    def matches(self, key: str) -> bool:
+        return re.search(self.pattern, key) is not None
+
+
+@dataclass(frozen=True)
+class Recompute:
+    """Target keys matching ``pattern`` are persistent buffers the target model computes itself
+    when it is built (index tables, e.g. PaddleClas's Swin ``relative_position_index``, which the
+    torch model keeps as a non-persistent buffer): no source tensor fills them, and the converted
+    file holds the value a freshly built target model has.  Written by ``map`` only when the
+    torch model holds an equal non-persistent buffer at the paired place."""
+
+    pattern: str
     reason: str
 
     def matches(self, key: str) -> bool:

@@ -70,6 +70,18 @@ def official_checkpoint(tmp_path_factory):
     return build
 
 
+@pytest.fixture
+def restore_registry():
+    """Pair files a test registers (by name, in MODELS) leave with it."""
+    from converter import registry
+
+    models, aliases = dict(registry.MODELS), dict(registry.ALIASES)
+    yield
+    for table, saved in ((registry.MODELS, models), (registry.ALIASES, aliases)):
+        table.clear()
+        table.update(saved)
+
+
 # --- running the CLI -----------------------------------------------------------------------------
 
 def cli(capsys, *args) -> tuple:

@@ -59,7 +59,7 @@ def test_usage_errors_are_one_line(capsys, tmp_path, official_checkpoint):
         (["verify", "--torch-ckpt", src], "verify needs MODEL and --torch-ckpt"),
         (["verify", "--all", NAME], "verify --all takes no MODEL"),
         (["verify", "--all", "--torch-ckpt", src], "verify --all takes no MODEL, --torch-ckpt"),
-        (["verify", NAME, "--torch-ckpt", src, "--ckpt-dir", tmp_path], "--ckpt-dir and --models go with --all"),
+        (["verify", NAME, "--torch-ckpt", src, "--ckpt-dir", tmp_path], "--ckpt-dir, --models and --pairs go with --all"),
         (["verify", "--all", "--models", "resnet*"], "--models resnet*: matches no registered model"),
         (["verify", "--all", "--ckpt-dir", tmp_path / "nope"], "no such directory"),
         (["verify", "--all", "--ckpt-dir", tmp_path], "no checkpoint named after a selected model"),
