@@ -51,9 +51,14 @@ class TableLayerNorm(nn.LayerNorm):
     constant_folding_pass.  Under oneDNN the folded ``layer_norm`` fails ("Tensor holds no
     memory"): the oneDNN kernel leaves the op's Mean / Variance outputs unwritten in inference,
     and the pass copies every output of a folded op.  Elementwise ops and reductions fold fine.
-    Results differ from nn.LayerNorm's fused kernel by float32 rounding only."""
+    Only the traced (exported) graph takes this form; it differs from nn.LayerNorm's fused kernel
+    by float32 rounding.  Dygraph, where the model trains, keeps the fused kernel: the DPB's
+    gradients include mathematically-zero sums (a per-head bias softmax ignores) whose rounding
+    the reduction form changes by up to 15x torch's own float32 error."""
 
     def forward(self, x):
+        if paddle.in_dynamic_mode():
+            return super().forward(x)
         mu = x.mean(axis=-1, keepdim=True)
         centred = x - mu
         var = (centred * centred).mean(axis=-1, keepdim=True)  # biased, as layer_norm; not .square(), see above
