@@ -279,8 +279,7 @@ def _verify_train(model, torch_ckpt, paddle_params, *, json_path=None, max_err=N
     if json_path:
         _write_json(json_path, report.to_dict())
     if not report.passed:
-        click.echo(f"error: {report.model}: {report.failed_grads} parameter gradient(s) differ by more than "
-                   f"--max-grad-err {report.max_grad_err:g} of their RMS", err=True)
+        click.echo(f"error: {report.model}: {'; '.join(report.failures())}", err=True)
         sys.exit(EXIT_FAILED_GATE)
 
 

@@ -17,9 +17,10 @@ The torch reference also trains in float64, in lockstep (same batch, labels, opt
 figure stands next to the official computation's own float32 error: the loss per step, each
 gradient, each weight after the steps.  A gradient error is judged against that gradient's RMS and
 against the reference's own float32-vs-float64 error on it, and a parameter passes
-when its error is within ``max_grad_err`` of its RMS *or* within NOISE_FACTOR x the reference's own
-float32-vs-float64 error.  The second case is for gradients that are mathematically zero and hold
-only rounding noise (a conv bias in front of a train-mode BatchNorm, which subtracts it again;
+when its error is within ``max_grad_err`` of its RMS *or* Paddle's gradient is as accurate as the
+reference's own float32 one: its distance from the float64 gradient within ACCURACY_FACTOR x the
+reference's float32 distance from it.  The second case is for gradients that float32 cannot resolve: sums that are
+mathematically zero and hold only rounding noise (a conv bias in front of a train-mode BatchNorm, which subtracts it again;
 CrossFormer's ``pos3.2.bias``, a per-head constant that softmax ignores): no relative bound fits them.
 Weights after AdamW steps are reported, not gated: AdamW divides each gradient element by its own
 magnitude, so an element whose gradient is rounding noise takes a whole +-lr step in whichever
@@ -42,7 +43,11 @@ OPTIMIZERS = ("sgd", "adamw")
 # AdamW's official no-weight-decay set (timm create_optimizer in the four repos): every 1-D
 # parameter (norm affines, biases, layer scales) and these tables.
 NO_DECAY_NAMES = r"(pos_embed|rel_pos|relative_position|absolute_pos_embed)"
-NOISE_FACTOR = 3.0  # a gradient within 3x the reference's own float32 error is float32 noise
+# Paddle's float32 rounding is independent of torch's and of the same size (median ratio of their
+# errors against the exact gradient ~1; tails measured to 3.7x on ~500-parameter models, 5.2x on
+# CrossFormer's zero-sum DPB biases): within 10x of torch's own error against the float64 gradient
+# is "as accurate as the official float32 computation".  A wrong op is orders of magnitude off.
+ACCURACY_FACTOR = 10.0
 STATS_GATE = 1e-5  # running statistics after one update, relative to max(1, |torch value|)
 
 
@@ -70,6 +75,18 @@ class TrainReport(RunSetting):
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def failures(self) -> list:
+        """What failed the gate, one phrase each (empty when it passed)."""
+        out = []
+        if self.failed_grads:
+            out.append(f"{self.failed_grads} parameter gradient(s) differ by more than --max-grad-err "
+                       f"{self.max_grad_err:g} of their RMS and are less accurate than {ACCURACY_FACTOR:g}x "
+                       f"the reference's own float32 gradients")
+        if self.running_stats_err is not None and self.running_stats_err > STATS_GATE:
+            out.append(f"BatchNorm running statistics differ by {self.running_stats_err:.2e} of max(1, |value|) "
+                       f"after one update (gate {STATS_GATE:g})")
+        return out
+
     def format(self) -> str:
         lines = self.header(18)
         lines.append(f"{'optimizer':<18}{self.optimizer}, lr {self.lr:g}, {self.steps} step(s)")
@@ -89,7 +106,8 @@ class TrainReport(RunSetting):
             lines.append(f"{'running stats':<18}after one update {self.running_stats_err:.2e} of max(1, |value|) "
                          f"(gate {STATS_GATE:g}); after the last step {self.running_stats_final_err:.2e}")
         lines.append(f"{'result':<18}{'PASS' if self.passed else 'FAIL'} ({self.failed_grads} of {self.num_params} "
-                     f"gradients off by more than {self.max_grad_err:g} of their RMS and {NOISE_FACTOR:g}x float32 noise"
+                     f"gradients off by more than {self.max_grad_err:g} of their RMS and less accurate than "
+                     f"{ACCURACY_FACTOR:g}x the reference's own float32 gradient"
                      + ("" if self.running_stats_err is None else
                         f"; running statistics {'within' if self.running_stats_err <= STATS_GATE else 'beyond'} the gate")
                      + ")")
@@ -182,10 +200,14 @@ def _as_torch_layout(array: np.ndarray, transposed: bool) -> np.ndarray:
     return array.T if transposed else array
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else (0.0 if a == 0 else float("inf"))
+
+
 def compare_gradients(pairs: list, reference64: dict, max_grad_err: float) -> list:
     """One row per parameter, worst first: max abs error, the torch gradient's RMS, the error
-    relative to it, the reference's own float32 noise (max |float32 - float64|), and whether
-    it passes either bound."""
+    relative to it, the reference's own float32 noise (max |float32 - float64|), Paddle's own
+    distance from the float64 gradient in units of that noise, and whether it passes either bound."""
     rows = []
     for t_name, t_param, p_name, p_param, transposed in pairs:
         g_t = t_param.grad.detach().cpu().numpy() if t_param.grad is not None else np.zeros(tuple(t_param.shape))
@@ -193,11 +215,12 @@ def compare_gradients(pairs: list, reference64: dict, max_grad_err: float) -> li
         g_64 = reference64.get(t_name, g_t.astype(np.float64))
         err = float(np.abs(g_t.astype(np.float64) - g_p).max()) if g_t.size else 0.0
         noise = float(np.abs(g_t - g_64).max()) if g_t.size else 0.0
+        accuracy = float(np.abs(g_p - g_64).max()) if g_t.size else 0.0  # Paddle's own error
         rms = _rms(g_t)
         rel = err / rms if rms > 0 else (0.0 if err == 0 else float("inf"))
         rows.append({"name": t_name, "paddle": p_name, "max_abs_err": err, "rms": rms, "rel_err": rel,
-                     "noise": noise, "noise_ratio": err / noise if noise > 0 else (0.0 if err == 0 else float("inf")),
-                     "passed": rel <= max_grad_err or err <= NOISE_FACTOR * noise})
+                     "noise": noise, "noise_ratio": _ratio(err, noise), "accuracy_ratio": _ratio(accuracy, noise),
+                     "passed": rel <= max_grad_err or accuracy <= ACCURACY_FACTOR * noise})
     return sorted(rows, key=lambda r: (r["passed"], -r["rel_err"]))
 
 

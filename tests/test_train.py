@@ -189,3 +189,25 @@ def test_readme_fine_tuning_example_runs_as_written(official_checkpoint, tmp_pat
     losses = [float(line.split("loss ")[1]) for line in out.splitlines() if line.startswith("step ")]
     assert len(losses) == 3 and all(np.isfinite(losses))
     assert "accuracy on the batch" in out
+
+
+def test_verify_train_fails_a_conversion_with_one_weight_off(official_checkpoint, tmp_path, capsys):
+    """The gate can fail: one late 1x1 conv weight of the converted file off by 0.1% changes the
+    gradients of the layers it feeds back into; verify --train says so in one line, exit code 1."""
+    import json
+
+    from conftest import assert_one_line_error, cli
+    from converter import convert
+
+    src = official_checkpoint("fcvit_tiny")
+    params = dict(convert("fcvit_tiny", src, None).state_dict)
+    key = "network.4.1.channel_mixer.fc1.weight"
+    params[key] = (np.asarray(params[key]) * np.float32(1.001)).astype(np.float32)
+    paddle.save(params, str(tmp_path / "off.pdparams"))
+    code, out, err = cli(capsys, "verify", "fcvit_tiny", "--torch-ckpt", src, "--paddle-params",
+                         tmp_path / "off.pdparams", "--train", "--steps", "1", "--input-size", "64",
+                         "--json", tmp_path / "t.json")
+    assert_one_line_error(code, err, "parameter gradient(s) differ", expected_code=1)
+    report = json.loads((tmp_path / "t.json").read_text())
+    assert not report["passed"] and report["failed_grads"] > 0
+    assert "FAIL" in out
