@@ -219,35 +219,48 @@ def _first_tensor(value, tensor_type):
     return None
 
 
+class _ExecutionRecorder:
+    """Forward hooks noting, per unit, the order of its first call, the identity of its first input
+    tensor and the shape and identity of its first output tensor (the same for both frameworks)."""
+
+    def __init__(self, tensor_type):
+        self.tensor_type = tensor_type
+        self.clock = 0
+        self.kept = []  # every recorded tensor stays alive until the forward ends: its id stays unique
+
+    def _first(self, value):
+        first = _first_tensor(value, self.tensor_type)
+        self.kept.append(first)
+        return first
+
+    def pre(self, unit):
+        def hook(module, args):
+            if unit.order is None:
+                unit.order = self.clock
+                self.clock += 1
+                first = self._first(args)
+                unit.input_id = id(first) if first is not None else None
+        return hook
+
+    def post(self, unit):
+        def hook(module, args, output):
+            if unit.out_shape is None:
+                first = self._first(output)
+                unit.out_shape = tuple(first.shape) if first is not None else ()
+                unit.output_id = id(first) if first is not None else None
+        return hook
+
+
 def trace_torch(model, units: dict, batch: np.ndarray) -> None:
     """Run ``batch`` through the torch model, recording each unit's first entry, input and output."""
     import torch
 
     modules = dict(model.named_modules())
-    clock, keep, handles = [0], [], []
-
-    def pre(unit):
-        def hook(module, args):
-            if unit.order is None:
-                unit.order = clock[0]
-                clock[0] += 1
-                first = _first_tensor(args, torch.Tensor)
-                keep.append(first)  # alive until the forward ends: its id stays unique
-                unit.input_id = id(first) if first is not None else None
-        return hook
-
-    def post(unit):
-        def hook(module, args, output):
-            if unit.out_shape is None:
-                first = _first_tensor(output, torch.Tensor)
-                keep.append(first)
-                unit.out_shape = tuple(first.shape) if first is not None else ()
-                unit.output_id = id(first) if first is not None else None
-        return hook
-
+    recorder = _ExecutionRecorder(torch.Tensor)
+    handles = []
     for unit in units.values():
-        handles.append(modules[unit.path].register_forward_pre_hook(pre(unit)))
-        handles.append(modules[unit.path].register_forward_hook(post(unit)))
+        handles.append(modules[unit.path].register_forward_pre_hook(recorder.pre(unit)))
+        handles.append(modules[unit.path].register_forward_hook(recorder.post(unit)))
     try:
         with torch.no_grad():
             model(torch.from_numpy(batch))
@@ -257,33 +270,15 @@ def trace_torch(model, units: dict, batch: np.ndarray) -> None:
 
 
 def trace_paddle(model, units: dict, batch: np.ndarray) -> None:
+    """The same for the Paddle model."""
     import paddle
 
     layers = dict(_paddle_sublayers(model))
-    clock, keep, handles = [0], [], []
-
-    def pre(unit):
-        def hook(layer, args):
-            if unit.order is None:
-                unit.order = clock[0]
-                clock[0] += 1
-                first = _first_tensor(args, paddle.Tensor)
-                keep.append(first)
-                unit.input_id = id(first) if first is not None else None
-        return hook
-
-    def post(unit):
-        def hook(layer, args, output):
-            if unit.out_shape is None:
-                first = _first_tensor(output, paddle.Tensor)
-                keep.append(first)
-                unit.out_shape = tuple(first.shape) if first is not None else ()
-                unit.output_id = id(first) if first is not None else None
-        return hook
-
+    recorder = _ExecutionRecorder(paddle.Tensor)
+    handles = []
     for unit in units.values():
-        handles.append(layers[unit.path].register_forward_pre_hook(pre(unit)))
-        handles.append(layers[unit.path].register_forward_post_hook(post(unit)))
+        handles.append(layers[unit.path].register_forward_pre_hook(recorder.pre(unit)))
+        handles.append(layers[unit.path].register_forward_post_hook(recorder.post(unit)))
     try:
         with paddle.no_grad():
             model(paddle.to_tensor(batch))
