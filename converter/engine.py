@@ -52,14 +52,20 @@ def _split(rules: Iterable) -> tuple:
 def renamed_key(key: str, renames: Iterable) -> str:
     """``key`` after the first matching Move (its module path) and then the first matching
     Rename (its leaf); unchanged when none matches."""
-    moves = [r for r in renames if isinstance(r, Move)]
-    leaves = [r for r in renames if isinstance(r, Rename)]
-    for rule_set in (moves, leaves):
-        for rule in rule_set:
-            new = rule.forward(key)
-            if new is not None:
-                key = new
-                break
+    return _rewrite(key, renames, (Move, Rename), "forward")
+
+
+def _rewrite(key: str, renames: Iterable, kinds: tuple, direction: str) -> str:
+    """Apply, kind by kind in ``kinds`` order, the first rule of that kind whose ``direction``
+    (``forward`` / ``backward``) rewrites ``key``."""
+    renames = tuple(renames)
+    for kind in kinds:
+        for rule in renames:
+            if isinstance(rule, kind):
+                new = getattr(rule, direction)(key)
+                if new is not None:
+                    key = new
+                    break
     return key
 
 
@@ -234,15 +240,7 @@ def shapes_fit(source_shapes: Mapping[str, tuple], rules: Iterable, target_shape
 def reverse_key(key: str, rules: Iterable) -> str:
     """The official torch key for a Paddle key (renames read backwards)."""
     _, renames, _ = _split(rules)
-    moves = [r for r in renames if isinstance(r, Move)]
-    leaves = [r for r in renames if isinstance(r, Rename)]
-    for rule_set in (leaves, moves):  # undone in the opposite order: the leaf, then the module path
-        for rule in rule_set:
-            old = rule.backward(key)
-            if old is not None:
-                key = old
-                break
-    return key
+    return _rewrite(key, renames, (Rename, Move), "backward")  # undone in the opposite order: leaf, then path
 
 
 def _raise_problems(what: str, groups) -> None:

@@ -251,22 +251,33 @@ class _ExecutionRecorder:
         return hook
 
 
+def _run_recorded(units: dict, recorder: _ExecutionRecorder, hook_points, run) -> None:
+    """``run()`` with the recorder's hooks on every unit; ``hook_points(path)`` gives the module's
+    (register pre-hook, register post-hook) functions."""
+    handles = []
+    for unit in units.values():
+        register_pre, register_post = hook_points(unit.path)
+        handles.append(register_pre(recorder.pre(unit)))
+        handles.append(register_post(recorder.post(unit)))
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def trace_torch(model, units: dict, batch: np.ndarray) -> None:
     """Run ``batch`` through the torch model, recording each unit's first entry, input and output."""
     import torch
 
     modules = dict(model.named_modules())
-    recorder = _ExecutionRecorder(torch.Tensor)
-    handles = []
-    for unit in units.values():
-        handles.append(modules[unit.path].register_forward_pre_hook(recorder.pre(unit)))
-        handles.append(modules[unit.path].register_forward_hook(recorder.post(unit)))
-    try:
+
+    def run():
         with torch.no_grad():
             model(torch.from_numpy(batch))
-    finally:
-        for h in handles:
-            h.remove()
+
+    _run_recorded(units, _ExecutionRecorder(torch.Tensor),
+                  lambda path: (modules[path].register_forward_pre_hook, modules[path].register_forward_hook), run)
 
 
 def trace_paddle(model, units: dict, batch: np.ndarray) -> None:
@@ -274,17 +285,13 @@ def trace_paddle(model, units: dict, batch: np.ndarray) -> None:
     import paddle
 
     layers = dict(_paddle_sublayers(model))
-    recorder = _ExecutionRecorder(paddle.Tensor)
-    handles = []
-    for unit in units.values():
-        handles.append(layers[unit.path].register_forward_pre_hook(recorder.pre(unit)))
-        handles.append(layers[unit.path].register_forward_post_hook(recorder.post(unit)))
-    try:
+
+    def run():
         with paddle.no_grad():
             model(paddle.to_tensor(batch))
-    finally:
-        for h in handles:
-            h.remove()
+
+    _run_recorded(units, _ExecutionRecorder(paddle.Tensor),
+                  lambda path: (layers[path].register_forward_pre_hook, layers[path].register_forward_post_hook), run)
 
 
 # --- pairing --------------------------------------------------------------------------------

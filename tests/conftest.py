@@ -157,24 +157,17 @@ def fresh_states(build_torch, build_paddle, rules, seeds=(1, 2)) -> dict:
     import paddle
     import torch
 
-    from converter.engine import reverse_key
-    from mappings.rules import Drop, Transpose
+    from converter.engine import reverse_state_dict
 
-    transposes = [r for r in rules if isinstance(r, Transpose)]
-    drops = [r for r in rules if isinstance(r, Drop)]
     states = {}
     for seed in seeds:
         torch.manual_seed(seed)
-        states["torch", seed] = {k: v.detach().numpy().astype(np.float64)
-                                 for k, v in build_torch().state_dict().items()
-                                 if not any(d.matches(k) for d in drops)}
+        official = {k: v.detach().numpy().astype(np.float64) for k, v in build_torch().state_dict().items()}
         paddle.seed(seed)
-        state = {}
-        for key, value in build_paddle().state_dict().items():
-            t_key = reverse_key(key, rules)
-            value = value.numpy().astype(np.float64)
-            state[t_key] = value.T if any(t.matches(t_key) for t in transposes) else value
-        states["paddle", seed] = state
+        paddle_state = {k: v.numpy().astype(np.float64) for k, v in build_paddle().state_dict().items()}
+        state, dropped, _ = reverse_state_dict(paddle_state, rules, {k: v.shape for k, v in official.items()})
+        states["torch", seed] = {k: v for k, v in official.items() if k not in dropped}
+        states["paddle", seed] = dict(state)
     return states
 
 
@@ -235,3 +228,21 @@ def assert_initialised_as(states: dict, expected: dict) -> None:
                 assert abs(w.std() / std - 1.0) <= 6 * se_std, (framework, key, w.std(), std)
                 bound = {"uniform": value * (1 + 1e-6), "trunc_normal": 2.0}.get(kind, np.inf)
                 assert np.abs(w).max() <= bound, (framework, key, np.abs(w).max())
+
+
+def drop_everything(framework: str):
+    """What a drop path that drops this sample does, as a module of ``framework``: its residual
+    branch contributes nothing (put in place of a block's DropPath to see where it sits)."""
+    if framework == "torch":
+        import torch
+
+        class DropEverything(torch.nn.Module):
+            def forward(self, x):
+                return x * 0
+    else:
+        import paddle
+
+        class DropEverything(paddle.nn.Layer):
+            def forward(self, x):
+                return x * 0
+    return DropEverything()

@@ -54,7 +54,7 @@ from converter.registry import get_spec
 from converter.train import (_loss, compare_gradients, make_optimizers, no_weight_decay, parameter_pairs,
                              run_train_verify, zero_stochastic_ops)
 from converter.verify import make_batch, prepare_run
-from conftest import assert_initialised_as, fresh_states, init_by_module
+from conftest import assert_initialised_as, drop_everything, fresh_states, init_by_module
 from model_configs.fcvit import (CONFIGS, DEFAULT_DROP_PATH_RATE, DEFAULT_DROP_RATE, DENSE_CONFIGS,
                                  README_DROP_PATH_RATE)
 from paddle_models import layers as pd_layers
@@ -369,16 +369,6 @@ def test_kwargs_pass_through_the_api():
         create_paddle_model("fcvit_b12_feat", drop_path=0.1)
 
 
-class _TorchDropAll(torch.nn.Module):
-    def forward(self, x):
-        return x * 0
-
-
-class _PaddleDropAll(paddle.nn.Layer):
-    def forward(self, x):
-        return x * 0
-
-
 def test_drop_path_and_dropout_sit_where_the_official_code_puts_them():
     """A block whose drop path drops everything is the identity (both residual branches go through
     it: models/fcvit.py:358-359); the channel mixer's dropout acts twice, after the GELU and after
@@ -389,7 +379,7 @@ def test_drop_path_and_dropout_sit_where_the_official_code_puts_them():
         is_torch = module is th_fc
         block = module.BasicBlock(32, 8, cfg, drop=0.0, drop_path=0.5)
         assert type(block.drop_path).__name__ == "DropPath" and block.drop_path.drop_prob == 0.5
-        block.drop_path = _TorchDropAll() if is_torch else _PaddleDropAll()
+        block.drop_path = drop_everything("torch" if is_torch else "paddle")
         block.train()
         inp = torch.from_numpy(x) if is_torch else paddle.to_tensor(x)
         with (torch.no_grad() if is_torch else paddle.no_grad()):
