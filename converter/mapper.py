@@ -251,32 +251,33 @@ class _ExecutionRecorder:
         return hook
 
 
-def _run_recorded(units: dict, recorder: _ExecutionRecorder, hook_points, run) -> None:
-    """``run()`` with the recorder's hooks on every unit; ``hook_points(path)`` gives the module's
-    (register pre-hook, register post-hook) functions."""
+def _run_recorded(units: dict, recorder: _ExecutionRecorder, hook_points, run):
+    """``run()`` with the recorder's hooks on every unit, returning what it returns;
+    ``hook_points(path)`` gives the module's (register pre-hook, register post-hook) functions."""
     handles = []
     for unit in units.values():
         register_pre, register_post = hook_points(unit.path)
         handles.append(register_pre(recorder.pre(unit)))
         handles.append(register_post(recorder.post(unit)))
     try:
-        run()
+        return run()
     finally:
         for h in handles:
             h.remove()
 
 
-def trace_torch(model, units: dict, batch: np.ndarray) -> None:
-    """Run ``batch`` through the torch model, recording each unit's first entry, input and output."""
+def trace_torch(model, units: dict, batch: np.ndarray):
+    """Run ``batch`` through the torch model, recording each unit's first entry, input and output;
+    returns the model's output."""
     import torch
 
     modules = dict(model.named_modules())
 
     def run():
         with torch.no_grad():
-            model(torch.from_numpy(batch))
+            return model(torch.from_numpy(batch))
 
-    _run_recorded(units, _ExecutionRecorder(torch.Tensor),
+    return _run_recorded(units, _ExecutionRecorder(torch.Tensor),
                   lambda path: (modules[path].register_forward_pre_hook, modules[path].register_forward_hook), run)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from mappings.rules import Drop, Move, Recompute, Rename, Split, Transpose
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, check_output_path
 from .errors import UserError
 from .registry import EvalPreprocessing, Family
 from .specs import ModelRef, build, parse_spec
@@ -242,9 +242,7 @@ def map_pair(torch_spec: str, paddle_spec: str, output, *, input_size: Optional[
     from .specs import timm_preprocessing
 
     start = time.perf_counter()
-    output = Path(output)
-    if output.is_dir() or not output.parent.is_dir():
-        raise UserError(f"{output}: not a writable file path")
+    output = check_output_path(output, force=True)  # a re-run rewrites the file, keeping its [hand]
     if output.suffix != ".toml":
         raise UserError(f"{output}: a pair file ends in .toml")
     hand = read_hand_edits(output)
@@ -257,7 +255,7 @@ def map_pair(torch_spec: str, paddle_spec: str, output, *, input_size: Optional[
     batch = np.random.default_rng(seed).standard_normal((1, 3, size, size), dtype=np.float32)
     t_units, p_units = torch_units(torch_model), paddle_units(paddle_model)
     try:
-        trace_torch(torch_model, t_units, batch)
+        torch_output = trace_torch(torch_model, t_units, batch)
     except Exception as exc:
         raise UserError(f"{t_ref}: forward at {size}x{size} failed: {type(exc).__name__}: {exc}"[:300]) from None
     try:
@@ -269,7 +267,7 @@ def map_pair(torch_spec: str, paddle_spec: str, output, *, input_size: Optional[
     resolve_aliases(keymap, torch_model, paddle_model, torch_keys, paddle_keys)
     check_complete(keymap, torch_keys, paddle_keys)
     rules = compress(keymap)
-    num_classes = _logits(torch_model, batch)
+    num_classes = _classes(torch_output)
     name = name or output.stem
     text = pair_file_text(name, t_ref, p_ref, size, num_classes, preprocessing, rules, hand, keymap, len(torch_keys))
     atomic_write(output, lambda tmp: tmp.write_text(text))
@@ -277,12 +275,11 @@ def map_pair(torch_spec: str, paddle_spec: str, output, *, input_size: Optional[
                      len(keymap.recomputed), hand.count, len(rules), time.perf_counter() - start, text)
 
 
-def _logits(torch_model, batch) -> int:
+def _classes(output) -> int:
+    """The class count of a classifier's (batch, classes) logits; the default for anything else."""
     import torch
 
-    with torch.no_grad():
-        out = torch_model(torch.from_numpy(batch))
-    return int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.ndim == 2 else DEFAULT_CLASSES
+    return int(output.shape[-1]) if isinstance(output, torch.Tensor) and output.ndim == 2 else DEFAULT_CLASSES
 
 
 def pair_file_text(name, t_ref, p_ref, size, num_classes, preprocessing, rules, hand, keymap, n_keys) -> str:
