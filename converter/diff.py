@@ -172,9 +172,11 @@ def pair_modules_by_keys(torch_model, paddle_model, rules) -> tuple:
                                               and (_owner(k) == m or _owner(k)[len(m)] == ".")))
     p_groups = by_content([p for p, _ in paddle_model.named_sublayers()],
                           lambda m: (k for k in paddle_keys if _owner(k) == m or _owner(k).startswith(m + ".")))
+    def deepest_first(paths):
+        return sorted(paths, key=lambda p: -p.count("."))
+
     pairs = {}
     for content, t_list in t_groups.items():
-        deepest_first = lambda paths: sorted(paths, key=lambda p: -p.count("."))  # noqa: E731
         for t_path, p_path in zip(deepest_first(t_list), deepest_first(p_groups.get(content, []))):
             pairs[t_path] = p_path
     unpaired = [p for p in t_paths if p not in pairs and any(
