@@ -2,11 +2,16 @@
 
 ``paddle.jit.save`` traces the Paddle model into a static graph (``inference.json`` +
 ``inference.pdiparams``, what Paddle Inference and ``paddle.jit.load`` read).  The export is then
-reloaded both ways and run on a seeded batch: its logits must equal the dynamic model's within
-``max_err``.  With a dynamic batch the check also runs a second batch size, so a batch size
-baked into the graph cannot pass.  Paddle Inference runs with oneDNN off: with it on, CPU
-kernels are swapped for oneDNN ones that change results (BiFormer by 2.3e-3 on the seeded test
-checkpoint) or fail outright (CrossFormer, RegionViT under Paddle 3.3.1).
+reloaded by ``paddle.jit.load`` and by Paddle Inference, and run on a seeded batch: its logits
+must equal the dynamic model's within ``max_err`` times the logits' magnitude where that
+exceeds 1 (``max_err * max(1, max |logit|)``).  With a dynamic batch the check also runs a
+second batch size, so a batch size baked into the graph cannot pass.  Paddle Inference is
+checked in both CPU configurations a deployment may use: oneDNN on (its default) and off.  With
+oneDNN on, graph passes fuse ops and oneDNN kernels replace Paddle's; paddle_models/onednn.py
+lists the patterns that break under Paddle 3.3.1, which the ports avoid.  What remains is
+float32 rounding of a different summation order, ~1e-6 of the logits' magnitude: 1.1e-5 on
+logits of 10 (crossformer_tiny, head scaled up), hence the gate scales with it.  paddle.jit.load
+and oneDNN off reproduce the dynamic model exactly or within 1e-6.
 
 Everything is written to a temporary directory beside OUT_DIR and moved into place only after
 the check passes: a failed export leaves nothing behind.
@@ -14,10 +19,13 @@ the check passes: a failed export leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -32,7 +40,8 @@ from .verify import Discrepancy, checked_input_size, random_batch
 PREFIX = "inference"  # inference.json / inference.pdiparams, the name Paddle's deployment tools expect
 METADATA = "export.json"
 DEFAULT_MAX_ERR = 1e-5
-RUNTIMES = ("paddle.jit.load", "Paddle Inference (CPU, oneDNN off)")
+ONEDNN = (False, True)  # the Paddle Inference CPU configurations checked: oneDNN off, on
+RUNTIMES = ("paddle.jit.load",) + tuple(f"Paddle Inference (CPU, oneDNN {'on' if on else 'off'})" for on in ONEDNN)
 
 
 @dataclass
@@ -41,16 +50,26 @@ class ExportReport:
     out_dir: str
     input_spec: list  # [batch or None, 3, H, W]
     max_err: float
-    checks: list = field(default_factory=list)  # [{runtime, batch_size, max_abs_err, mean_abs_err}]
+    # [{runtime, batch_size, max_abs_err, mean_abs_err, max_abs_logit (the dynamic model's)}]
+    checks: list = field(default_factory=list)
     files: list = field(default_factory=list)
 
     @property
     def max_abs_err(self) -> float:
         return max(c["max_abs_err"] for c in self.checks)
 
+    def tolerance(self, check: dict) -> float:
+        """The gate of one check: ``max_err``, times the dynamic model's largest |logit| above 1."""
+        return self.max_err * max(1.0, check["max_abs_logit"])
+
+    @property
+    def worst(self) -> dict:
+        """The check furthest over (or least under) its gate."""
+        return max(self.checks, key=lambda c: c["max_abs_err"] - self.tolerance(c))
+
     @property
     def passed(self) -> bool:
-        return bool(self.checks) and all(c["max_abs_err"] <= self.max_err for c in self.checks)
+        return bool(self.checks) and all(c["max_abs_err"] <= self.tolerance(c) for c in self.checks)
 
     def format(self) -> str:
         batch = "dynamic batch" if self.input_spec[0] is None else f"fixed batch {self.input_spec[0]}"
@@ -58,10 +77,12 @@ class ExportReport:
                  f"input      image float32 {self.input_spec} ({batch})"]
         for c in self.checks:
             lines.append(f"  {c['runtime']:<36} batch {c['batch_size']}: max abs {c['max_abs_err']:.3e}  "
-                         f"mean abs {c['mean_abs_err']:.3e}  vs the dynamic model")
+                         f"mean abs {c['mean_abs_err']:.3e}  (gate {self.tolerance(c):.1e})")
         verdict = "PASS" if self.passed else "FAIL"
-        lines.append(f"result     {verdict} (max abs error {self.max_abs_err:.3e} "
-                     f"{'<=' if self.passed else '>'} {self.max_err:g})")
+        w = self.worst
+        lines.append(f"result     {verdict} (worst: {w['runtime']}, batch {w['batch_size']}: max abs error "
+                     f"{w['max_abs_err']:.3e} {'<=' if self.passed else '>'} {self.tolerance(w):.3e} = max_err "
+                     f"{self.max_err:g} x max(1, max |logit| {w['max_abs_logit']:.3g}))")
         if self.passed:
             lines.append(f"written    {self.out_dir}/ ({', '.join(self.files)})")
         return "\n".join(lines)
@@ -160,7 +181,9 @@ def _check_runtimes(model, path_prefix: Path, batches: list) -> list:
     first run."""
     import paddle
 
-    openers = {RUNTIMES[0]: _jit_load_runner, RUNTIMES[1]: _inference_runner}
+    openers = {RUNTIMES[0]: _jit_load_runner}
+    for runtime, onednn in zip(RUNTIMES[1:], ONEDNN):
+        openers[runtime] = functools.partial(_inference_runner, onednn=onednn, runtime=runtime)
     runners: dict = {}
     checks = []
     for batch in batches:
@@ -174,7 +197,8 @@ def _check_runtimes(model, path_prefix: Path, batches: list) -> list:
         for runtime, actual in outputs.items():
             d = Discrepancy.between(expected, actual)
             checks.append({"runtime": runtime, "batch_size": int(batch.shape[0]),
-                           "max_abs_err": d.max_abs_err, "mean_abs_err": d.mean_abs_err})
+                           "max_abs_err": d.max_abs_err, "mean_abs_err": d.mean_abs_err,
+                           "max_abs_logit": float(np.abs(expected).max())})
     return checks
 
 
@@ -201,25 +225,47 @@ def _jit_load_runner(path_prefix: Path):
     return run
 
 
-def _inference_runner(path_prefix: Path):
-    """The export loaded by Paddle Inference (CPU, oneDNN off): a function from a batch to its logits."""
+def _inference_runner(path_prefix: Path, *, onednn: bool, runtime: str):
+    """The export loaded by a Paddle Inference CPU predictor, oneDNN on or off: a function from a
+    batch to its logits."""
     from paddle import inference
 
     config = inference.Config(str(graph_file(path_prefix)), str(path_prefix.with_suffix(".pdiparams")))
     config.disable_gpu()
-    config.disable_mkldnn()  # see the module docstring
+    if onednn:
+        config.enable_mkldnn()
+    else:
+        config.disable_mkldnn()
     config.disable_glog_info()
-    with _fails_under("Paddle Inference"):
+    with _fails_under(runtime), _native_stdout_discarded():  # the constant folding at load runs kernels too
         predictor = inference.create_predictor(config)
 
     def run(batch: np.ndarray) -> np.ndarray:
-        with _fails_under("Paddle Inference"):
+        with _fails_under(runtime):
             feed = predictor.get_input_handle(predictor.get_input_names()[0])
             feed.reshape(list(batch.shape))
             feed.copy_from_cpu(batch)
-            predictor.run()
+            with _native_stdout_discarded():
+                predictor.run()
             return predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
     return run
+
+
+@contextlib.contextmanager
+def _native_stdout_discarded():
+    """Discard what C++ code writes to stdout inside the block: Paddle 3.3.1's oneDNN mean
+    kernel prints "ReduceMeanCheckIfOneDNNSupport" each time it runs, into the report's stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        with contextlib.suppress(OSError, AttributeError):  # C stdio's buffer, still bound for /dev/null
+            ctypes.CDLL(None).fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def graph_file(path_prefix: Path) -> Path:

@@ -34,6 +34,7 @@ from model_configs.crossformer import (CONFIGS, DEFAULT_ATTN_DROP_RATE, DEFAULT_
                                        scale_dims, drop_path_rates)
 
 from .layers import DropPath
+from .onednn import TableLayerNorm, pad_nhwc, transpose_reshape
 
 __all__ = ["CrossFormer", "CrossFormerBackbone", "CrossFormerConfig", "CrossFormerDenseConfig", "CONFIGS",
            "DENSE_CONFIGS", "DENSE_MODEL"]
@@ -42,17 +43,24 @@ __all__ = ["CrossFormer", "CrossFormerBackbone", "CrossFormerConfig", "CrossForm
 def group_tokens(x, group_h, group_w, interval):
     """(B, Hp, Wp, C) -> (B * nG, Gh*Gw, C). Token (r*G*I + g*I + i) along each axis goes to group
     (r, i), slot g: interval 1 gives SDA's adjacent windows, interval I gives LDA's dilated grids."""
-    B, Hp, Wp, C = x.shape
+    _, _, Wp, C = x.shape
     Gh, Gw, I = group_h, group_w, interval
-    x = x.reshape([B, Hp // (Gh * I), Gh, I, Wp // (Gw * I), Gw, I, C]).transpose([0, 1, 4, 3, 6, 2, 5, 7])
-    return x.reshape([-1, Gh * Gw, C])
+    cols = Wp // (Gw * I)
+    # (B, rows, Gh, I, cols, Gw, I, C) -> (B, rows, cols, I, I, Gh, Gw, C) as two transposes of at most
+    # 6 axes (oneDNN's takes no more; see paddle_models/onednn.py): first the column axes, to
+    # (B*Hp, cols, I, Gw, C), then the row axes, the column slot riding along with the channels,
+    # (B*rows, Gh, I, cols, I, Gw*C) to (B*rows, cols, I, I, Gh, Gw*C).
+    x = transpose_reshape(x.reshape([-1, cols, Gw, I, C]), [0, 1, 3, 2, 4], [-1, Gh, I, cols, I, Gw * C])
+    return transpose_reshape(x, [0, 3, 2, 4, 1, 5], [-1, Gh * Gw, C])
 
 
 def ungroup_tokens(x, batch, height, width, group_h, group_w, interval):
     """Inverse of ``group_tokens``: (B * nG, Gh*Gw, C) -> (B, Hp, Wp, C)."""
     Gh, Gw, I = group_h, group_w, interval
-    x = x.reshape([batch, height // (Gh * I), width // (Gw * I), I, I, Gh, Gw, -1]).transpose([0, 1, 5, 3, 2, 6, 4, 7])
-    return x.reshape([batch, height, width, -1])
+    C, cols = x.shape[-1], width // (Gw * I)
+    # group_tokens' two steps undone in reverse order
+    x = transpose_reshape(x.reshape([-1, cols, I, I, Gh, Gw * C]), [0, 4, 2, 1, 3, 5], [-1, cols, I, Gw, C])
+    return transpose_reshape(x, [0, 1, 3, 2, 4], [batch, height, width, C])
 
 
 def _init_weights(m):
@@ -88,7 +96,7 @@ class Mlp(nn.Layer):
 
 
 def _dpb_layer(in_dim, out_dim):
-    return nn.Sequential(nn.LayerNorm(in_dim), nn.ReLU(), nn.Linear(in_dim, out_dim))
+    return nn.Sequential(TableLayerNorm(in_dim), nn.ReLU(), nn.Linear(in_dim, out_dim))
 
 
 class DynamicPosBias(nn.Layer):
@@ -190,7 +198,8 @@ class CrossFormerBlock(nn.Layer):
             group_shape = lay.group_shape
         shortcut = x
         x = self.norm1(x).reshape([B, H, W, C])
-        x = F.pad(x, [0, lay.pad_w, 0, lay.pad_h], data_format="NHWC")  # zeros after norm1, bottom/right
+        if lay.pad_h or lay.pad_w:
+            x = pad_nhwc(x, lay.pad_h, lay.pad_w)  # zeros after norm1, bottom/right
         x = group_tokens(x, lay.group_h, lay.group_w, lay.group_interval)
         x = self.attn(x, mask=mask, group_shape=group_shape)
         x = ungroup_tokens(x, B, H + lay.pad_h, W + lay.pad_w, lay.group_h, lay.group_w, lay.group_interval)
@@ -199,7 +208,7 @@ class CrossFormerBlock(nn.Layer):
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         if self.use_extra_conv:  # ACL: no residual, its output replaces x
             x = self.ex_conv(x.reshape([B, H, W, C]).transpose([0, 3, 1, 2]))
-            x = self.ex_ln(x.transpose([0, 2, 3, 1]).reshape([B, H * W, C]))
+            x = self.ex_ln(transpose_reshape(x, [0, 2, 3, 1], [B, H * W, C]))
         return x
 
 

@@ -22,6 +22,7 @@ from model_configs.regionvit import (CONFIGS, DENSE_CONFIGS, RegionViTDenseConfi
                                      window_mask)
 
 from .layers import DropPath, drop_path_schedule
+from .onednn import transpose_reshape
 
 __all__ = ["RegionViT", "RegionViTDet", "DENSE_MODEL"]
 
@@ -66,7 +67,10 @@ class LayerNorm2d(nn.Layer):
 
     def forward(self, x):
         centred = x - x.mean(1, keepdim=True)
-        std = paddle.sqrt(centred.square().mean(1, keepdim=True) + self.eps)  # biased variance
+        # biased variance; centred * centred, not .square(): under oneDNN, Paddle Inference's inplace
+        # pass makes square overwrite its input, centred, which the line below still reads
+        # (paddle_models/onednn.py)
+        std = paddle.sqrt((centred * centred).mean(1, keepdim=True) + self.eps)
         return centred / std * self.weight + self.bias
 
 
@@ -137,7 +141,9 @@ class AttentionWithRelPos(nn.Layer):
         if patch_attn:
             n = self.window_size ** 2
             bias = paddle.index_select(self.rel_pos, self.rel_pos_index, axis=1).reshape([self.num_heads, n, n])
-            attn = attn + F.pad(bias, [N - n, 0, N - n, 0])  # nothing added for the regional token
+            # nothing added for the regional token; padded as 4-D (pad3d): oneDNN's all-axes pad of a
+            # 3-D tensor corrupts memory (paddle_models/onednn.py)
+            attn = attn + F.pad(bias.unsqueeze(0), [N - n, 0, N - n, 0])
         if mask is not None:
             attn = paddle.masked_fill(attn, mask, paddle.finfo(attn.dtype).min)
         attn = self.attn_drop(F.softmax(attn, axis=-1))
@@ -199,8 +205,9 @@ def to_flat_layout(regional, local, ws: int):
         local = F.pad(local, [0, pad_r, 0, pad_b])
         blocked = paddle.to_tensor(window_mask(rows, cols, ws, pad_b, pad_r).copy())
         mask = paddle.tile(blocked, [B, 1, 1]).unsqueeze(1)  # (B * windows, 1, N, N), broadcast over heads
-    local = local.reshape([B, C, rows, ws, cols, ws]).transpose([0, 2, 4, 3, 5, 1]).reshape([-1, ws * ws, C])
-    regional = regional.flatten(2).transpose([0, 2, 1]).reshape([-1, 1, C])
+    # transpose_reshape: a transpose+reshape pair feeding concat breaks under oneDNN (paddle_models/onednn.py)
+    local = transpose_reshape(local.reshape([B, C, rows, ws, cols, ws]), [0, 2, 4, 3, 5, 1], [-1, ws * ws, C])
+    regional = transpose_reshape(regional.flatten(2), [0, 2, 1], [-1, 1, C])
     return paddle.concat([regional, local], axis=1), mask
 
 
@@ -208,9 +215,10 @@ def to_spatial_layout(x, batch: int, rows: int, cols: int, size: tuple, ws: int)
     """Inverse of ``to_flat_layout``; crops the padding back to ``size`` = (H, W)."""
     C = x.shape[-1]
     regional = x[:, 0].reshape([batch, rows, cols, C]).transpose([0, 3, 1, 2])
-    local = x[:, 1:].reshape([batch, rows, cols, ws, ws, C]).transpose([0, 5, 1, 3, 2, 4])
+    local = transpose_reshape(x[:, 1:].reshape([batch, rows, cols, ws, ws, C]), [0, 5, 1, 3, 2, 4],
+                              [batch, C, rows * ws, cols * ws])
     # contiguous like the official F.fold output: the next LayerNorm2d's reductions depend on the layout
-    local = local.reshape([batch, C, rows * ws, cols * ws]).contiguous()[:, :, :size[0], :size[1]]
+    local = local.contiguous()[:, :, :size[0], :size[1]]
     return regional, local
 
 

@@ -7,7 +7,7 @@ import paddle
 import pytest
 
 from converter import convert, create_paddle_model
-from converter.export import export_model
+from converter.export import RUNTIMES, ExportReport, export_model
 
 from conftest import MAX_ABS_ERR, ONE_PER_FAMILY, assert_one_line_error, cli
 
@@ -19,8 +19,12 @@ def test_exported_model_equals_the_dynamic_model(name, official_checkpoint, tmp_
     out = tmp_path / "export"
     report = export_model(name, params, out)  # raises UserError when the model cannot be traced
     assert report.passed, report.format()
-    assert {c["batch_size"] for c in report.checks} == {1, 2} and len(report.checks) == 4
-    assert all(c["max_abs_err"] <= MAX_ABS_ERR for c in report.checks)
+    # Every batch size in every runtime: paddle.jit.load, and Paddle Inference with oneDNN off and on
+    # (its CPU default, whose graph passes and kernels the ports must survive: paddle_models/onednn.py).
+    assert {"Paddle Inference (CPU, oneDNN off)", "Paddle Inference (CPU, oneDNN on)"} < set(RUNTIMES)
+    assert sorted((c["runtime"], c["batch_size"]) for c in report.checks) == sorted(
+        (runtime, n) for runtime in RUNTIMES for n in (1, 2))
+    assert all(c["max_abs_err"] <= MAX_ABS_ERR for c in report.checks), report.format()
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "inference.json", "inference.pdiparams"]
     meta = json.loads((out / "export.json").read_text())
     assert meta["input"]["shape"] == [None, 3, 224, 224] and meta["preprocessing"]["interpolation"] == "bicubic"
@@ -35,6 +39,18 @@ def test_exported_model_equals_the_dynamic_model(name, official_checkpoint, tmp_
     assert actual.shape == (3, 1000)
     assert np.abs(actual - expected).max() <= MAX_ABS_ERR
 
+    # And as a deployment gets it by default: Paddle Inference's plain CPU config, oneDNN on.
+    config = paddle.inference.Config(str(out / "inference.json"), str(out / "inference.pdiparams"))
+    config.disable_glog_info()
+    assert config.mkldnn_enabled()
+    predictor = paddle.inference.create_predictor(config)
+    feed = predictor.get_input_handle(predictor.get_input_names()[0])
+    feed.reshape(list(batch.shape))
+    feed.copy_from_cpu(batch)
+    predictor.run()
+    deployed = predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
+    assert np.abs(deployed - expected).max() <= MAX_ABS_ERR
+
 
 def test_fixed_batch_and_a_failed_check_writes_nothing(official_checkpoint, tmp_path):
     params = tmp_path / "w.pdparams"
@@ -42,9 +58,22 @@ def test_fixed_batch_and_a_failed_check_writes_nothing(official_checkpoint, tmp_
     # A gate no output can pass: the export runs, is checked, and must not be kept.
     report = export_model("fcvit_tiny", params, tmp_path / "export", batch_size=2, max_err=-1.0)
     assert not report.passed and report.input_spec == [2, 3, 224, 224]
-    assert [c["batch_size"] for c in report.checks] == [2, 2]
+    assert [c["batch_size"] for c in report.checks] == [2] * len(RUNTIMES)
     assert all(c["max_abs_err"] <= MAX_ABS_ERR for c in report.checks)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pdparams"]
+
+
+def test_the_gate_scales_with_the_logits():
+    """max_err, times the dynamic model's largest |logit| where that exceeds 1: oneDNN's float32
+    rounding differs by ~1e-6 of the logits' magnitude, which trained classifiers put near 10."""
+    def report(err, logit):
+        check = {"runtime": RUNTIMES[-1], "batch_size": 1, "max_abs_err": err, "mean_abs_err": err / 10,
+                 "max_abs_logit": logit}
+        return ExportReport("m", "out", [None, 3, 224, 224], 1e-5, checks=[check])
+
+    assert report(5e-5, 10.0).passed and not report(2e-4, 10.0).passed
+    assert report(9e-6, 0.5).passed and not report(2e-5, 0.5).passed  # never looser than max_err itself
+    assert "FAIL" in report(2e-4, 10.0).format() and RUNTIMES[-1] in report(2e-4, 10.0).format()
 
 
 def _untraceable_forward(self, x):

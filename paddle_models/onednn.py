@@ -1,0 +1,60 @@
+"""Ops written so that an exported graph also runs under Paddle Inference with oneDNN on.
+
+oneDNN is Paddle Inference's CPU default; its graph passes and kernels in Paddle 3.3.1 break on
+patterns the ports use, each of which has an exact (or float32-rounding) equivalent here:
+
+* ``transpose`` followed by ``reshape`` to a constant shape: operator_reshape_onednn_fuse_pass
+  fuses the pair into one oneDNN ``fused_transpose`` whose output type is the transpose's, not
+  the reshape's.  Whatever checks or re-infers that type then fails: a ``concat`` taking it
+  ("type tensor<..> of outputs[0][1] must be equal to type .. of inputs[1]"), or a following
+  transpose+reshape pair fused in turn ("input tensor's dimension is 5, axis's size is 6").
+  ``transpose_reshape`` puts a ``flatten`` between the two, which the pass does not match.
+* ``transpose`` of more than 6 axes: the oneDNN kernel throws (std::exception).  Callers keep
+  their permutations to at most 6 axes.
+* ``F.pad(..., data_format="NHWC")`` (a ``pad3d`` in NDHWC): fails to run under oneDNN
+  (std::exception, or a following transpose fused with the pad's squeeze: "Squeeze2 input dim 1
+  should be equal to one").  ``pad_nhwc`` pads the same zeros through an NCHW view.
+* ``pad`` of every axis (what ``F.pad`` of a 3-D tensor with 4 pads becomes): the oneDNN kernel
+  swaps the pads as if the tensor were 2-D and writes past its output (heap corruption, crash or
+  hang).  ``F.pad`` of a 4-D NCHW tensor (``pad3d``, last two axes) is fine.
+* ``square`` whose input has another reader: inplace_pass turns the oneDNN square into an
+  in-place one anyway, so the other reader gets the squares (``c.square() + c`` comes out as
+  ``2 * c**2``).  Write ``c * c`` (the same float32 rounding).
+* ``layer_norm`` on weights-only inputs: see ``TableLayerNorm``.
+"""
+from __future__ import annotations
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+
+def transpose_reshape(x, perm, shape):
+    """``x.transpose(perm).reshape(shape)``, with the same values, that oneDNN does not fuse."""
+    return x.transpose(perm).flatten().reshape(shape)
+
+
+def pad_nhwc(x, pad_h: int, pad_w: int):
+    """(B, H, W, C) -> (B, H + pad_h, W + pad_w, C), zeros at the bottom and right, as
+    ``F.pad(x, [0, pad_w, 0, pad_h], data_format="NHWC")``: the rows of W*C values padded as
+    one NCHW channel."""
+    _, H, W, C = x.shape
+    x = F.pad(x.reshape([-1, 1, H, W * C]), [0, pad_w * C, 0, pad_h])
+    return x.reshape([-1, H + pad_h, W + pad_w, C])
+
+
+class TableLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters and state-dict keys) written out as mean / variance ops,
+    for a LayerNorm whose input depends on weights only (a constant table through an MLP).
+
+    In an exported graph such a subgraph is evaluated once at load by Paddle Inference's
+    constant_folding_pass.  Under oneDNN the folded ``layer_norm`` fails ("Tensor holds no
+    memory"): the oneDNN kernel leaves the op's Mean / Variance outputs unwritten in inference,
+    and the pass copies every output of a folded op.  Elementwise ops and reductions fold fine.
+    Results differ from nn.LayerNorm's fused kernel by float32 rounding only."""
+
+    def forward(self, x):
+        mu = x.mean(axis=-1, keepdim=True)
+        centred = x - mu
+        var = (centred * centred).mean(axis=-1, keepdim=True)  # biased, as layer_norm; not .square(), see above
+        return centred / paddle.sqrt(var + self._epsilon) * self.weight + self.bias
