@@ -17,6 +17,7 @@ import paddle.nn as nn
 from model_configs.fcvit import CONFIGS, DEFAULT_DROP_PATH_RATE, DEFAULT_DROP_RATE, DENSE_CONFIGS, FCViTConfig
 
 from . import numerics
+from .depthwise import DepthwiseConv2D
 from .layers import DropPath
 
 __all__ = ["FCViT", "FCViTFeatures", "FCViTConfig", "CONFIGS", "DENSE_CONFIGS"]
@@ -33,6 +34,16 @@ def conv2d(in_channels, out_channels, kernel_size, stride=1, padding=0, groups=1
     return nn.Conv2D(in_channels, out_channels, kernel_size, stride=stride, padding=padding, groups=groups,
                      weight_attr=paddle.ParamAttr(initializer=nn.initializer.Normal(0.0, math.sqrt(2.0 / fan_out))),
                      bias_attr=paddle.ParamAttr(initializer=_constant(0.0)))
+
+
+def depthwise_conv2d(channels, kernel_size):
+    """``conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)``, same
+    parameters and initialisation, as ``DepthwiseConv2D``: by FFT in dygraph, where Paddle's CPU
+    kernel for large depthwise kernels is slow (``paddle_models/depthwise.py``)."""
+    fan_out = kernel_size * kernel_size
+    return DepthwiseConv2D(channels, kernel_size,
+                           weight_attr=paddle.ParamAttr(initializer=nn.initializer.Normal(0.0, math.sqrt(2.0 / fan_out))),
+                           bias_attr=paddle.ParamAttr(initializer=_constant(0.0)))
 
 
 def linear(in_features, out_features):
@@ -109,10 +120,10 @@ class TokenMixer(nn.Layer):
         k = cfg.mix_kernel
         self.act = nn.GELU()
         self.gc1 = GlobalContext(dim, cfg)
-        self.dw1 = conv2d(dim, dim, k, padding=k // 2, groups=dim)
+        self.dw1 = depthwise_conv2d(dim, k)
         self.fc1 = _pointwise_bottleneck(dim, width)
         self.gc2 = GlobalContext(dim, cfg)
-        self.dw2 = conv2d(dim, dim, k, padding=k // 2, groups=dim)
+        self.dw2 = depthwise_conv2d(dim, k)
         self.fc2 = _pointwise_bottleneck(dim, width)
 
     def forward(self, x):

@@ -1,0 +1,65 @@
+"""The FFT depthwise convolution (paddle_models/depthwise.py) against Paddle's own ``F.conv2d``, on
+every map shape FCViT's 11x11 token-mixing convs see: classification at 224 (56/28/14/7), the
+dense backbones at verify's sizes (256x352, 384x512) and odd / non-square maps; forward and
+both gradients, within float32 noise relative to the largest value."""
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+
+from paddle_models.depthwise import DepthwiseConv2D, _smooth_length, depthwise_conv2d_fft
+
+REL_TOL = 2e-6
+
+SHAPES = [  # (batch, channels, H, W)
+    (2, 32, 56, 56), (2, 64, 56, 56), (2, 128, 28, 28), (2, 160, 14, 14), (2, 320, 14, 14),
+    (2, 320, 7, 7), (2, 512, 7, 7),                                            # 224x224, tiny and b12
+    (1, 64, 64, 88), (1, 128, 32, 44), (1, 320, 16, 22), (1, 512, 8, 11),     # 256x352 (dense)
+    (1, 64, 96, 128), (1, 512, 12, 16),                                        # 384x512 (dense)
+    (2, 32, 57, 57), (2, 64, 29, 29), (2, 160, 15, 15), (2, 320, 8, 8),       # 225x225
+    (1, 64, 13, 19), (1, 512, 25, 38), (1, 8, 1, 1), (1, 8, 3, 5), (3, 16, 6, 17),  # odd, tiny, wide
+]
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fft_depthwise_equals_paddle_conv(shape):
+    b, c, h, w = shape
+    rng = np.random.default_rng(h * 1000 + w)
+    x = paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32), stop_gradient=False)
+    weight = paddle.to_tensor(rng.standard_normal((c, 1, 11, 11), dtype=np.float32) * 0.1, stop_gradient=False)
+    bias = paddle.to_tensor(rng.standard_normal(c, dtype=np.float32), stop_gradient=False)
+    grad_out = paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32))
+
+    expected = F.conv2d(x, weight, bias, padding=5, groups=c)
+    actual = depthwise_conv2d_fft(x, weight, bias)
+    assert actual.shape == expected.shape
+    assert _rel(actual.numpy(), expected.numpy()) <= REL_TOL
+    for got, want in zip(paddle.grad([actual], [x, weight, bias], [grad_out]),
+                         paddle.grad([expected], [x, weight, bias], [grad_out])):
+        assert _rel(got.numpy(), want.numpy()) <= REL_TOL
+
+
+def test_layer_is_fft_in_dygraph_and_conv_in_a_static_graph():
+    paddle.seed(0)
+    layer = DepthwiseConv2D(16, 11)
+    assert sorted(layer.state_dict()) == ["bias", "weight"] and layer.weight.shape == [16, 1, 11, 11]
+    x = paddle.randn([2, 16, 9, 13])
+    with paddle.no_grad():
+        dynamic = layer(x)
+        assert np.array_equal(dynamic.numpy(), depthwise_conv2d_fft(x, layer.weight, layer.bias).numpy())
+    static = paddle.jit.to_static(layer, full_graph=True)
+    program = static.forward.get_concrete_program(x)[0].main_program
+    ops = {op.name() for op in program.global_block().ops}
+    assert not any("fft" in name for name in ops) and any("conv2d" in name for name in ops), ops
+    with paddle.no_grad():
+        assert _rel(static(x).numpy(), dynamic.numpy()) <= REL_TOL
+
+
+def test_smooth_lengths():
+    assert [_smooth_length(n) for n in (1, 7, 11, 17, 23, 66, 97)] == [1, 8, 12, 18, 24, 72, 100]
+    with pytest.raises(ValueError):
+        DepthwiseConv2D(4, 4)
