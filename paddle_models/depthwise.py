@@ -25,8 +25,9 @@ exported program is the same as before.
 from __future__ import annotations
 
 import paddle
-import paddle.nn as nn
 import paddle.nn.functional as F
+
+from .layers import Conv2D
 
 
 def _smooth_length(n: int) -> int:
@@ -50,10 +51,10 @@ def depthwise_conv2d_fft(x, weight, bias=None):
     s = [_smooth_length(h + k - 1), _smooth_length(w + k - 1)]
     spectrum = paddle.fft.rfft2(x, s=s) * paddle.fft.rfft2(weight.reshape([c, k, k]).flip([1, 2]), s=s)
     y = paddle.fft.irfft2(spectrum, s=s)[:, :, k - 1 - p:k - 1 - p + h, k - 1 - p:k - 1 - p + w]
-    return y if bias is None else y + bias.reshape([1, c, 1, 1])
+    return y if bias is None else y + bias.reshape([c, 1, 1])  # not [1, C, 1, 1]: see layers.Conv2D
 
 
-class DepthwiseConv2D(nn.Conv2D):
+class DepthwiseConv2D(Conv2D):
     """``nn.Conv2D(channels, channels, k, padding=k // 2, groups=channels)`` (odd k, stride 1): FFT in
     dygraph, Paddle's conv in a static graph."""
 
@@ -66,4 +67,4 @@ class DepthwiseConv2D(nn.Conv2D):
     def forward(self, x):
         if paddle.in_dynamic_mode() and x.dtype == paddle.float32:
             return depthwise_conv2d_fft(x, self.weight, self.bias)
-        return super().forward(x)
+        return Conv2D.forward(self, x)  # not super(): dy2static rewrites this method

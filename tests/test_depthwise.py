@@ -63,3 +63,45 @@ def test_smooth_lengths():
     assert [_smooth_length(n) for n in (1, 7, 11, 17, 23, 66, 97)] == [1, 8, 12, 18, 24, 72, 100]
     with pytest.raises(ValueError):
         DepthwiseConv2D(4, 4)
+
+
+def test_conv2d_adds_its_bias_as_nn_conv2d_does():
+    from paddle_models.layers import Conv2D
+    paddle.seed(1)
+    for args, kw in [((8, 16, 1), {}), ((8, 8, 3), {"padding": 1, "groups": 8}),  # 1x1, depthwise 3x3
+                     ((3, 8, 7), {"stride": 4, "padding": 3})]:                   # the strided stem
+        ours = Conv2D(*args, **kw)
+        stock = paddle.nn.Conv2D(*args, **kw)
+        stock.set_state_dict(ours.state_dict())
+        x = paddle.randn([2, args[0], 13, 17])
+        assert np.array_equal(ours(x).numpy(), stock(x).numpy())
+
+
+def test_numerics_reductions_stay_at_the_exact_value():
+    """numerics.mean (float32, blocked and corrected) within rounding of the exact mean, where
+    Paddle's plain float32 mean drifts; std_mean and GroupNorm as float64 computes them."""
+    from paddle_models import numerics
+    rng = np.random.default_rng(3)
+    x_np = (rng.standard_normal((4, 64, 56, 56)) * 3 + 2).astype(np.float32)
+    x = paddle.to_tensor(x_np)
+    exact = x_np.astype(np.float64).mean(axis=(2, 3))
+    ulp = np.spacing(np.abs(exact).astype(np.float32)).max()
+    assert np.abs(numerics.mean(x, axis=[-2, -1]).numpy() - exact).max() <= ulp
+    assert np.abs(numerics.mean(x.reshape([4, 64, -1]), axis=-1, keepdim=True).numpy()[..., 0] - exact).max() <= ulp
+    flat = x_np.reshape(4, 4, -1).astype(np.float64)
+    std, mean = numerics.std_mean(x.reshape([4, 4, -1]), axis=[1, 2], keepdim=True)
+    exact_std = x_np.reshape(4, -1).astype(np.float64).std(axis=1, ddof=1)
+    assert np.abs(std.numpy().ravel() - exact_std).max() <= np.spacing(np.float32(exact_std.max())) * 2
+    assert np.abs(mean.numpy().ravel() - flat.reshape(4, -1).mean(axis=1)).max() <= ulp
+    # gradient of the mean: 1/N exactly, the correction pass outside autograd
+    x.stop_gradient = False
+    (grad,) = paddle.grad([numerics.mean(x, axis=[-2, -1]).sum()], [x])
+    assert np.all(grad.numpy() == np.float32(1 / 3136))
+    gn = numerics.GroupNorm(num_groups=1, num_channels=64, epsilon=1e-5)
+    gn.weight.set_value(rng.standard_normal(64).astype(np.float32))
+    gn.bias.set_value(rng.standard_normal(64).astype(np.float32))
+    x64 = x_np.reshape(4, -1).astype(np.float64)
+    normed = ((x64 - x64.mean(1, keepdims=True)) / np.sqrt(x64.var(1, keepdims=True) + 1e-5)).astype(np.float32)
+    expected = normed.reshape(x_np.shape) * gn.weight.numpy()[:, None, None] + gn.bias.numpy()[:, None, None]
+    with paddle.no_grad():
+        assert np.abs(gn(x).numpy() - expected).max() <= 2 * np.spacing(np.float32(np.abs(expected).max()))
