@@ -14,7 +14,7 @@ convolution, free of wrap-around.  Measured single-threaded against Paddle's own
 (a dense backbone at 800x1216) 5.3x.  Results within ~5e-7 of max |output|, forward and both
 gradients (tests/test_depthwise.py holds 2e-6 on every shape FCViT uses): the size of the
 difference between torch's and Paddle's direct kernels themselves.  Autograd runs through the
-FFT ops.  Other formulations measured slower than the FFT on every one of these shapes: im2col
+FFT ops, but the layer uses them only when no gradient is recorded (see ``DepthwiseConv2D``).  Other formulations measured slower than the FFT on every one of these shapes: im2col
 (``F.unfold`` or a strided view) + a banded-Toeplitz GEMM (1-2x Paddle's conv: the copies cost more
 than the GEMM), a dense per-channel matrix (only faster at 7x7, batch 8), Paddle's conv in NHWC.
 
@@ -56,7 +56,23 @@ def depthwise_conv2d_fft(x, weight, bias=None):
 
 class DepthwiseConv2D(Conv2D):
     """``nn.Conv2D(channels, channels, k, padding=k // 2, groups=channels)`` (odd k, stride 1): FFT in
-    dygraph, Paddle's conv in a static graph."""
+    dygraph when no gradient is recorded (eval, verify, inference), Paddle's conv otherwise and in a
+    static graph.
+
+    Why not train through the FFT (it is differentiable, and its gradients are within 5e-7 of the
+    conv's relative to their largest element): an FFT's rounding error is spread evenly over the
+    output, relative to the largest value, where a direct conv's is relative to each element.  A
+    weight-gradient element far smaller than its tensor's largest then carries an error that is large
+    for itself, and AdamW, which divides each element by its own running magnitude, turns that into
+    whole +-lr steps: after 3 AdamW steps of fcvit_tiny, 9542 of the 19360 elements of
+    ``network.4.0.token_mixer.dw1.weight`` were off torch's by more than 1e-5 of the tensor's scale,
+    where torch float32 vs float64 has none (tests/test_train_fcvit.py).  So training computes what
+    it computed before, with Paddle's kernel."""
+
+    def _records_gradient(self, x) -> bool:
+        if not paddle.is_grad_enabled():
+            return False
+        return not (x.stop_gradient and self.weight.stop_gradient and (self.bias is None or self.bias.stop_gradient))
 
     def __init__(self, channels, kernel_size, weight_attr=None, bias_attr=None):
         if kernel_size % 2 != 1:
@@ -65,6 +81,6 @@ class DepthwiseConv2D(Conv2D):
                          weight_attr=weight_attr, bias_attr=bias_attr)
 
     def forward(self, x):
-        if paddle.in_dynamic_mode() and x.dtype == paddle.float32:
+        if paddle.in_dynamic_mode() and x.dtype == paddle.float32 and not self._records_gradient(x):
             return depthwise_conv2d_fft(x, self.weight, self.bias)
         return Conv2D.forward(self, x)  # not super(): dy2static rewrites this method

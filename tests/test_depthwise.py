@@ -43,7 +43,7 @@ def test_fft_depthwise_equals_paddle_conv(shape):
         assert _rel(got.numpy(), want.numpy()) <= REL_TOL
 
 
-def test_layer_is_fft_in_dygraph_and_conv_in_a_static_graph():
+def test_layer_is_fft_without_gradients_and_conv_otherwise():
     paddle.seed(0)
     layer = DepthwiseConv2D(16, 11)
     assert sorted(layer.state_dict()) == ["bias", "weight"] and layer.weight.shape == [16, 1, 11, 11]
@@ -51,6 +51,12 @@ def test_layer_is_fft_in_dygraph_and_conv_in_a_static_graph():
     with paddle.no_grad():
         dynamic = layer(x)
         assert np.array_equal(dynamic.numpy(), depthwise_conv2d_fft(x, layer.weight, layer.bias).numpy())
+    # recording gradients (training): Paddle's conv, bit for bit (see DepthwiseConv2D on AdamW)
+    trained = layer(x)
+    assert not trained.stop_gradient
+    assert np.array_equal(trained.numpy(), F.conv2d(x, layer.weight, layer.bias, padding=5, groups=16).numpy())
+    layer.eval()
+    assert np.array_equal(layer(x).numpy(), trained.numpy())  # eval mode alone does not switch: no_grad does
     static = paddle.jit.to_static(layer, full_graph=True)
     program = static.forward.get_concrete_program(x)[0].main_program
     ops = {op.name() for op in program.global_block().ops}
