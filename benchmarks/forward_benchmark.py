@@ -4,6 +4,9 @@ same batch, same number of CPU threads, each framework in a fresh process.
     python benchmarks/forward_benchmark.py --model biformer_small --batch-size 8 [--threads 2] [--repeat 5]
     python benchmarks/forward_benchmark.py --dense      # one dense backbone per family, 800x1216, batch 1
     python benchmarks/forward_benchmark.py --train --model fcvit_tiny   # train-mode forward + backward
+    python benchmarks/forward_benchmark.py --families --batch-size 1 --batch-size 8 --inference --threads 1
+        # the table of issue 15: one variant per family, torch eager, Paddle dygraph and the exported
+        # model under Paddle Inference (oneDNN off / on), each batch size, one markdown table at the end
 
 --train times one training step's compute: train mode (BatchNorm on batch statistics, dropout and
 drop-path at rate 0, as ``verify --train`` runs them), cross-entropy on fixed labels (a dense
@@ -11,6 +14,9 @@ backbone: the mean of its squared maps), backward, gradients cleared; no optimiz
 
 A dense backbone runs at --input-size (default 800x1216, a COCO image after the detectors' test
 resize); its output is the list of feature maps.
+
+--inference also exports the model (converter.export, dynamic batch, its checks included) and times
+the saved model in a Paddle Inference CPU predictor with oneDNN off and on, --threads math threads.
 
 Time: median (and min) of --repeat forwards after one warm-up.  Memory: the process's peak
 RSS (VmHWM) minus its RSS just before the first forward, i.e. what the forward pass itself
@@ -35,7 +41,6 @@ import numpy as np
 framework, model, batch_size, repeat, threads, ckpt = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]), sys.argv[6]
 height, width = map(int, sys.argv[7].split("x"))
 train = sys.argv[8] == "train"
-from converter.train import _loss, zero_stochastic_ops
 
 def rss_kib(field):
     with open("/proc/self/status") as status:
@@ -43,7 +48,13 @@ def rss_kib(field):
 
 x = np.random.default_rng(0).standard_normal((batch_size, 3, height, width), dtype=np.float32)
 as_numpy = lambda out: [t.numpy() for t in out] if isinstance(out, (list, tuple)) else out.numpy()
-if framework == "torch":
+if framework.startswith("inference"):  # ckpt: the export's path prefix
+    from pathlib import Path
+    from converter.export import _inference_runner
+    run = _inference_runner(Path(ckpt), onednn=framework.endswith("on"), runtime=framework, threads=threads)
+    forward = lambda: run(x)
+elif framework == "torch":
+    from converter.train import _loss
     import torch
     torch.set_num_threads(threads)
     from converter import create_torch_model
@@ -56,6 +67,7 @@ if framework == "torch":
         _loss(net(inp), labels, "torch").backward()
         net.zero_grad()
 else:
+    from converter.train import _loss
     import paddle
     from converter import create_paddle_model
     net = create_paddle_model(model, ckpt)
@@ -67,6 +79,7 @@ else:
         _loss(net(inp), labels, "paddle").backward()
         net.clear_gradients()
 if train:
+    from converter.train import zero_stochastic_ops
     net.train()
     zero_stochastic_ops(net, framework)
     forward = train_step
@@ -83,6 +96,8 @@ print(json.dumps({"median": statistics.median(times), "min": min(times),
 
 
 DENSE_PER_FAMILY = ("fcvit_b12_feat", "biformer_small_det", "crossformer_small_det", "regionvit_small_det")
+PER_FAMILY = ("fcvit_b12", "biformer_small", "crossformer_small", "regionvit_small")
+INFERENCE = (("inference-onednn-off", "Paddle Inference, oneDNN off"), ("inference-onednn-on", "Paddle Inference, oneDNN on"))
 
 
 def measure(framework: str, model: str, batch_size: int, repeat: int, threads: int, weights: Path,
@@ -93,43 +108,91 @@ def measure(framework: str, model: str, batch_size: int, repeat: int, threads: i
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def benchmark(model: str, batch_size: int, repeat: int, threads: int, input_size, mode: str = "forward") -> None:
+def benchmark(model: str, batch_sizes, repeat: int, threads: int, input_size, mode: str = "forward",
+              inference: bool = False) -> list:
+    """Each batch size: {model, batch_size, runs: {label: {median, min, peak_mib} or {error}}}."""
     from converter import convert
     from converter.fixtures import make_official_checkpoint
     from converter.registry import get_spec
 
     spec = get_spec(model)
     size = input_size or ("800x1216" if spec.dense else f"{spec.preprocessing.input_size}x{spec.preprocessing.input_size}")
+    what = "train-mode forward + backward" if mode == "train" else "forward"
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_official_checkpoint(model, Path(tmp) / "model.pth")
         params = Path(tmp) / "model.pdparams"
         convert(model, ckpt, params)
-        torch_run = measure("torch", model, batch_size, repeat, threads, ckpt, size, mode)
-        paddle_run = measure("paddle", model, batch_size, repeat, threads, params, size, mode)
-    what = "train-mode forward + backward" if mode == "train" else "forward"
-    print(f"{model}, {what}, {size}, batch {batch_size}, {threads} thread(s), CPU float32, "
-          f"median (min) of {repeat} after a warm-up")
-    for name, run in (("torch", torch_run), ("paddle", paddle_run)):
-        print(f"  {name:<7} {run['median'] * 1000:8.0f} ms ({run['min'] * 1000:.0f} ms)   "
-              f"{what} peak memory {run['peak_mib']:.0f} MiB")
-    print(f"  paddle / torch time: {paddle_run['median'] / torch_run['median']:.2f}x", flush=True)
+        runtimes = [("torch", "torch eager", ckpt), ("paddle", "Paddle dygraph", params)]
+        if inference and mode == "forward" and not spec.dense:
+            from converter.export import export_model
+            report = export_model(model, params, Path(tmp) / "export")
+            for key, label in INFERENCE:
+                runtimes.append((key, label, Path(tmp) / "export" / "inference") if report.passed
+                                else (None, label, "export failed its checks"))
+        for batch_size in batch_sizes:
+            runs = {}
+            for key, label, path in runtimes:
+                try:
+                    runs[label] = ({"error": path} if key is None else
+                                   measure(key, model, batch_size, repeat, threads, path, size, mode))
+                except subprocess.CalledProcessError as exc:
+                    runs[label] = {"error": (exc.stderr.strip().splitlines() or ["failed"])[-1][:120]}
+            torch_time = runs["torch eager"].get("median")
+            print(f"{model}, {what}, {size}, batch {batch_size}, {threads} thread(s), CPU float32, "
+                  f"median (min) of {repeat} after a warm-up")
+            for label, run in runs.items():
+                if "error" in run:
+                    print(f"  {label:<30} {run['error']}")
+                else:
+                    ratio = f"   {run['median'] / torch_time:.2f}x torch" if torch_time and label != "torch eager" else ""
+                    print(f"  {label:<30} {run['median'] * 1000:8.0f} ms ({run['min'] * 1000:.0f} ms)   "
+                          f"peak memory {run['peak_mib']:.0f} MiB{ratio}")
+            print(flush=True)
+            rows.append({"model": model, "batch_size": batch_size, "runs": runs})
+    return rows
+
+
+def markdown_table(rows: list) -> str:
+    """One row per (model, batch size): time (and x torch eager) and peak memory of each runtime."""
+    labels = list(dict.fromkeys(label for row in rows for label in row["runs"]))
+    lines = ["| model | batch | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    for row in rows:
+        torch_time = row["runs"].get("torch eager", {}).get("median")
+        cells = []
+        for label in labels:
+            run = row["runs"].get(label, {"error": "-"})
+            if "error" in run:
+                cells.append(f"fails: {run['error']}")
+                continue
+            ratio = f" ({run['median'] / torch_time:.2f}x)" if torch_time and label != "torch eager" else ""
+            cells.append(f"{run['median'] * 1000:.0f} ms{ratio}, {run['peak_mib']:.0f} MiB")
+        lines.append(f"| {row['model']} | {row['batch_size']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", help="repeatable (default: biformer_small)")
+    parser.add_argument("--families", action="store_true", help=f"the models {', '.join(PER_FAMILY)}")
     parser.add_argument("--dense", action="store_true", help=f"the models {', '.join(DENSE_PER_FAMILY)}, batch 1")
     parser.add_argument("--train", action="store_true", help="time train-mode forward + backward instead")
-    parser.add_argument("--batch-size", type=int, default=None, help="default 8, 1 with --dense")
+    parser.add_argument("--batch-size", type=int, action="append", help="repeatable; default 8, 1 with --dense")
+    parser.add_argument("--inference", action="store_true",
+                        help="also export the model and time it under Paddle Inference, oneDNN off and on")
     parser.add_argument("--input-size", metavar="HxW", help="default: official (dense backbones: 800x1216)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    models = args.model or (list(DENSE_PER_FAMILY) if args.dense else ["biformer_small"])
-    batch_size = args.batch_size or (1 if args.dense else 8)
+    models = args.model or (list(DENSE_PER_FAMILY) if args.dense else list(PER_FAMILY) if args.families
+                            else ["biformer_small"])
+    batch_sizes = args.batch_size or [1 if args.dense else 8]
+    rows = []
     for model in models:
-        benchmark(model, batch_size, args.repeat, args.threads, args.input_size, "train" if args.train else "forward")
+        rows += benchmark(model, batch_sizes, args.repeat, args.threads, args.input_size,
+                          "train" if args.train else "forward", args.inference)
+    print(markdown_table(rows))
 
 
 if __name__ == "__main__":

@@ -225,13 +225,15 @@ def _jit_load_runner(path_prefix: Path):
     return run
 
 
-def _inference_runner(path_prefix: Path, *, onednn: bool, runtime: str):
-    """The export loaded by a Paddle Inference CPU predictor, oneDNN on or off: a function from a
-    batch to its logits."""
+def _inference_runner(path_prefix: Path, *, onednn: bool, runtime: str, threads: Optional[int] = None):
+    """The export loaded by a Paddle Inference CPU predictor, oneDNN on or off (``threads``: its CPU
+    math threads; default Paddle Inference's, 1): a function from a batch to its logits."""
     from paddle import inference
 
     config = inference.Config(str(graph_file(path_prefix)), str(path_prefix.with_suffix(".pdiparams")))
     config.disable_gpu()
+    if threads:
+        config.set_cpu_math_library_num_threads(threads)
     if onednn:
         config.enable_mkldnn()
     else:
