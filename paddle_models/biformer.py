@@ -30,6 +30,7 @@ import paddle.nn.functional as F
 from model_configs.biformer import CONFIGS, DENSE_CONFIGS, BiFormerConfig, dense_factory_kwargs
 
 from . import numerics
+from . import layers
 from .layers import DropPath, drop_path_schedule
 
 __all__ = ["BiFormer", "BiFormerSTL", "BiFormerDense", "biformer_tiny", "biformer_small", "biformer_base",
@@ -128,12 +129,13 @@ class Linear(nn.Linear):
         return _add_bias64(F.linear(x, self.weight), self.bias)
 
 
-class Conv2D(nn.Conv2D):
-    """``nn.Conv2D`` (same parameters, keys and eval forward, NCHW); training: bias added in float64."""
+class Conv2D(layers.Conv2D):
+    """``layers.Conv2D`` (same parameters, keys and eval forward as ``nn.Conv2D``, NCHW); training:
+    bias added in float64."""
 
     def forward(self, x):
         if not _bias64(self, x):
-            return super().forward(x)
+            return layers.Conv2D.forward(self, x)  # not super(): dy2static rewrites this method
         y = F.conv2d(x, self.weight, None, stride=self._stride, padding=self._padding, dilation=self._dilation,
                      groups=self._groups, data_format=self._data_format)
         return _add_bias64(y, self.bias.reshape([1, -1, 1, 1]))

@@ -33,6 +33,7 @@ from model_configs.crossformer import (CONFIGS, DEFAULT_ATTN_DROP_RATE, DEFAULT_
                                        coordinate_table, padding_key_mask, padding_mask, relative_position_index,
                                        scale_dims, drop_path_rates)
 
+from . import layers
 from .layers import DropPath
 from .onednn import TableLayerNorm, pad_nhwc, transpose_reshape
 
@@ -176,7 +177,7 @@ class CrossFormerBlock(nn.Layer):
         self.attn = Attention(dim, None if self.layout is None else self.layout.group_size, num_heads,
                               attn_drop=attn_drop, proj_drop=drop)
         if use_extra_conv:
-            self.ex_conv = nn.Conv2D(dim, dim, 3, padding=1, groups=dim)
+            self.ex_conv = layers.Conv2D(dim, dim, 3, padding=1, groups=dim)
             self.ex_ln = nn.LayerNorm(dim)
         # one layer on both residual branches, each call drawing its own mask; none at rate 0
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
@@ -221,7 +222,7 @@ class PatchMerging(nn.Layer):
         self.reductions = nn.LayerList()  # registered before norm, as in the official key order
         self.norm = nn.LayerNorm(dim)
         for ps, out_dim in zip(patch_size, scale_dims(2 * dim, len(patch_size))):
-            self.reductions.append(nn.Conv2D(dim, out_dim, ps, stride=2, padding=(ps - 2) // 2))
+            self.reductions.append(layers.Conv2D(dim, out_dim, ps, stride=2, padding=(ps - 2) // 2))
 
     def forward(self, x, size=None):
         H, W = self.input_resolution if size is None else size
@@ -264,7 +265,7 @@ class PatchEmbed(nn.Layer):
         self.img_size = img_size  # None: any size (dense)
         self.projs = nn.LayerList()
         for ps, dim in zip(patch_size, scale_dims(embed_dim, len(patch_size))):
-            self.projs.append(nn.Conv2D(3, dim, ps, stride=patch_size[0], padding=(ps - patch_size[0]) // 2))
+            self.projs.append(layers.Conv2D(3, dim, ps, stride=patch_size[0], padding=(ps - patch_size[0]) // 2))
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x):

@@ -4,22 +4,23 @@ torch's CPU reductions (mean, std_mean, GroupNorm statistics) sum float32 inputs
 (cascade) and land within ~1e-7 of the exact value; Paddle's float32 reductions sum naively and
 drift by ~2e-6 over a 56x56 map.  So:
 
-* ``mean`` over trailing axes stays in float32: a blocked sum (the N values split into ~sqrt(N)
-  rows of ~sqrt(N), summed row-wise, then the row sums: error ~2 sqrt(N) eps instead of N eps),
+* ``mean`` over trailing axes stays in float32: a blocked mean (the N values split into ~sqrt(N)
+  blocks, averaged block-wise, then the block means: error ~2 sqrt(N) eps instead of N eps),
   then one correction pass, mu + mean(x - mu), which lands within rounding of the exact mean
   (measured: 1.2e-7 on means of ~2 over 56x56, as float64 rounded once; torch 4e-7).  The
   correction is left out of autograd: the gradient of a mean is 1/N either way, and through the
-  blocked sum alone it stays exact.  Other axes: float64.
-* ``std_mean`` and ``GroupNorm`` accumulate in float64 and round back once.  Their float32
-  versions (blocked, corrected two-pass statistics applied as a per-channel scale and shift, as
-  torch's kernel does) were measured: forward within 1.2-1.4x of today's parity errors, but the
-  backward goes through float32 sums of N gradient terms, and fcvit_b12_feat's step-1 gradients
-  fell out of tests/test_train_fcvit.py's "as accurate as torch float32" bounds (95th percentile
-  error ratio 3.1 > 3.0, 6 > 5 parameters off).  GroupNorm's float64 statistics cost little once
-  written with products instead of ``** 2`` and division (Paddle's float64 pow and divide kernels
-  are slow): 15 ms on [8, 64, 56, 56] where the earlier form took 150 ms, bit for bit the same
-  output; the affine is applied as [C, 1, 1] tensors (see ``layers.Conv2D``: a [1, C, 1, 1]
-  operand takes Paddle's slow broadcast path).
+  blocked mean alone it stays exact.  Other axes: float64.
+* ``GroupNorm`` in float32 the same way: corrected blocked mean, then the biased variance as the
+  corrected blocked mean of the centred squares (without that correction the variance, a mean of
+  positive terms, was off by 4e-7 and the output by 3.8e-7 of its max, 5x torch's own float32
+  error).  Its backward is written out (``_NormalizeRows``) so the two row means it needs are
+  computed the same way; autograd would take them with Paddle's naive float32 sum.  Measured on
+  [8, 64, 56, 56] (one group) against torch float64: forward 9.4e-8 and input gradient 1.4e-7 of
+  their max, torch float32 7.7e-8 and 1.1e-7; 22 ms forward in dygraph, where the float64 version
+  took 32 ms.  No float64 in a model people train on GPUs with AMP (half inputs: float32 inside).
+* ``std_mean`` (FCViT's GlobalContext, a [B, heads, positions] map) accumulates in float64 and
+  rounds back once; its square is a product (Paddle's float64 pow kernel is slow, and
+  ``paddle.std`` breaks under oneDNN: see onednn.py).
 """
 from __future__ import annotations
 
@@ -44,10 +45,19 @@ def _trailing(x, axis):
     return len(axes) if axes == list(range(rank - len(axes), rank)) else None
 
 
-def _blocked_sum(flat, n: int):
-    """Sum of ``flat`` [M, n] over its last axis, blocked, keepdim: [M, 1]."""
+def _blocked_mean(rows, n: int):
+    """The mean of each row of ``rows`` [M, n], keepdim [M, 1]: the means of ~sqrt(n) blocks, then
+    their mean (rounding error ~2 sqrt(n) eps instead of Paddle's n eps).  Means, not sums: under
+    Paddle Inference's oneDNN kernels a sum over the short inner axis took ~8x as long."""
     block = _block(n)
-    return flat.reshape([-1, n // block, block]).sum(axis=-1).sum(axis=-1, keepdim=True)
+    return rows.reshape([-1, n // block, block]).mean(axis=-1).mean(axis=-1, keepdim=True)
+
+
+def _row_mean(rows, n: int):
+    """The blocked mean plus one correction pass, mu + mean(x - mu): within rounding of the exact
+    mean of each row (the correction is what a float64 sum would add back)."""
+    mu = _blocked_mean(rows, n)
+    return mu + _blocked_mean(rows - mu, n)
 
 
 def mean(x, axis, keepdim=False):
@@ -58,8 +68,8 @@ def mean(x, axis, keepdim=False):
     for size in x.shape[len(x.shape) - k:]:
         n *= size
     flat = x.reshape([-1, n])
-    mu = _blocked_sum(flat, n) / n
-    correction = (_blocked_sum(flat - mu, n) / n).detach()
+    mu = _blocked_mean(flat, n)
+    correction = _blocked_mean(flat - mu, n).detach()  # the gradient of a mean is 1/N either way
     lead = list(x.shape[:len(x.shape) - k])
     return (mu + correction).reshape(lead + [1] * k if keepdim else lead)
 
@@ -81,15 +91,52 @@ def std_mean(x, axis, keepdim=False):
     return paddle.sqrt(var).astype(x.dtype), (mu if keepdim else mu.squeeze(axes)).astype(x.dtype)
 
 
+def _normalized_rows(rows, n: int, eps: float):
+    """((x - mean) / sqrt(var + eps), 1 / sqrt(var + eps)) of each row of ``rows`` [M, n]: biased
+    variance, float32 statistics within rounding of float64 ones (blocked, corrected means)."""
+    centred = rows - _row_mean(rows, n)
+    inv_std = paddle.rsqrt(_row_mean(centred * centred, n) + eps)
+    return centred * inv_std, inv_std
+
+
+class _NormalizeRows(paddle.autograd.PyLayer):
+    """``_normalized_rows`` with its gradient written out, so the backward's two row means are
+    blocked and corrected too (autograd would sum N gradient terms with Paddle's naive float32 sum):
+        dx = inv_std * (g - mean(g) - xhat * mean(g * xhat))"""
+
+    @staticmethod
+    def forward(ctx, rows, n, eps):
+        normalized, inv_std = _normalized_rows(rows, n, eps)
+        ctx.save_for_backward(normalized, inv_std)
+        ctx.n = n
+        return normalized
+
+    @staticmethod
+    def backward(ctx, grad):
+        normalized, inv_std = ctx.saved_tensor()
+        n = ctx.n
+        return inv_std * (grad - _row_mean(grad, n) - normalized * _row_mean(grad * normalized, n))
+
+
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` (same parameters and state-dict keys) with float64 statistics."""
+    """``nn.GroupNorm`` (same parameters and state-dict keys) with statistics as accurate as torch's,
+    in float32 (half-precision inputs: computed in float32, returned in their dtype).  The affine is
+    applied as [C, 1, 1] tensors (see ``layers.Conv2D``: a [1, C, 1, 1] operand takes Paddle's slow
+    broadcast path)."""
 
     def forward(self, x):
-        b, c = x.shape[0], x.shape[1]
-        x64 = x.astype("float64").reshape([b, self._num_groups, -1])
-        d = x64 - x64.mean(axis=-1, keepdim=True)
-        var = (d * d).mean(axis=-1, keepdim=True)
-        y = (d * paddle.rsqrt(var + self._epsilon)).astype(x.dtype).reshape(x.shape)
+        c = x.shape[1]
+        n = c // self._num_groups
+        for size in x.shape[2:]:
+            n *= size
+        rows = x.reshape([-1, n])
+        if rows.dtype != paddle.float32:
+            rows = rows.astype("float32")
+        if paddle.in_dynamic_mode():
+            normalized = _NormalizeRows.apply(rows, n, self._epsilon)
+        else:  # an exported graph: no gradient, and a PyLayer does not trace
+            normalized = _normalized_rows(rows, n, self._epsilon)[0]
+        y = normalized.astype(x.dtype).reshape([-1] + list(x.shape[1:]))
         shape = [c] + [1] * (len(x.shape) - 2)
         return y * self.weight.reshape(shape) + self.bias.reshape(shape)
 

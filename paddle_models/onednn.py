@@ -19,7 +19,9 @@ patterns the ports use, each of which has an exact (or float32-rounding) equival
   hang).  ``F.pad`` of a 4-D NCHW tensor (``pad3d``, last two axes) is fine.
 * ``square`` whose input has another reader: inplace_pass turns the oneDNN square into an
   in-place one anyway, so the other reader gets the squares (``c.square() + c`` comes out as
-  ``2 * c**2``).  Write ``c * c`` (the same float32 rounding).
+  ``2 * c**2``).  Write ``c * c`` (the same float32 rounding).  ``paddle.std`` squares through
+  a ``pow`` that the same pass makes in-place: fcvit_b12's logits came out 1.6 off; numerics.std_mean
+  writes the square as a product.
 * ``layer_norm`` on weights-only inputs: see ``TableLayerNorm``.
 """
 from __future__ import annotations
