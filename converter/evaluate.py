@@ -8,7 +8,7 @@ allocation, kernel selection) excluded when there are more.
 
 The Paddle side runs in the fastest runtime that reproduces the dygraph model (``paddle_runtime``):
 on CPU, ``auto`` traces the model into a temporary directory and runs it through a Paddle
-Inference predictor with oneDNN on (fcvit_b12: 1.6x dygraph's speed), given torch's thread count, once
+Inference predictor with oneDNN on (fcvit_b12, 1 thread: 1.3-1.6x dygraph's speed), given torch's thread count, once
 its logits on the first batch equal the dygraph model's within export's gate; otherwise it runs
 dygraph and the report says why.  ``inference`` insists (an error instead), ``dygraph`` skips it.
 """
