@@ -40,6 +40,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=5, help="including the warm-up batch")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--paddle-runtime", choices=("auto", "dygraph", "inference"), default="auto")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from converter.cli import _quiet_framework_logs
@@ -59,10 +60,11 @@ def main():
         src = make_official_checkpoint(args.model, tmp / f"{args.model}.pth")
         data = write_image_folder(tmp / "val", args.batch_size * args.batches)
         report = run_eval(args.model, data, src, batch_size=args.batch_size, workers=args.workers,
-                          num_classes=1000, progress=False)
+                          num_classes=1000, progress=False, paddle_runtime=args.paddle_runtime)
     print(f"model {args.model}, batch {args.batch_size}, {report.images} images "
           f"({args.batches - 1} timed batches after 1 warm-up), {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), paddle {paddle.__version__}")
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), paddle {paddle.__version__}, "
+          f"Paddle ran as {report.paddle_runtime}{'; ' + report.paddle_runtime_note if report.paddle_runtime_note else ''}")
     for framework in ("torch", "paddle"):
         score = getattr(report, framework)
         print(f"{framework:<7} {score['images_per_second']:7.1f} images/s  "

@@ -403,6 +403,11 @@ def export(model, params, out_dir, json_path, **kwargs):
 @click.option("--num-classes", type=click.IntRange(1), default=1000, show_default=True)
 @json_option
 @click.option("--no-progress", is_flag=True, help="No progress bar (it is only shown on a terminal anyway).")
+@click.option("--paddle-runtime", type=click.Choice(["auto", "dygraph", "inference"]), default="auto",
+              show_default=True,
+              help="How the Paddle model runs. auto: on CPU, traced and run by Paddle Inference with oneDNN "
+                   "once its first-batch logits equal dygraph's, else dygraph (the report says why); "
+                   "inference: that or an error; dygraph: the dynamic model.")
 @runs_both_frameworks
 def evaluate(model, data, list_path, torch_ckpt, paddle_params, ema, entry_key, unsafe_pickle, json_path,
              no_progress, **kwargs):

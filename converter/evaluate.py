@@ -5,26 +5,38 @@ same float32 batch is fed to both frameworks, so any accuracy difference is the 
 the pipelines'.  Unreadable images are skipped and reported, never fatal.  Accuracies are in
 percent; throughput is images per second of model forward time, the first batch (warm-up:
 allocation, kernel selection) excluded when there are more.
+
+The Paddle side runs in the fastest runtime that reproduces the dygraph model (``paddle_runtime``):
+on CPU, ``auto`` traces the model into a temporary directory and runs it through a Paddle
+Inference predictor with oneDNN on (fcvit_b12, 1 thread: 1.3-1.6x dygraph's speed), given torch's thread count, once
+its logits on the first batch equal the dygraph model's within export's gate; otherwise it runs
+dygraph and the report says why.  ``inference`` insists (an error instead), ``dygraph`` skips it.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Iterator, Optional
+from pathlib import Path
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 from .datasets import open_dataset, read_sample
 from .errors import UserError
 from .registry import get_spec
-from .verify import Discrepancy, forward_both, load_model_pair, model_line, resolve_device
+from .export import DEFAULT_MAX_ERR as EXPORT_MAX_ERR, gate, inference_runtime, traced_predictor
+from .verify import Discrepancy, forward_both, load_model_pair, model_line, paddle_forward, resolve_device
 
 PREFETCH_BATCHES = 2  # batches decoded ahead of the models: bounds the memory they take
 SHOWN_SKIPPED = 10  # unreadable files listed in the text report (the JSON lists all)
+PADDLE_RUNTIMES = ("auto", "dygraph", "inference")  # --paddle-runtime
 
 
 def topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
@@ -116,6 +128,71 @@ class _Tally:
 
 
 @dataclass
+class PaddleRunner:
+    """The Paddle side of eval: ``forward`` maps a batch to its logits, in ``runtime``."""
+    runtime: str  # what runs, as the report names it
+    forward: Callable
+    dygraph_model: object  # the check's reference, and the fallback
+    requested: str  # --paddle-runtime
+    note: Optional[str] = None  # why auto runs dygraph, when it does
+    check: Optional[dict] = None  # first batch vs dygraph: {batch_size, max_abs_err, max_abs_logit, gate}
+    needs_check: bool = False  # Paddle Inference, not yet run
+
+
+def _dygraph(model, requested: str, device: str, note: Optional[str] = None, check=None) -> PaddleRunner:
+    return PaddleRunner(f"Paddle dygraph ({device.upper()})", partial(paddle_forward, model), model,
+                        requested, note, check)
+
+
+def _fall_back(runner: PaddleRunner, reason: str, check=None) -> PaddleRunner:
+    """Dygraph in place of Paddle Inference under ``auto``; under ``inference``, a one-line error."""
+    if runner.requested == "inference":
+        raise UserError(f"--paddle-runtime inference: {reason}")
+    return _dygraph(runner.dygraph_model, runner.requested, "cpu", f"Paddle Inference not used: {reason}", check)
+
+
+@contextlib.contextmanager
+def paddle_runner(requested: str, spec, model, device: str, threads: int) -> Iterator[PaddleRunner]:
+    """The runner eval starts with.  On CPU, unless ``requested`` is dygraph: the model traced into a
+    temporary directory (kept until the block ends) under a Paddle Inference predictor, oneDNN on,
+    ``threads`` math threads, to be checked on the first batch (``checked_on_first_batch``)."""
+    if requested not in PADDLE_RUNTIMES:
+        raise UserError(f"--paddle-runtime {requested}: expected one of {', '.join(PADDLE_RUNTIMES)}")
+    if requested == "dygraph" or device != "cpu":
+        if requested == "inference":
+            raise UserError("--paddle-runtime inference runs on CPU: with --device gpu, use auto or dygraph")
+        yield _dygraph(model, requested, device)
+        return
+    with tempfile.TemporaryDirectory(prefix="torch2paddle-eval-") as tmp:
+        runner = _dygraph(model, requested, device)
+        try:
+            forward = traced_predictor(spec, model, Path(tmp), spec.preprocessing.input_size, threads=threads)
+        except UserError as exc:
+            runner = _fall_back(runner, str(exc))
+        else:
+            runner = PaddleRunner(inference_runtime(True, threads), forward, model, requested, needs_check=True)
+        yield runner
+
+
+def checked_on_first_batch(runner: PaddleRunner, batch: np.ndarray) -> PaddleRunner:
+    """``runner`` with its first-batch check against the dygraph model recorded, if it passed the
+    export gate (EXPORT_MAX_ERR x max(1, max |logit|)); otherwise what ``_fall_back`` gives."""
+    try:
+        actual = runner.forward(batch)
+    except UserError as exc:
+        return _fall_back(runner, str(exc))
+    expected = paddle_forward(runner.dygraph_model, batch)
+    max_abs_logit = float(np.abs(expected).max())
+    check = {"batch_size": int(batch.shape[0]), "max_abs_err": Discrepancy.between(expected, actual).max_abs_err,
+             "max_abs_logit": max_abs_logit, "gate": gate(EXPORT_MAX_ERR, max_abs_logit)}
+    if check["max_abs_err"] > check["gate"]:
+        return _fall_back(runner, f"its logits on the first batch differ from the dygraph model's by "
+                                  f"{check['max_abs_err']:.3e} > gate {check['gate']:.3e} = {EXPORT_MAX_ERR:g} x "
+                                  f"max(1, max |logit| {max_abs_logit:.3g})", check)
+    return dataclasses.replace(runner, check=check, needs_check=False)
+
+
+@dataclass
 class EvalReport:
     model: str
     data: str
@@ -134,6 +211,10 @@ class EvalReport:
     max_abs_logit_err: float
     wall_seconds: float
     skipped_images: list = field(default_factory=list)  # [{path, reason}]
+    paddle_runtime: str = ""  # what ran the Paddle model, e.g. "Paddle Inference (CPU, oneDNN on, 2 threads)"
+    paddle_runtime_requested: str = "auto"  # --paddle-runtime
+    paddle_runtime_note: Optional[str] = None  # why auto ran dygraph, when it did
+    paddle_runtime_check: Optional[dict] = None  # Paddle Inference's first batch vs dygraph (see PaddleRunner)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -146,9 +227,12 @@ class EvalReport:
             f"preprocess   {self.preprocessing}",
             f"images       {self.images} evaluated, {self.skipped} skipped (unreadable); batch {self.batch_size}, "
             f"{self.device} float32",
-            f"{'':13}{'top-1':>9}{'top-5':>9}{'images/s':>11}",
-            f"{'torch':13}{t['top1']:>8.3f}%{t['top5']:>8.3f}%{t['images_per_second']:>11.1f}",
-            f"{'paddle':13}{p['top1']:>8.3f}%{p['top5']:>8.3f}%{p['images_per_second']:>11.1f}",
+            self._runtime_line(),
+            f"{'':13}{'top-1':>9}{'top-5':>9}{'images/s':>11}{'forward s':>11}",
+            f"{'torch':13}{t['top1']:>8.3f}%{t['top5']:>8.3f}%{t['images_per_second']:>11.1f}"
+            f"{t['forward_seconds']:>11.2f}",
+            f"{'paddle':13}{p['top1']:>8.3f}%{p['top5']:>8.3f}%{p['images_per_second']:>11.1f}"
+            f"{p['forward_seconds']:>11.2f}",
             f"{'delta':13}{self.top1_delta:>+9.3f}{self.top5_delta:>+9.3f}   (paddle - torch, points)",
             f"agreement    {self.agreement:.3f}% same top-1 class; max abs logit error {self.max_abs_logit_err:.3e}",
         ]
@@ -158,6 +242,15 @@ class EvalReport:
             lines.append(f"  ... and {self.skipped - SHOWN_SKIPPED} more (all are listed in --json)")
         lines.append(f"time         {self.wall_seconds:.1f} s")
         return "\n".join(lines)
+
+    def _runtime_line(self) -> str:
+        line = f"paddle runs  {self.paddle_runtime} (--paddle-runtime {self.paddle_runtime_requested})"
+        c = self.paddle_runtime_check
+        if c and not self.paddle_runtime_note:
+            line += (f"; first batch vs dygraph: max abs {c['max_abs_err']:.3e} <= gate {c['gate']:.1e}")
+        if self.paddle_runtime_note:
+            line += f"; {self.paddle_runtime_note}"
+        return line
 
 
 def _progress_bar(total: int, model: str, enabled: bool):
@@ -177,9 +270,12 @@ def _none_readable(dataset, unreadable: list) -> UserError:
 def run_eval(name: str, data, torch_ckpt, paddle_params=None, *, list_path=None, limit: Optional[int] = None,
              batch_size: int = 32, workers: int = 2, device: str = "cpu", ema: bool = False,
              key: Optional[str] = None, unsafe_pickle: bool = False, num_classes: int = 1000,
-             progress: bool = True) -> EvalReport:
+             progress: bool = True, paddle_runtime: str = "auto") -> EvalReport:
     """Top-1 / top-5 of the torch reference (``torch_ckpt``) and the Paddle model
-    (``paddle_params``, or converted in memory) on the labelled images at ``data``."""
+    (``paddle_params``, or converted in memory) on the labelled images at ``data``; the Paddle
+    model runs as ``paddle_runtime`` (PADDLE_RUNTIMES, see the module docstring) chooses."""
+    import torch
+
     start = time.perf_counter()
     spec = get_spec(name)
     if spec.dense:
@@ -193,11 +289,15 @@ def run_eval(name: str, data, torch_ckpt, paddle_params=None, *, list_path=None,
     pair = load_model_pair(spec, torch_ckpt, paddle_params, device=device, ema=ema, key=key,
                            unsafe_pickle=unsafe_pickle, num_classes=num_classes)
     tally = _Tally(k=min(5, num_classes))
-    with _progress_bar(len(dataset), spec.name, progress) as bar:
+    with paddle_runner(paddle_runtime, spec, pair.paddle_model, device, torch.get_num_threads()) as runner, \
+            _progress_bar(len(dataset), spec.name, progress) as bar:
         for batch in load_batches(dataset.samples, spec.preprocessing, batch_size, workers):
             tally.unreadable += batch.unreadable
             if batch.images is not None:
-                tally.add(forward_both(pair.torch_model, pair.paddle_model, batch.images, device), batch.labels)
+                if runner.needs_check:
+                    runner = checked_on_first_batch(runner, batch.images)
+                tally.add(forward_both(pair.torch_model, pair.paddle_model, batch.images, device,
+                                       paddle_run=runner.forward), batch.labels)
             bar.update(batch.size)
             if tally.images:
                 bar.set_postfix(top1_torch=f"{tally.percent(tally.hits['torch'][0]):.2f}%",
@@ -214,4 +314,6 @@ def run_eval(name: str, data, torch_ckpt, paddle_params=None, *, list_path=None,
         agreement=tally.percent(tally.agree), max_abs_logit_err=tally.max_abs_err,
         wall_seconds=time.perf_counter() - start,
         skipped_images=[{"path": str(u.path), "reason": u.reason} for u in tally.unreadable],
+        paddle_runtime=runner.runtime, paddle_runtime_requested=paddle_runtime,
+        paddle_runtime_note=runner.note, paddle_runtime_check=runner.check,
     )

@@ -41,7 +41,21 @@ PREFIX = "inference"  # inference.json / inference.pdiparams, the name Paddle's 
 METADATA = "export.json"
 DEFAULT_MAX_ERR = 1e-5
 ONEDNN = (False, True)  # the Paddle Inference CPU configurations checked: oneDNN off, on
-RUNTIMES = ("paddle.jit.load",) + tuple(f"Paddle Inference (CPU, oneDNN {'on' if on else 'off'})" for on in ONEDNN)
+
+
+def inference_runtime(onednn: bool, threads: Optional[int] = None) -> str:
+    """How reports name Paddle Inference on CPU: oneDNN on or off, and its math threads if set."""
+    count = f", {threads} thread{'s' if threads != 1 else ''}" if threads else ""
+    return f"Paddle Inference (CPU, oneDNN {'on' if onednn else 'off'}{count})"
+
+
+RUNTIMES = ("paddle.jit.load",) + tuple(inference_runtime(on) for on in ONEDNN)
+
+
+def gate(max_err: float, max_abs_logit: float) -> float:
+    """The tolerance on an export's max abs logit error: ``max_err``, times the dynamic model's
+    largest |logit| where that exceeds 1."""
+    return max_err * max(1.0, max_abs_logit)
 
 
 @dataclass
@@ -60,7 +74,7 @@ class ExportReport:
 
     def tolerance(self, check: dict) -> float:
         """The gate of one check: ``max_err``, times the dynamic model's largest |logit| above 1."""
-        return self.max_err * max(1.0, check["max_abs_logit"])
+        return gate(self.max_err, check["max_abs_logit"])
 
     @property
     def worst(self) -> dict:
@@ -145,6 +159,15 @@ def export_model(name: str, params, out_dir, *, batch_size: Optional[int] = None
 def _check_batch_sizes(batch_size: Optional[int]) -> tuple:
     # Dynamic: two different sizes, so a batch dimension frozen into the graph shows up.
     return (2, 1) if batch_size is None else (batch_size,)
+
+
+def traced_predictor(spec: ModelSpec, model, directory: Path, input_size: int, *, threads: Optional[int]):
+    """``model`` traced with a dynamic batch of ``input_size`` images into ``directory`` and loaded
+    by a Paddle Inference CPU predictor, oneDNN on, ``threads`` math threads: a function from a
+    batch to its logits.  UserError (one line) when tracing or loading fails."""
+    path_prefix = Path(directory) / PREFIX
+    _save_static(spec, model, path_prefix, [None, 3, input_size, input_size])
+    return _inference_runner(path_prefix, onednn=True, runtime=inference_runtime(True, threads), threads=threads)
 
 
 def _save_static(spec: ModelSpec, model, path_prefix: Path, input_spec: list) -> None:

@@ -2,6 +2,7 @@
 measure how far apart they are — logits, per-stage features, top-1 agreement, time."""
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -274,18 +275,26 @@ def run_models(torch_model, paddle_model, batch: np.ndarray, device: str, stage_
             "torch_stages": t_cap.outputs, "paddle_stages": p_cap.outputs}
 
 
-def forward_both(torch_model, paddle_model, batch: np.ndarray, device: str) -> tuple:
+def forward_both(torch_model, paddle_model, batch: np.ndarray, device: str, *, paddle_run=None) -> tuple:
     """(torch output, Paddle output, torch seconds, Paddle seconds) on ``batch``; torch runs first.
-    An output is the logits array, or a dense backbone's list of feature-map arrays."""
-    import paddle
+    An output is the logits array, or a dense backbone's list of feature-map arrays.
+    ``paddle_run``: a function from the batch to the Paddle output that runs in place of
+    ``paddle_model`` in dygraph (eval's Paddle Inference predictor)."""
     import torch
 
     t_in = torch.from_numpy(batch).to("cuda" if device == "gpu" else "cpu")
     with torch.no_grad():
         t_out, t_sec = _timed(lambda: _as_arrays(torch_model(t_in), lambda t: t.cpu().numpy()))
-    with paddle.no_grad():
-        p_out, p_sec = _timed(lambda: _as_arrays(paddle_model(paddle.to_tensor(batch)), lambda t: t.numpy()))
+    p_out, p_sec = _timed(lambda: (paddle_run or functools.partial(paddle_forward, paddle_model))(batch))
     return t_out, p_out, t_sec, p_sec
+
+
+def paddle_forward(paddle_model, batch: np.ndarray):
+    """The dygraph model's output on ``batch`` (no autograd), as arrays."""
+    import paddle
+
+    with paddle.no_grad():
+        return _as_arrays(paddle_model(paddle.to_tensor(batch)), lambda t: t.numpy())
 
 
 def _as_arrays(output, to_numpy):

@@ -380,9 +380,18 @@ def test_eval_on_an_imagenet_folder(capsys, tmp_path, official_checkpoint, plann
     assert code == 0, err
     import json
 
-    assert_scores(json.loads((tmp_path / "eval.json").read_text()))
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert_scores(report)
     assert "top-1" in out and "images/s" in out and "2 skipped (unreadable)" in out
     assert "truncated.png" in out and "resize 248 bicubic, crop 224" in out
+    # The default runtime on CPU: the traced model under Paddle Inference, checked on the first batch.
+    assert report["paddle_runtime"].startswith("Paddle Inference (CPU, oneDNN on, ")
+    assert report["paddle_runtime_requested"] == "auto" and report["paddle_runtime_note"] is None
+    check = report["paddle_runtime_check"]
+    assert check["batch_size"] >= 1 and check["max_abs_err"] <= check["gate"] == 1e-5 * max(1, check["max_abs_logit"])
+    assert f"paddle runs  {report['paddle_runtime']} (--paddle-runtime auto); first batch vs dygraph" in out
+    for framework in ("torch", "paddle"):
+        assert report[framework]["forward_seconds"] > 0
 
 
 def test_eval_on_a_list_file_with_converted_params(capsys, tmp_path, official_checkpoint, planned_labels):
@@ -393,11 +402,51 @@ def test_eval_on_a_list_file_with_converted_params(capsys, tmp_path, official_ch
     assert cli(capsys, "convert", NAME, official_checkpoint(NAME), params)[0] == 0
     code, out, err = cli(capsys, "eval", NAME, "--data", tmp_path / "data", "--list", list_path,
                          "--torch-ckpt", official_checkpoint(NAME), "--paddle-params", params,
-                         "--batch-size", 4, "--workers", 0, "--json", tmp_path / "eval.json")
+                         "--batch-size", 4, "--workers", 0, "--json", tmp_path / "eval.json",
+                         "--paddle-runtime", "dygraph")
     assert code == 0, err
     report = json.loads((tmp_path / "eval.json").read_text())
     assert_scores(report)
     assert report["paddle_params"] == str(params)
+    assert report["paddle_runtime"] == "Paddle dygraph (CPU)" and report["paddle_runtime_check"] is None
+    assert "paddle runs  Paddle dygraph (CPU) (--paddle-runtime dygraph)" in out
+
+
+def failing_trace(spec, model, directory, input_size, *, threads):
+    raise UserError(f"{spec.name} cannot be exported to a static graph: boom")
+
+
+def wrong_predictor(spec, model, directory, input_size, *, threads):
+    """A predictor whose logits are the dygraph model's plus one: far outside the gate."""
+    from converter.verify import paddle_forward
+
+    return lambda batch: paddle_forward(model, batch) + 1.0
+
+
+@pytest.mark.parametrize("predictor, reason", [
+    (failing_trace, "cannot be exported to a static graph: boom"),
+    (wrong_predictor, "its logits on the first batch differ from the dygraph model's by 1.000e+00 > gate"),
+], ids=["trace-fails", "wrong-logits"])
+def test_auto_falls_back_to_dygraph_and_inference_refuses(capsys, tmp_path, monkeypatch, official_checkpoint,
+                                                           planned_labels, predictor, reason):
+    import json
+
+    import converter.evaluate
+
+    monkeypatch.setattr(converter.evaluate, "traced_predictor", predictor)
+    root = imagenet_folder(tmp_path / "val", planned_labels)
+    args = ("eval", NAME, "--data", root, "--torch-ckpt", official_checkpoint(NAME), "--batch-size", 9,
+            "--workers", 0, "--no-progress")
+    code, out, err = cli(capsys, *args, "--json", tmp_path / "eval.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert_scores(report)
+    assert report["paddle_runtime"] == "Paddle dygraph (CPU)"
+    assert report["paddle_runtime_note"].startswith("Paddle Inference not used: ") and reason in report["paddle_runtime_note"]
+    assert reason in out and out.count("Paddle Inference not used") == 1
+    code, out, err = cli(capsys, *args, "--paddle-runtime", "inference", "--json", tmp_path / "refused.json")
+    assert_one_line_error(code, err, "--paddle-runtime inference: ", reason)
+    assert not (tmp_path / "refused.json").exists()
 
 
 # --- bad input through the command line -------------------------------------------------------
