@@ -107,38 +107,33 @@ def _check_input(cfg: BiFormerConfig, x):
 # token (N x H x W rows: 6272 at stage 1 for a batch of 2 at 224); Paddle's float32 reduction is
 # 5-15x less accurate than torch's (measured on biformer_tiny: stage-1/2 LePE, qkv, wo and MLP bias
 # gradients 2e-4 to 8e-4 of their RMS off torch's, whose own float32 error is ~5e-5 of it).
-# In training these layers add their bias in float64: the float32 values are the same (a float32
-# sum formed in float64 and rounded once is the float32 sum), and backward then reduces the bias
-# gradient in float64.  Eval runs Paddle's own layer, untouched.
+# In training these layers add their bias with numerics.add_bias: the same float32 values, the
+# bias gradient summed in float32 as accurately as torch's.  Eval runs Paddle's own layer.
 # ---------------------------------------------------------------------------------------------
 
-def _add_bias64(y, bias):
-    return (y.astype("float64") + bias.astype("float64")).astype(y.dtype)
-
-
-def _bias64(layer, x) -> bool:
+def _accurate_bias(layer, x) -> bool:
     return layer.training and layer.bias is not None and x.dtype == paddle.float32
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, keys and eval forward); training: bias added in float64."""
+    """``nn.Linear`` (same parameters, keys and eval forward); training: numerics.add_bias."""
 
     def forward(self, x):
-        if not _bias64(self, x):
+        if not _accurate_bias(self, x):
             return super().forward(x)
-        return _add_bias64(F.linear(x, self.weight), self.bias)
+        return numerics.add_bias(F.linear(x, self.weight), self.bias)
 
 
 class Conv2D(layers.Conv2D):
     """``layers.Conv2D`` (same parameters, keys and eval forward as ``nn.Conv2D``, NCHW); training:
-    bias added in float64."""
+    numerics.add_bias."""
 
     def forward(self, x):
-        if not _bias64(self, x):
+        if not _accurate_bias(self, x):
             return layers.Conv2D.forward(self, x)  # not super(): dy2static rewrites this method
         y = F.conv2d(x, self.weight, None, stride=self._stride, padding=self._padding, dilation=self._dilation,
                      groups=self._groups, data_format=self._data_format)
-        return _add_bias64(y, self.bias.reshape([1, -1, 1, 1]))
+        return numerics.add_bias(y, self.bias, channel_axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,16 +329,15 @@ class AttentionLePENCHW(nn.Layer):
 # ---------------------------------------------------------------------------------------------
 
 class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` (same parameters, keys and eval forward); training: computed in float64 and
-    rounded once.  Its backward subtracts two nearly equal terms per token, and Paddle's float32
-    kernel rounds them ~3-7x worse than torch's: the dense backbones' loss gradient, which reaches
-    the trunk only through the extra_norms' backward, carried that into every stage-3/4 gradient."""
+    """``nn.LayerNorm`` (same parameters, keys and eval forward); training: numerics.layer_norm.  Its
+    backward subtracts two nearly equal terms per token, and Paddle's float32 kernel rounds them ~3-7x
+    worse than torch's: the dense backbones' loss gradient, which reaches the trunk only through the
+    extra_norms' backward, carried that into every stage-3/4 gradient."""
 
     def _layer_norm(self, x):
         if not (self.training and x.dtype == paddle.float32):
             return F.layer_norm(x, self._normalized_shape, self.weight, self.bias, self._epsilon)
-        return F.layer_norm(x.astype("float64"), self._normalized_shape, self.weight.astype("float64"),
-                            self.bias.astype("float64"), self._epsilon).astype(x.dtype)
+        return numerics.layer_norm(x, self.weight, self.bias, self._epsilon)
 
     def forward(self, x):
         return self._layer_norm(x)
