@@ -19,8 +19,9 @@ FFT ops, but the layer uses them only when no gradient is recorded (see ``Depthw
 than the GEMM), a dense per-channel matrix (only faster at 7x7, batch 8), Paddle's conv in NHWC.
 
 Inside a static graph (``paddle.jit.to_static`` / ``export``) the layer stays ``F.conv2d``:
-Paddle Inference with oneDNN (its CPU default) has a fast depthwise kernel of its own, and the
-exported program is the same as before.
+Paddle Inference with oneDNN (its CPU default) has a faster depthwise kernel of its own (28 ms on
+[8, 64, 56, 56], one thread; Paddle's dygraph kernel 284 ms), and a program holding the FFT ops
+crashes Paddle Inference 3.3.1 under oneDNN (glibc: "malloc assertion failure in _int_malloc").
 """
 from __future__ import annotations
 
