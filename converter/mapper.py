@@ -163,9 +163,11 @@ def _kind_by_name(module, leaf: bool) -> str:
     return "param"
 
 
-def torch_units(model) -> dict:
+def _units(modules, kind_of, to_numpy, non_persistent: str) -> dict:
+    """A Unit for every module in ``modules`` ((path, module) pairs) that holds tensors: its
+    parameters, and its buffers (persistent ones in its state dict, all kept as arrays)."""
     units = {}
-    for path, module in model.named_modules():
+    for path, module in modules:
         shapes, buffers = {}, {}
         params = tuple(n for n, p in module._parameters.items() if p is not None)
         for n in params:
@@ -173,14 +175,19 @@ def torch_units(model) -> dict:
         for n, b in module._buffers.items():
             if b is None:
                 continue
-            buffers[n] = b.detach().cpu().numpy()
-            if n not in module._non_persistent_buffers_set:
+            buffers[n] = to_numpy(b)
+            if n not in getattr(module, non_persistent):
                 shapes[n] = tuple(b.shape)
         if shapes:
-            kind, is_linear = _torch_kind(module)
+            kind, is_linear = kind_of(module)
             units[path] = Unit(path, kind, type(module).__name__, shapes, params, buffers, is_linear,
                                registration=len(units))
     return units
+
+
+def torch_units(model) -> dict:
+    return _units(model.named_modules(), _torch_kind, lambda b: b.detach().cpu().numpy(),
+                  "_non_persistent_buffers_set")
 
 
 def _paddle_sublayers(model) -> list:
@@ -189,23 +196,8 @@ def _paddle_sublayers(model) -> list:
 
 
 def paddle_units(model) -> dict:
-    units = {}
-    for path, layer in _paddle_sublayers(model):
-        shapes, buffers = {}, {}
-        params = tuple(n for n, p in layer._parameters.items() if p is not None)
-        for n in params:
-            shapes[n] = tuple(layer._parameters[n].shape)
-        for n, b in layer._buffers.items():
-            if b is None:
-                continue
-            buffers[n] = b.numpy()
-            if n not in layer._non_persistable_buffer_names_set:
-                shapes[n] = tuple(b.shape)
-        if shapes:
-            kind, is_linear = _paddle_kind(layer)
-            units[path] = Unit(path, kind, type(layer).__name__, shapes, params, buffers, is_linear,
-                               registration=len(units))
-    return units
+    return _units(_paddle_sublayers(model), _paddle_kind, lambda b: b.numpy(),
+                  "_non_persistable_buffer_names_set")
 
 
 def _first_tensor(value, tensor_type):
