@@ -20,8 +20,7 @@ import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -189,7 +188,7 @@ def checked_on_first_batch(runner: PaddleRunner, batch: np.ndarray) -> PaddleRun
         return _fall_back(runner, f"its logits on the first batch differ from the dygraph model's by "
                                   f"{check['max_abs_err']:.3e} > gate {check['gate']:.3e} = {EXPORT_MAX_ERR:g} x "
                                   f"max(1, max |logit| {max_abs_logit:.3g})", check)
-    return dataclasses.replace(runner, check=check, needs_check=False)
+    return replace(runner, check=check, needs_check=False)
 
 
 @dataclass

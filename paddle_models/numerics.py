@@ -25,11 +25,14 @@ drift by ~2e-6 over a 56x56 map.  So:
 """
 from __future__ import annotations
 
+import functools
+
 import paddle
 import paddle.nn as nn
 
 
-def _levels(n: int, limit: int = 16) -> list:
+@functools.lru_cache(maxsize=None)  # called per reduction, per forward: factor each size once
+def _levels(n: int, limit: int = 16) -> tuple:
     """n as a product of factors of at most ``limit`` each (a larger prime factor stands alone):
     the sizes of the successive partial means that ``_blocked_mean`` takes."""
     primes, rest, p = [], n, 2
@@ -46,7 +49,7 @@ def _levels(n: int, limit: int = 16) -> list:
             levels.append(current)
             current = 1
         current *= prime
-    return levels + [current]
+    return tuple(levels + [current])
 
 
 def _trailing(x, axis):
