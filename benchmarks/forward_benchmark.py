@@ -4,7 +4,7 @@ same batch, same number of CPU threads, each framework in a fresh process.
     python benchmarks/forward_benchmark.py --model biformer_small --batch-size 8 [--threads 2] [--repeat 5]
     python benchmarks/forward_benchmark.py --dense      # one dense backbone per family, 800x1216, batch 1
     python benchmarks/forward_benchmark.py --train --model fcvit_tiny   # train-mode forward + backward
-    python benchmarks/forward_benchmark.py --families --batch-size 1 --batch-size 8 --inference --threads 1
+    python benchmarks/forward_benchmark.py --families --batch-size 1 --batch-size 8 --inference --threads 1 --rounds 3
         # the table of issue 15: one variant per family, torch eager, Paddle dygraph and the exported
         # model under Paddle Inference (oneDNN off / on), each batch size, one markdown table at the end
 
@@ -18,7 +18,9 @@ resize); its output is the list of feature maps.
 --inference also exports the model (converter.export, dynamic batch, its checks included) and times
 the saved model in a Paddle Inference CPU predictor with oneDNN off and on, --threads math threads.
 
-Time: median (and min) of --repeat forwards after one warm-up.  Memory: the process's peak
+Time: median (and min) of --repeat forwards after one warm-up, in each of --rounds fresh processes
+per runtime; the runtimes take turns, round after round, and each ratio to torch is the median of the
+rounds' ratios, so a machine whose speed drifts during the run (a shared one) skews no runtime.  Memory: the process's peak
 RSS (VmHWM) minus its RSS just before the first forward, i.e. what the forward pass itself
 needed.  Paddle caps itself at one thread unless OMP_NUM_THREADS is set, so the thread count
 is pinned for both through OMP_NUM_THREADS (and torch.set_num_threads).
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -108,9 +111,30 @@ def measure(framework: str, model: str, batch_size: int, repeat: int, threads: i
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def combine_rounds(rounds: list) -> dict:
+    """Per runtime over the rounds: the median of its per-round medians, the min of everything, the
+    largest peak, and (not torch) the median of its per-round ratios to torch eager in the same round.
+    A runtime that failed in any round is reported by its first error."""
+    runs = {}
+    for label in rounds[0]:
+        failed = [one[label] for one in rounds if "error" in one[label]]
+        if failed:
+            runs[label] = failed[0]
+            continue
+        run = {"median": statistics.median(one[label]["median"] for one in rounds),
+               "min": min(one[label]["min"] for one in rounds),
+               "peak_mib": max(one[label]["peak_mib"] for one in rounds)}
+        ratios = [one[label]["median"] / one["torch eager"]["median"] for one in rounds
+                  if label != "torch eager" and "median" in one.get("torch eager", {})]
+        if ratios:
+            run["ratio"] = statistics.median(ratios)
+        runs[label] = run
+    return runs
+
+
 def benchmark(model: str, batch_sizes, repeat: int, threads: int, input_size, mode: str = "forward",
-              inference: bool = False) -> list:
-    """Each batch size: {model, batch_size, runs: {label: {median, min, peak_mib} or {error}}}."""
+              inference: bool = False, n_rounds: int = 1) -> list:
+    """Each batch size: {model, batch_size, runs: {label: {median, min, peak_mib[, ratio]} or {error}}}."""
     from converter import convert
     from converter.fixtures import make_official_checkpoint
     from converter.registry import get_spec
@@ -131,21 +155,25 @@ def benchmark(model: str, batch_sizes, repeat: int, threads: int, input_size, mo
                 runtimes.append((key, label, Path(tmp) / "export" / "inference") if report.passed
                                 else (None, label, "export failed its checks"))
         for batch_size in batch_sizes:
-            runs = {}
-            for key, label, path in runtimes:
-                try:
-                    runs[label] = ({"error": path} if key is None else
-                                   measure(key, model, batch_size, repeat, threads, path, size, mode))
-                except subprocess.CalledProcessError as exc:
-                    runs[label] = {"error": (exc.stderr.strip().splitlines() or ["failed"])[-1][:120]}
+            rounds = []
+            for _ in range(n_rounds):  # runtimes in turn, round after round: ratios survive a drifting machine
+                one = {}
+                for key, label, path in runtimes:
+                    try:
+                        one[label] = ({"error": path} if key is None else
+                                      measure(key, model, batch_size, repeat, threads, path, size, mode))
+                    except subprocess.CalledProcessError as exc:
+                        one[label] = {"error": (exc.stderr.strip().splitlines() or ["failed"])[-1][:120]}
+                rounds.append(one)
+            runs = combine_rounds(rounds)
             torch_time = runs["torch eager"].get("median")
             print(f"{model}, {what}, {size}, batch {batch_size}, {threads} thread(s), CPU float32, "
-                  f"median (min) of {repeat} after a warm-up")
+                  f"median (min) over {n_rounds} round(s) of {repeat} after a warm-up; ratio: median of the rounds' ratios")
             for label, run in runs.items():
                 if "error" in run:
                     print(f"  {label:<30} {run['error']}")
                 else:
-                    ratio = f"   {run['median'] / torch_time:.2f}x torch" if torch_time and label != "torch eager" else ""
+                    ratio = f"   {run['ratio']:.2f}x torch" if "ratio" in run else ""
                     print(f"  {label:<30} {run['median'] * 1000:8.0f} ms ({run['min'] * 1000:.0f} ms)   "
                           f"peak memory {run['peak_mib']:.0f} MiB{ratio}")
             print(flush=True)
@@ -158,14 +186,13 @@ def markdown_table(rows: list) -> str:
     labels = list(dict.fromkeys(label for row in rows for label in row["runs"]))
     lines = ["| model | batch | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
     for row in rows:
-        torch_time = row["runs"].get("torch eager", {}).get("median")
         cells = []
         for label in labels:
             run = row["runs"].get(label, {"error": "-"})
             if "error" in run:
                 cells.append(f"fails: {run['error']}")
                 continue
-            ratio = f" ({run['median'] / torch_time:.2f}x)" if torch_time and label != "torch eager" else ""
+            ratio = f" ({run['ratio']:.2f}x)" if "ratio" in run else ""
             cells.append(f"{run['median'] * 1000:.0f} ms{ratio}, {run['peak_mib']:.0f} MiB")
         lines.append(f"| {row['model']} | {row['batch_size']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -182,7 +209,9 @@ def main():
                         help="also export the model and time it under Paddle Inference, oneDNN off and on")
     parser.add_argument("--input-size", metavar="HxW", help="default: official (dense backbones: 800x1216)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=5, help="forwards per process (after a warm-up)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="fresh processes per runtime, the runtimes in turn (ratios per round)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     models = args.model or (list(DENSE_PER_FAMILY) if args.dense else list(PER_FAMILY) if args.families
@@ -191,7 +220,7 @@ def main():
     rows = []
     for model in models:
         rows += benchmark(model, batch_sizes, args.repeat, args.threads, args.input_size,
-                          "train" if args.train else "forward", args.inference)
+                          "train" if args.train else "forward", args.inference, args.rounds)
     print(markdown_table(rows))
 
 
