@@ -64,6 +64,37 @@ def test_group_norm_in_float32_is_as_accurate_as_torch(shape, groups):
     assert _rel(x.grad.numpy(), g64) <= 2.5 * _rel(g32, g64)
 
 
+@pytest.mark.parametrize("shape, groups", [((4, 64, 56, 56), 1), ((2, 320, 14, 14), 1), ((3, 12, 7, 5), 3),
+                                           ((2, 64, 13, 17), 1), ((2, 96, 35, 35), 1)])
+def test_traced_group_norm_and_mean_are_as_accurate_as_torch(shape, groups):
+    """The static-graph forms that export traces (chunked means; GroupNorm applied as a per-channel
+    scale and shift): GroupNorm within 2.5x torch float32's own error of torch float64, the mean
+    within 2 ulp of the exact one."""
+    rng = np.random.default_rng(sum(shape) + 1)
+    x_np = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
+    weight, bias = (rng.standard_normal(shape[1]).astype(np.float32) for _ in range(2))
+    gn = numerics.GroupNorm(num_groups=groups, num_channels=shape[1], epsilon=1e-5)
+    gn.weight.set_value(weight)
+    gn.bias.set_value(bias)
+    gn.eval()
+    traced = paddle.jit.to_static(gn, full_graph=True)
+
+    def sample_means(t):
+        return numerics.mean(t, axis=[1, 2, 3])
+
+    mean = paddle.jit.to_static(sample_means, full_graph=True)
+    x = paddle.to_tensor(x_np)
+
+    def torch_gn(dtype):
+        return torch.nn.functional.group_norm(torch.tensor(x_np, dtype=dtype), groups, torch.tensor(weight, dtype=dtype),
+                                              torch.tensor(bias, dtype=dtype), 1e-5).numpy()
+
+    y64 = torch_gn(torch.float64)
+    assert _rel(traced(x).numpy(), y64) <= 2.5 * _rel(torch_gn(torch.float32), y64)
+    exact = x_np.reshape(shape[0], -1).astype(np.float64).mean(axis=1)
+    assert np.abs(mean(x).numpy() - exact).max() <= 2 * np.spacing(np.float32(np.abs(exact).max()))
+
+
 @pytest.mark.parametrize("shape", [(2, 56, 56, 64), (2, 7, 7, 512), (3, 5, 96)])
 def test_layer_norm_in_float32_is_as_accurate_as_torch(shape):
     """numerics.layer_norm (BiFormer's training LayerNorm): output and the input, weight and bias
