@@ -31,7 +31,7 @@ from model_configs.biformer import CONFIGS, DENSE_CONFIGS, BiFormerConfig, dense
 
 from . import numerics
 from . import layers
-from .layers import DropPath, drop_path_schedule
+from .layers import DropPath, drop_path_schedule, permute
 
 __all__ = ["BiFormer", "BiFormerSTL", "BiFormerDense", "biformer_tiny", "biformer_small", "biformer_base",
            "biformer_stl", "biformer_stl_nchw", "biformer_small_det", "biformer_base_det", "biformer_small_seg",
@@ -44,23 +44,15 @@ __all__ = ["BiFormer", "BiFormerSTL", "BiFormerDense", "biformer_tiny", "biforme
 # runs on a heads-first layout (heads, batch * regions, tokens, head_dim) so that the routed
 # gather lands directly in the layout the matmuls read.
 #
-# Paddle 3.3 CPU materialises ``transpose`` views through a slow generic strided copy (~20x
-# slower than torch's); ``_permute`` goes through einsum, whose permutation runs the dense
-# transpose kernel.  The helpers reach each layout with permutations of at most 6 dims that keep
-# the innermost run long (w * C, or head_dim) wherever the layout allows.
+# Permutations go through ``layers.permute`` (the dense transpose kernel), each of at most 6 dims,
+# keeping the innermost run long (w * C, or head_dim) wherever the layout allows.
 # ---------------------------------------------------------------------------------------------
-
-def _permute(x, perm):
-    """``x.transpose(perm)``, materialised through the dense transpose kernel (len(perm) <= 6)."""
-    src = "abcdef"[:len(perm)]
-    return paddle.einsum(f"{src}->{''.join(src[i] for i in perm)}", x)
-
 
 def _nhwc_to_windows(x, n_win):
     """(N, H, W, C) -> (N, n_win^2, H/n_win, W/n_win, C)."""
     n, hh, ww, c = x.shape
     h, w = hh // n_win, ww // n_win
-    return _permute(x.reshape([n * n_win, h, n_win, w * c]), [0, 2, 1, 3]).reshape([n, n_win * n_win, h, w, c])
+    return permute(x.reshape([n * n_win, h, n_win, w * c]), [0, 2, 1, 3]).reshape([n, n_win * n_win, h, w, c])
 
 
 def _windows_to_heads(x, groups, num_heads):
@@ -68,7 +60,7 @@ def _windows_to_heads(x, groups, num_heads):
     (G = 3 for a fused q | k | v)."""
     n, p, h, w, gc = x.shape
     d = gc // (groups * num_heads)
-    x = _permute(x.reshape([n * p, h * w, groups * num_heads, d]), [2, 0, 1, 3])
+    x = permute(x.reshape([n * p, h * w, groups * num_heads, d]), [2, 0, 1, 3])
     return x.reshape([groups, num_heads, n * p, h * w, d])
 
 
@@ -78,21 +70,21 @@ def _nhwc_to_heads(x, n_win, groups, num_heads):
     n, hh, ww, gc = x.shape
     h, w = hh // n_win, ww // n_win
     d = gc // (groups * num_heads)
-    x = _permute(x.reshape([n * n_win, h, n_win, w, groups * num_heads, d]), [4, 0, 2, 1, 3, 5])
+    x = permute(x.reshape([n * n_win, h, n_win, w, groups * num_heads, d]), [4, 0, 2, 1, 3, 5])
     return x.reshape([groups, num_heads, n * n_win * n_win, h * w, d])
 
 
 def _heads_to_nhwc(x, n, n_win, h, w):
     """(heads, N * P, h * w, d) -> (N, n_win * h, n_win * w, heads * d)."""
     m, _, _, d = x.shape
-    x = _permute(x.reshape([m, n * n_win, n_win, h, w, d]), [1, 3, 2, 4, 0, 5])
+    x = permute(x.reshape([m, n * n_win, n_win, h, w, d]), [1, 3, 2, 4, 0, 5])
     return x.reshape([n, n_win * h, n_win * w, m * d])
 
 
 def _region_means(x, n):
     """(heads, N * P, tokens, d) -> (N, P, heads * d): the mean of each region's tokens."""
     m, n_p, _, d = x.shape
-    return _permute(numerics.mean(x, axis=2), [1, 0, 2]).reshape([n, n_p // n, m * d])
+    return permute(numerics.mean(x, axis=2), [1, 0, 2]).reshape([n, n_p // n, m * d])
 
 
 @paddle.jit.not_to_static  # a shape check in plain Python; export traces the model without it
@@ -115,12 +107,13 @@ def _accurate_bias(layer, x) -> bool:
     return layer.training and layer.bias is not None and x.dtype == paddle.float32
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, keys and eval forward); training: numerics.add_bias."""
+class Linear(layers.Linear):
+    """``layers.Linear`` (same parameters, keys and eval forward as ``nn.Linear``); training:
+    numerics.add_bias."""
 
     def forward(self, x):
         if not _accurate_bias(self, x):
-            return super().forward(x)
+            return layers.Linear.forward(self, x)  # not super(): dy2static rewrites this method
         return numerics.add_bias(F.linear(x, self.weight), self.bias)
 
 
@@ -240,9 +233,9 @@ class BiLevelRoutingAttention(nn.Layer):
         qkv = self.qkv(_nhwc_to_windows(x, s))  # (N, P, h, w, 3C): q | k | v
         q, k, v = paddle.unbind(_windows_to_heads(qkv, 3, m), axis=0)  # each (heads, N * P, h * w, d)
         _, index = self.router(_region_means(q, n), _region_means(k, n))
-        lepe = self.lepe(_permute(_heads_to_nhwc(v, n, s, h, w), [0, 3, 1, 2]))
+        lepe = self.lepe(permute(_heads_to_nhwc(v, n, s, h, w), [0, 3, 1, 2]))
         out = _routed_attention(q, k, v, index, self.scale, self.kv_gather)
-        out = self.wo(_heads_to_nhwc(out, n, s, h, w) + _permute(lepe, [0, 2, 3, 1]))
+        out = self.wo(_heads_to_nhwc(out, n, s, h, w) + permute(lepe, [0, 2, 3, 1]))
         return out[:, :h_in, :w_in] if pad_b or pad_r else out
 
 
@@ -266,10 +259,10 @@ class BiLevelRoutingAttentionNCHW(nn.Layer):
         s, m = self.n_win, self.num_heads
         h, w = hh // s, ww // s
         qkv = self.qkv_linear(x)  # (N, 3C, H, W): q | k | v
-        q, k, v = paddle.unbind(_nhwc_to_heads(_permute(qkv, [0, 2, 3, 1]), s, 3, m), axis=0)
+        q, k, v = paddle.unbind(_nhwc_to_heads(permute(qkv, [0, 2, 3, 1]), s, 3, m), axis=0)
         _, index = self.router(_region_means(q, n), _region_means(k, n))
         out = _routed_attention(q, k, v, index, self.scale, self.kv_gather)
-        out = _permute(_heads_to_nhwc(out, n, s, h, w), [0, 3, 1, 2])
+        out = permute(_heads_to_nhwc(out, n, s, h, w), [0, 3, 1, 2])
         return self.output_linear(out + self.lepe(qkv[:, 2 * c:]))
 
 
@@ -293,10 +286,10 @@ class AttentionLePE(nn.Layer):
         b, h, w, c = x.shape
         x = x.reshape([b, h * w, c])
         qkv = self.qkv(x).reshape([b, h * w, 3, self.num_heads, c // self.num_heads])
-        q, k, v = paddle.unbind(_permute(qkv, [2, 0, 3, 1, 4]), axis=0)
-        lepe = _permute(self.lepe(_permute(x, [0, 2, 1]).reshape([b, c, h, w])), [0, 2, 3, 1]).reshape([b, h * w, c])
+        q, k, v = paddle.unbind(permute(qkv, [2, 0, 3, 1, 4]), axis=0)
+        lepe = permute(self.lepe(permute(x, [0, 2, 1]).reshape([b, c, h, w])), [0, 2, 3, 1]).reshape([b, h * w, c])
         attn = F.softmax(paddle.matmul(q, k, transpose_y=True) * self.scale, axis=-1)
-        out = _permute(paddle.matmul(attn, v), [0, 2, 1, 3]).reshape([b, h * w, c]) + lepe
+        out = permute(paddle.matmul(attn, v), [0, 2, 1, 3]).reshape([b, h * w, c]) + lepe
         return self.proj(out).reshape([b, h, w, c])
 
 
@@ -320,7 +313,7 @@ class AttentionLePENCHW(nn.Layer):
         attn = paddle.matmul(q.reshape(heads), k.reshape(heads), transpose_x=True)
         attn = F.softmax(attn * self.scale, axis=-1)
         out = paddle.matmul(attn, v.reshape(heads), transpose_y=True)
-        out = _permute(out, [0, 1, 3, 2]).reshape([b, c, h, w]) + self.lepe(v)
+        out = permute(out, [0, 1, 3, 2]).reshape([b, c, h, w]) + self.lepe(v)
         return self.proj(out)
 
 
@@ -347,7 +340,7 @@ class LayerNorm2d(LayerNorm):
     """LayerNorm over the channels of an NCHW tensor (timm's LayerNorm2d, eps 1e-6)."""
 
     def forward(self, x):
-        return _permute(self._layer_norm(_permute(x, [0, 2, 3, 1])), [0, 3, 1, 2])
+        return permute(self._layer_norm(permute(x, [0, 2, 3, 1])), [0, 3, 1, 2])
 
 
 def _attention(cfg: BiFormerConfig, dim: int, topk: int, nchw: bool = False) -> nn.Layer:
@@ -388,14 +381,14 @@ class Block(nn.Layer):
 
     def forward(self, x):  # NCHW -> NCHW
         x = x + self.pos_embed(x)
-        x = _permute(x, [0, 2, 3, 1])
+        x = permute(x, [0, 2, 3, 1])
         if self.use_layer_scale:
             x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
             x = x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x)))
         else:
             x = x + self.drop_path(self.attn(self.norm1(x)))
             x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return _permute(x, [0, 3, 1, 2])
+        return permute(x, [0, 3, 1, 2])
 
 
 class BiFormerBlock(nn.Layer):
@@ -433,10 +426,10 @@ class BasicLayer(nn.Layer):
 
     def forward(self, x):  # NCHW -> NCHW
         if self.channels_last:
-            x = _permute(x, [0, 2, 3, 1])
+            x = permute(x, [0, 2, 3, 1])
         for blk in self.blocks:
             x = blk(x)
-        return _permute(x, [0, 3, 1, 2]) if self.channels_last else x
+        return permute(x, [0, 3, 1, 2]) if self.channels_last else x
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from model_configs.crossformer import (CONFIGS, DEFAULT_ATTN_DROP_RATE, DEFAULT_
                                        scale_dims, drop_path_rates)
 
 from . import layers
-from .layers import DropPath
+from .layers import DropPath, Linear
 from .onednn import TableLayerNorm, pad_nhwc, transpose_reshape
 
 __all__ = ["CrossFormer", "CrossFormerBackbone", "CrossFormerConfig", "CrossFormerDenseConfig", "CONFIGS",
@@ -87,9 +87,9 @@ class Mlp(nn.Layer):
 
     def __init__(self, in_features, hidden_features, drop=0.0):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
@@ -97,7 +97,7 @@ class Mlp(nn.Layer):
 
 
 def _dpb_layer(in_dim, out_dim):
-    return nn.Sequential(TableLayerNorm(in_dim), nn.ReLU(), nn.Linear(in_dim, out_dim))
+    return nn.Sequential(TableLayerNorm(in_dim), nn.ReLU(), Linear(in_dim, out_dim))
 
 
 class DynamicPosBias(nn.Layer):
@@ -105,7 +105,7 @@ class DynamicPosBias(nn.Layer):
 
     def __init__(self, pos_dim, num_heads):
         super().__init__()
-        self.pos_proj = nn.Linear(2, pos_dim)
+        self.pos_proj = Linear(2, pos_dim)
         self.pos1 = _dpb_layer(pos_dim, pos_dim)
         self.pos2 = _dpb_layer(pos_dim, pos_dim)
         self.pos3 = _dpb_layer(pos_dim, num_heads)
@@ -128,15 +128,17 @@ class Attention(nn.Layer):
             self.register_buffer("biases", paddle.to_tensor(coordinate_table(group_size)), persistable=False)
             self.register_buffer("relative_position_index", paddle.to_tensor(relative_position_index(group_size)),
                                  persistable=False)
-        self.qkv = nn.Linear(dim, dim * 3)
+        self.qkv = Linear(dim, dim * 3)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x, mask=None, group_shape=None):
         """``group_shape`` (Gh, Gw): build the DPB tables for it now (dense), else use the registered ones."""
         B_, N, C = x.shape
-        qkv = self.qkv(x).reshape([B_, N, 3, self.num_heads, C // self.num_heads]).transpose([2, 0, 3, 1, 4])
+        d = C // self.num_heads
+        qkv = transpose_reshape(self.qkv(x).reshape([B_, N, 3, self.num_heads, d]), [2, 0, 3, 1, 4],
+                                [3, B_, self.num_heads, N, d])
         q, k, v = paddle.unbind(qkv, axis=0)  # one concat in backward (indexing: three full-size scatters)
         q = q * self.scale
         attn = paddle.matmul(q, k, transpose_y=True)
@@ -153,7 +155,7 @@ class Attention(nn.Layer):
             attn = attn.reshape([B_ // nG, nG, self.num_heads, N, N]) + mask.unsqueeze(1).unsqueeze(0)
             attn = attn.reshape([-1, self.num_heads, N, N])
         attn = self.attn_drop(F.softmax(attn, axis=-1))
-        x = paddle.matmul(attn, v).transpose([0, 2, 1, 3]).reshape([B_, N, C])
+        x = transpose_reshape(paddle.matmul(attn, v), [0, 2, 1, 3], [B_, N, C])
         return self.proj_drop(self.proj(x))
 
 
@@ -301,7 +303,7 @@ class CrossFormer(nn.Layer):
             for i in range(num_stages)])
         self.stage_names = tuple(f"layers.{i}" for i in range(num_stages))
         self.norm = nn.LayerNorm(self.num_features)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
 
     def forward_features(self, x):

@@ -30,9 +30,14 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from .layers import permute
+
 
 def transpose_reshape(x, perm, shape):
-    """``x.transpose(perm).reshape(shape)``, with the same values, that oneDNN does not fuse."""
+    """``x.transpose(perm).reshape(shape)``, with the same values, that oneDNN does not fuse; in
+    dygraph through the dense permutation (``layers.permute``)."""
+    if paddle.in_dynamic_mode():
+        return permute(x, perm).reshape(shape)
     return x.transpose(perm).flatten().reshape(shape)
 
 

@@ -22,7 +22,7 @@ from model_configs.regionvit import (CONFIGS, DENSE_CONFIGS, RegionViTDenseConfi
                                      window_mask)
 
 from . import layers
-from .layers import DropPath, drop_path_schedule
+from .layers import DropPath, Linear, drop_path_schedule
 from .onednn import transpose_reshape
 
 __all__ = ["RegionViT", "RegionViTDet", "DENSE_MODEL"]
@@ -39,7 +39,7 @@ _ZERO = nn.initializer.Constant(0.0)
 
 
 def linear(in_features: int, out_features: int) -> nn.Linear:
-    return nn.Linear(in_features, out_features, weight_attr=_WEIGHT_INIT, bias_attr=_ZERO)
+    return Linear(in_features, out_features, weight_attr=_WEIGHT_INIT, bias_attr=_ZERO)
 
 
 def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
@@ -72,7 +72,9 @@ class LayerNorm2d(nn.Layer):
         # pass makes square overwrite its input, centred, which the line below still reads
         # (paddle_models/onednn.py)
         std = paddle.sqrt((centred * centred).mean(1, keepdim=True) + self.eps)
-        return centred / std * self.weight + self.bias
+        # the affine as [C, 1, 1] operands (the same products): Paddle broadcasts a [1, C, 1, 1] one by
+        # its slow path (layers.Conv2D), 179 vs 130 ms for this forward on [8, 96, 56, 56]
+        return centred / std * self.weight.reshape([-1, 1, 1]) + self.bias.reshape([-1, 1, 1])
 
 
 class Mlp(nn.Layer):
@@ -136,9 +138,11 @@ class AttentionWithRelPos(nn.Layer):
 
     def forward(self, x, patch_attn: bool = False, mask=None):
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape([B, N, 3, self.num_heads, C // self.num_heads]).transpose([2, 0, 3, 1, 4])
+        d = C // self.num_heads
+        qkv = transpose_reshape(self.qkv(x).reshape([B, N, 3, self.num_heads, d]), [2, 0, 3, 1, 4],
+                                [3, B, self.num_heads, N, d])
         q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = (q @ k.transpose([0, 1, 3, 2])) * self.scale
+        attn = paddle.matmul(q, k, transpose_y=True) * self.scale
         if patch_attn:
             n = self.window_size ** 2
             bias = paddle.index_select(self.rel_pos, self.rel_pos_index, axis=1).reshape([self.num_heads, n, n])
@@ -148,7 +152,7 @@ class AttentionWithRelPos(nn.Layer):
         if mask is not None:
             attn = paddle.masked_fill(attn, mask, paddle.finfo(attn.dtype).min)
         attn = self.attn_drop(F.softmax(attn, axis=-1))
-        x = (attn @ v).transpose([0, 2, 1, 3]).reshape([B, N, C])
+        x = transpose_reshape(attn @ v, [0, 2, 1, 3], [B, N, C])
         return self.proj_drop(self.proj(x))
 
 
