@@ -34,7 +34,7 @@ from model_configs.crossformer import (CONFIGS, DEFAULT_ATTN_DROP_RATE, DEFAULT_
                                        scale_dims, drop_path_rates)
 
 from . import layers
-from .layers import DropPath, Linear
+from .layers import DropPath, Linear, permute
 from .onednn import TableLayerNorm, pad_nhwc, transpose_reshape
 
 __all__ = ["CrossFormer", "CrossFormerBackbone", "CrossFormerConfig", "CrossFormerDenseConfig", "CONFIGS",
@@ -137,8 +137,7 @@ class Attention(nn.Layer):
         """``group_shape`` (Gh, Gw): build the DPB tables for it now (dense), else use the registered ones."""
         B_, N, C = x.shape
         d = C // self.num_heads
-        qkv = transpose_reshape(self.qkv(x).reshape([B_, N, 3, self.num_heads, d]), [2, 0, 3, 1, 4],
-                                [3, B_, self.num_heads, N, d])
+        qkv = permute(self.qkv(x).reshape([B_, N, 3, self.num_heads, d]), [2, 0, 3, 1, 4])
         q, k, v = paddle.unbind(qkv, axis=0)  # one concat in backward (indexing: three full-size scatters)
         q = q * self.scale
         attn = paddle.matmul(q, k, transpose_y=True)
@@ -155,7 +154,7 @@ class Attention(nn.Layer):
             attn = attn.reshape([B_ // nG, nG, self.num_heads, N, N]) + mask.unsqueeze(1).unsqueeze(0)
             attn = attn.reshape([-1, self.num_heads, N, N])
         attn = self.attn_drop(F.softmax(attn, axis=-1))
-        x = transpose_reshape(paddle.matmul(attn, v), [0, 2, 1, 3], [B_, N, C])
+        x = permute(paddle.matmul(attn, v), [0, 2, 1, 3]).reshape([B_, N, C])
         return self.proj_drop(self.proj(x))
 
 

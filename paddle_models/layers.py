@@ -40,7 +40,10 @@ def permute(x, perm):
     """``x.transpose(perm)``, materialised through the dense transpose kernel (len(perm) <= 6).
     Paddle 3.3's CPU ``transpose`` returns a strided view that the next reshape, flatten or matmul
     copies through a slow generic strided copy (~20x slower than torch's: on regionvit_small at
-    batch 8 its flattens took 250 ms of 3.2 s); einsum's permutation writes the result densely."""
+    batch 8 its flattens took 250 ms of 3.2 s); einsum's permutation writes the result densely.
+    A traced graph keeps ``transpose``: oneDNN's is dense (and einsum runs outside oneDNN)."""
+    if not paddle.in_dynamic_mode():
+        return x.transpose(perm)
     src = "abcdef"[:len(perm)]
     return paddle.einsum(f"{src}->{''.join(src[i] for i in perm)}", x)
 

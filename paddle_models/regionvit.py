@@ -22,7 +22,7 @@ from model_configs.regionvit import (CONFIGS, DENSE_CONFIGS, RegionViTDenseConfi
                                      window_mask)
 
 from . import layers
-from .layers import DropPath, Linear, drop_path_schedule
+from .layers import DropPath, Linear, drop_path_schedule, permute
 from .onednn import transpose_reshape
 
 __all__ = ["RegionViT", "RegionViTDet", "DENSE_MODEL"]
@@ -141,8 +141,7 @@ class AttentionWithRelPos(nn.Layer):
     def forward(self, x, patch_attn: bool = False, mask=None):
         B, N, C = x.shape
         d = C // self.num_heads
-        qkv = transpose_reshape(self.qkv(x).reshape([B, N, 3, self.num_heads, d]), [2, 0, 3, 1, 4],
-                                [3, B, self.num_heads, N, d])
+        qkv = permute(self.qkv(x).reshape([B, N, 3, self.num_heads, d]), [2, 0, 3, 1, 4])
         q, k, v = qkv[0], qkv[1], qkv[2]
         attn = paddle.matmul(q, k, transpose_y=True) * self.scale
         if patch_attn:
@@ -154,7 +153,7 @@ class AttentionWithRelPos(nn.Layer):
         if mask is not None:
             attn = paddle.masked_fill(attn, mask, paddle.finfo(attn.dtype).min)
         attn = self.attn_drop(F.softmax(attn, axis=-1))
-        x = transpose_reshape(attn @ v, [0, 2, 1, 3], [B, N, C])
+        x = permute(attn @ v, [0, 2, 1, 3]).reshape([B, N, C])
         return self.proj_drop(self.proj(x))
 
 
