@@ -107,13 +107,12 @@ def _accurate_bias(layer, x) -> bool:
     return layer.training and layer.bias is not None and x.dtype == paddle.float32
 
 
-class Linear(layers.Linear):
-    """``layers.Linear`` (same parameters, keys and eval forward as ``nn.Linear``); training:
-    numerics.add_bias."""
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, keys and eval forward); training: numerics.add_bias."""
 
     def forward(self, x):
         if not _accurate_bias(self, x):
-            return layers.Linear.forward(self, x)  # not super(): dy2static rewrites this method
+            return super().forward(x)
         return numerics.add_bias(F.linear(x, self.weight), self.bias)
 
 

@@ -34,7 +34,7 @@ from model_configs.crossformer import (CONFIGS, DEFAULT_ATTN_DROP_RATE, DEFAULT_
                                        scale_dims, drop_path_rates)
 
 from . import layers
-from .layers import DropPath, Linear, permute
+from .layers import DropPath, permute
 from .onednn import TableLayerNorm, pad_nhwc, transpose_reshape
 
 __all__ = ["CrossFormer", "CrossFormerBackbone", "CrossFormerConfig", "CrossFormerDenseConfig", "CONFIGS",
@@ -87,9 +87,9 @@ class Mlp(nn.Layer):
 
     def __init__(self, in_features, hidden_features, drop=0.0):
         super().__init__()
-        self.fc1 = Linear(in_features, hidden_features)
+        self.fc1 = nn.Linear(in_features, hidden_features)
         self.act = nn.GELU()
-        self.fc2 = Linear(hidden_features, in_features)
+        self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
@@ -97,7 +97,7 @@ class Mlp(nn.Layer):
 
 
 def _dpb_layer(in_dim, out_dim):
-    return nn.Sequential(TableLayerNorm(in_dim), nn.ReLU(), Linear(in_dim, out_dim))
+    return nn.Sequential(TableLayerNorm(in_dim), nn.ReLU(), nn.Linear(in_dim, out_dim))
 
 
 class DynamicPosBias(nn.Layer):
@@ -105,7 +105,7 @@ class DynamicPosBias(nn.Layer):
 
     def __init__(self, pos_dim, num_heads):
         super().__init__()
-        self.pos_proj = Linear(2, pos_dim)
+        self.pos_proj = nn.Linear(2, pos_dim)
         self.pos1 = _dpb_layer(pos_dim, pos_dim)
         self.pos2 = _dpb_layer(pos_dim, pos_dim)
         self.pos3 = _dpb_layer(pos_dim, num_heads)
@@ -128,9 +128,9 @@ class Attention(nn.Layer):
             self.register_buffer("biases", paddle.to_tensor(coordinate_table(group_size)), persistable=False)
             self.register_buffer("relative_position_index", paddle.to_tensor(relative_position_index(group_size)),
                                  persistable=False)
-        self.qkv = Linear(dim, dim * 3)
+        self.qkv = nn.Linear(dim, dim * 3)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x, mask=None, group_shape=None):
@@ -302,7 +302,7 @@ class CrossFormer(nn.Layer):
             for i in range(num_stages)])
         self.stage_names = tuple(f"layers.{i}" for i in range(num_stages))
         self.norm = nn.LayerNorm(self.num_features)
-        self.head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
 
     def forward_features(self, x):

@@ -48,21 +48,6 @@ def permute(x, perm):
     return paddle.einsum(f"{src}->{''.join(src[i] for i in perm)}", x)
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, keys and static graph) whose dygraph eval forward is one
-    ``addmm``: the bias goes into the GEMM's output, as torch's ``F.linear`` adds it, where Paddle's
-    runs a matmul and then a broadcast add over the whole output (66 vs 48 ms on [25088, 96] x
-    [96, 384]).  The same values bit for bit up to a GEMM's K-block (measured to K = 384), beyond it
-    within the GEMM's own rounding (the bias enters the sum before the last K-block, not after).
-    Training keeps Paddle's matmul + add (its gradients unchanged)."""
-
-    def forward(self, x):
-        if self.bias is None or self.training or not paddle.in_dynamic_mode():
-            return nn.Linear.forward(self, x)  # not super(): dy2static rewrites this method
-        out = paddle.addmm(self.bias, x.reshape([-1, x.shape[-1]]), self.weight)
-        return out.reshape(list(x.shape[:-1]) + [self.weight.shape[1]])
-
-
 class Conv2D(nn.Conv2D):
     """``nn.Conv2D`` (same parameters, state-dict keys and results, bit for bit) whose dygraph forward
     adds the bias as a [C, 1, 1] tensor.  Paddle 3.3's ``F.conv2d`` adds it reshaped to [1, C, 1, 1],

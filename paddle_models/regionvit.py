@@ -22,7 +22,7 @@ from model_configs.regionvit import (CONFIGS, DENSE_CONFIGS, RegionViTDenseConfi
                                      window_mask)
 
 from . import layers
-from .layers import DropPath, Linear, drop_path_schedule, permute
+from .layers import DropPath, drop_path_schedule, permute
 from .onednn import transpose_reshape
 
 __all__ = ["RegionViT", "RegionViTDet", "DENSE_MODEL"]
@@ -39,7 +39,7 @@ _ZERO = nn.initializer.Constant(0.0)
 
 
 def linear(in_features: int, out_features: int) -> nn.Linear:
-    return Linear(in_features, out_features, weight_attr=_WEIGHT_INIT, bias_attr=_ZERO)
+    return nn.Linear(in_features, out_features, weight_attr=_WEIGHT_INIT, bias_attr=_ZERO)
 
 
 def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
