@@ -72,11 +72,12 @@ class LayerNorm2d(nn.Layer):
         # pass makes square overwrite its input, centred, which the line below still reads
         # (paddle_models/onednn.py)
         std = paddle.sqrt((centred * centred).mean(1, keepdim=True) + self.eps)
-        # The same divisions and products, in forms Paddle runs fast: the std expanded over the
-        # channels first (a [B, 1, H, W] divisor takes Paddle's slow broadcast, outside oneDNN in an
-        # export), the affine as [C, 1, 1] operands (a [1, C, 1, 1] one: the slow path of
-        # layers.Conv2D).  On [8, 96, 56, 56]: dygraph 179 -> 57 ms, Paddle Inference 56 -> 32 ms.
-        return centred / std.expand_as(centred) * self.weight.reshape([-1, 1, 1]) + self.bias.reshape([-1, 1, 1])
+        # the affine as [C, 1, 1] operands (the same products): Paddle broadcasts a [1, C, 1, 1] one by
+        # its slow path (layers.Conv2D).  The divide keeps its [B, 1, H, W] divisor, though that
+        # broadcast is slow too (dygraph 111 vs 57 ms on [8, 96, 56, 56], and outside oneDNN in an
+        # export): Paddle's same-shape divide is not correctly rounded (2.4e-7 off on values ~4),
+        # the broadcast one is, as torch's.
+        return centred / std * self.weight.reshape([-1, 1, 1]) + self.bias.reshape([-1, 1, 1])
 
 
 class Mlp(nn.Layer):
@@ -143,7 +144,7 @@ class AttentionWithRelPos(nn.Layer):
         d = C // self.num_heads
         qkv = permute(self.qkv(x).reshape([B, N, 3, self.num_heads, d]), [2, 0, 3, 1, 4])
         q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = paddle.matmul(q, k, transpose_y=True) * self.scale
+        attn = (q @ permute(k, [0, 1, 3, 2])) * self.scale
         if patch_attn:
             n = self.window_size ** 2
             bias = paddle.index_select(self.rel_pos, self.rel_pos_index, axis=1).reshape([self.num_heads, n, n])
