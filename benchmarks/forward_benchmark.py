@@ -20,8 +20,8 @@ the saved model in a Paddle Inference CPU predictor with oneDNN off and on, --th
 
 Time: median (and min) of --repeat forwards after one warm-up, in each of --rounds fresh processes
 per runtime; the runtimes take turns, round after round, and each ratio to torch is the median of the
-rounds' ratios, so a machine whose speed drifts during the run (a shared one) skews no runtime.  Memory: the process's peak
-RSS (VmHWM) minus its RSS just before the first forward, i.e. what the forward pass itself
+rounds' ratios, so a machine whose speed drifts during the run (a shared one) skews no runtime.
+Memory: the process's peak RSS (VmHWM) minus its RSS just before the first forward, i.e. what the forward pass itself
 needed.  Paddle caps itself at one thread unless OMP_NUM_THREADS is set, so the thread count
 is pinned for both through OMP_NUM_THREADS (and torch.set_num_threads).
 """
@@ -125,7 +125,7 @@ def combine_rounds(rounds: list) -> dict:
                "min": min(one[label]["min"] for one in rounds),
                "peak_mib": max(one[label]["peak_mib"] for one in rounds)}
         ratios = [one[label]["median"] / one["torch eager"]["median"] for one in rounds
-                  if label != "torch eager" and "median" in one.get("torch eager", {})]
+                  if label != "torch eager" and "error" not in one["torch eager"]]
         if ratios:
             run["ratio"] = statistics.median(ratios)
         runs[label] = run
@@ -166,7 +166,6 @@ def benchmark(model: str, batch_sizes, repeat: int, threads: int, input_size, mo
                         one[label] = {"error": (exc.stderr.strip().splitlines() or ["failed"])[-1][:120]}
                 rounds.append(one)
             runs = combine_rounds(rounds)
-            torch_time = runs["torch eager"].get("median")
             print(f"{model}, {what}, {size}, batch {batch_size}, {threads} thread(s), CPU float32, "
                   f"median (min) over {n_rounds} round(s) of {repeat} after a warm-up; ratio: median of the rounds' ratios")
             for label, run in runs.items():
