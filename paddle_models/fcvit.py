@@ -18,7 +18,7 @@ from model_configs.fcvit import CONFIGS, DEFAULT_DROP_PATH_RATE, DEFAULT_DROP_RA
 
 from . import numerics
 from .depthwise import DepthwiseConv2D
-from .layers import Conv2D, DropPath
+from .layers import Conv2D, DropPath, Linear
 
 __all__ = ["FCViT", "FCViTFeatures", "FCViTConfig", "CONFIGS", "DENSE_CONFIGS"]
 
@@ -47,11 +47,11 @@ def depthwise_conv2d(channels, kernel_size):
 
 
 def linear(in_features, out_features):
-    """``nn.Linear`` initialised as the official code: trunc_normal(std .02, absolute bounds +-2, as
+    """``nn.Linear`` (``layers.Linear``) initialised as the official code: trunc_normal(std .02, absolute bounds +-2, as
     torch's ``trunc_normal_``), zero bias."""
-    return nn.Linear(in_features, out_features,
-                     weight_attr=paddle.ParamAttr(initializer=nn.initializer.TruncatedNormal(0.0, 0.02, a=-2.0, b=2.0)),
-                     bias_attr=paddle.ParamAttr(initializer=_constant(0.0)))
+    return Linear(in_features, out_features,
+                  weight_attr=paddle.ParamAttr(initializer=nn.initializer.TruncatedNormal(0.0, 0.02, a=-2.0, b=2.0)),
+                  bias_attr=paddle.ParamAttr(initializer=_constant(0.0)))
 
 
 class GroupNorm(numerics.GroupNorm):

@@ -48,13 +48,52 @@ def permute(x, perm):
     return paddle.einsum(f"{src}->{''.join(src[i] for i in perm)}", x)
 
 
+def records_gradient(layer, x) -> bool:
+    """Whether a call of ``layer`` on ``x`` is recorded for a backward pass."""
+    if not paddle.is_grad_enabled():
+        return False
+    return not (x.stop_gradient and all(p.stop_gradient for p in layer.parameters(include_sublayers=False)))
+
+
+def add_into(fresh, other):
+    """``fresh + other``, written into ``fresh`` in dygraph.  ``fresh`` must be an intermediate that
+    nothing else holds and that no backward reads (a matmul's or conv's output).  Why: on CPU a fresh
+    large tensor pays its page faults again (on [8, 512, 56, 56]: 30 ms into a new tensor, 10 ms in
+    place).  A traced graph keeps the plain add, which Paddle Inference fuses."""
+    if not paddle.in_dynamic_mode():
+        return fresh + other
+    return fresh.add_(other)
+
+
+def dense_operand(small, like):
+    """``small`` expanded to ``like``'s shape in dygraph, as is in a traced graph.  Paddle 3.3's CPU
+    broadcast kernel takes a slow path when the broadcast axis is not trailing ([8, 96, 56, 56] minus
+    [8, 1, 56, 56]: 40 ms, minus the expanded operand 14 ms, the same values); oneDNN's is fast.  For
+    add, subtract and multiply only: Paddle's same-shape divide is not correctly rounded."""
+    if not paddle.in_dynamic_mode():
+        return small
+    return small.expand_as(like)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, state-dict keys and results, bit for bit) whose dygraph forward
+    adds the bias in place on the product (``add_into``): on [8, 3136, 96] x [96, 384] the product
+    takes 34 ms, ``F.linear`` 58 ms, the product plus the in-place add 43 ms.  A static graph (export)
+    keeps ``nn.Linear``'s forward, the matmul + add that Paddle Inference fuses into ``fc``."""
+
+    def forward(self, x):
+        if self.bias is None or not paddle.in_dynamic_mode():
+            return nn.Linear.forward(self, x)  # not super(): dy2static rewrites this method
+        return add_into(paddle.matmul(x, self.weight), self.bias)
+
+
 class Conv2D(nn.Conv2D):
     """``nn.Conv2D`` (same parameters, state-dict keys and results, bit for bit) whose dygraph forward
-    adds the bias as a [C, 1, 1] tensor.  Paddle 3.3's ``F.conv2d`` adds it reshaped to [1, C, 1, 1],
-    and its CPU broadcast kernel takes a slow path for a leading broadcast axis: on [8, 32, 56, 56] ->
-    128 channels, a 1x1 conv with bias took 110 ms, the conv alone 16 ms, the conv plus a [C, 1, 1]
-    bias 34 ms.  In a static graph (export) it is ``nn.Conv2D``'s forward, so Paddle Inference's
-    conv + bias fusions see the graph they expect."""
+    adds the bias as a [C, 1, 1] tensor, in place.  Paddle 3.3's ``F.conv2d`` adds it reshaped to
+    [1, C, 1, 1], and its CPU broadcast kernel takes a slow path for a leading broadcast axis: on
+    [8, 32, 56, 56] -> 128 channels, a 1x1 conv with bias took 110 ms, the conv alone 16 ms, the conv
+    plus a [C, 1, 1] bias 34 ms; in place (``add_into``).  In a static graph (export) it is
+    ``nn.Conv2D``'s forward, so Paddle Inference's conv + bias fusions see the graph they expect."""
 
     def forward(self, x):
         if (self.bias is None or not paddle.in_dynamic_mode() or self._data_format != "NCHW"
@@ -65,4 +104,4 @@ class Conv2D(nn.Conv2D):
             padding_algorithm=self._padding_algorithm, dilation=self._dilation, groups=self._groups,
             data_format=self._data_format, channel_dim=self._channel_dim, op_type=self._op_type,
             use_cudnn=self._use_cudnn)
-        return out + self.bias.reshape([-1, 1, 1])
+        return add_into(out, self.bias.reshape([-1, 1, 1]))

@@ -22,7 +22,7 @@ from model_configs.regionvit import (CONFIGS, DENSE_CONFIGS, RegionViTDenseConfi
                                      window_mask)
 
 from . import layers
-from .layers import DropPath, drop_path_schedule, permute
+from .layers import DropPath, Linear, add_into, dense_operand, drop_path_schedule, permute
 from .onednn import transpose_reshape
 
 __all__ = ["RegionViT", "RegionViTDet", "DENSE_MODEL"]
@@ -39,7 +39,7 @@ _ZERO = nn.initializer.Constant(0.0)
 
 
 def linear(in_features: int, out_features: int) -> nn.Linear:
-    return nn.Linear(in_features, out_features, weight_attr=_WEIGHT_INIT, bias_attr=_ZERO)
+    return Linear(in_features, out_features, weight_attr=_WEIGHT_INIT, bias_attr=_ZERO)
 
 
 def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
@@ -67,7 +67,7 @@ class LayerNorm2d(nn.Layer):
         self.bias = self.create_parameter([1, channels, 1, 1], default_initializer=nn.initializer.Constant(0.0))
 
     def forward(self, x):
-        centred = x - x.mean(1, keepdim=True)
+        centred = x - dense_operand(x.mean(1, keepdim=True), x)
         # biased variance; centred * centred, not .square(): under oneDNN, Paddle Inference's inplace
         # pass makes square overwrite its input, centred, which the line below still reads
         # (paddle_models/onednn.py)
@@ -150,7 +150,8 @@ class AttentionWithRelPos(nn.Layer):
             bias = paddle.index_select(self.rel_pos, self.rel_pos_index, axis=1).reshape([self.num_heads, n, n])
             # nothing added for the regional token; padded as 4-D (pad3d): oneDNN's all-axes pad of a
             # 3-D tensor corrupts memory (paddle_models/onednn.py)
-            attn = attn + F.pad(bias.unsqueeze(0), [N - n, 0, N - n, 0])
+            # [heads, N, N], dense: Paddle's add broadcasts an explicit leading 1 by its slow path
+            attn = add_into(attn, F.pad(bias.unsqueeze(0), [N - n, 0, N - n, 0]).squeeze(0))
         if mask is not None:
             attn = paddle.masked_fill(attn, mask, paddle.finfo(attn.dtype).min)
         attn = self.attn_drop(F.softmax(attn, axis=-1))
