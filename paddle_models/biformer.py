@@ -31,6 +31,7 @@ from model_configs.biformer import CONFIGS, DENSE_CONFIGS, BiFormerConfig, dense
 
 from . import numerics
 from . import layers
+from .depthwise import fft_applies, fft_forward
 from .layers import DropPath, drop_path_schedule, permute
 
 __all__ = ["BiFormer", "BiFormerSTL", "BiFormerDense", "biformer_tiny", "biformer_small", "biformer_base",
@@ -107,20 +108,23 @@ def _accurate_bias(layer, x) -> bool:
     return layer.training and layer.bias is not None and x.dtype == paddle.float32
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, keys and eval forward); training: numerics.add_bias."""
+class Linear(layers.Linear):
+    """``layers.Linear`` (same parameters, keys and eval forward as ``nn.Linear``); training:
+    numerics.add_bias."""
 
     def forward(self, x):
         if not _accurate_bias(self, x):
-            return super().forward(x)
+            return layers.Linear.forward(self, x)  # not super(): dy2static rewrites this method
         return numerics.add_bias(F.linear(x, self.weight), self.bias)
 
 
 class Conv2D(layers.Conv2D):
     """``layers.Conv2D`` (same parameters, keys and eval forward as ``nn.Conv2D``, NCHW); training:
-    numerics.add_bias."""
+    numerics.add_bias.  Without gradients, the 5x5 LePE runs by FFT (``depthwise.fft_applies``)."""
 
     def forward(self, x):
+        if fft_applies(self, x):
+            return fft_forward(self, x)
         if not _accurate_bias(self, x):
             return layers.Conv2D.forward(self, x)  # not super(): dy2static rewrites this method
         y = F.conv2d(x, self.weight, None, stride=self._stride, padding=self._padding, dilation=self._dilation,

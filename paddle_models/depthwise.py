@@ -28,7 +28,7 @@ from __future__ import annotations
 import paddle
 import paddle.nn.functional as F
 
-from .layers import Conv2D
+from .layers import Conv2D, add_into, records_gradient
 
 
 def _smooth_length(n: int) -> int:
@@ -44,15 +44,67 @@ def _smooth_length(n: int) -> int:
         m += 1
 
 
-def depthwise_conv2d_fft(x, weight, bias=None):
-    """``F.conv2d(x, weight, bias, padding=k // 2, groups=C)`` for an odd k x k kernel, stride 1, by FFT."""
+def fft_lengths(x, k: int) -> list:
+    """The FFT lengths for a k x k kernel over ``x``'s map: the linear convolution's, 5-smooth."""
+    return [_smooth_length(x.shape[2] + k - 1), _smooth_length(x.shape[3] + k - 1)]
+
+
+def kernel_spectrum(weight, s):
+    """The rfft2, at lengths ``s``, of a depthwise weight [C, 1, k, k] flipped (a cross-correlation)."""
+    c, k = weight.shape[0], weight.shape[-1]
+    return paddle.fft.rfft2(weight.reshape([c, k, k]).flip([1, 2]), s=s)
+
+
+def depthwise_conv2d_fft(x, weight, bias=None, weight_spectrum=None):
+    """``F.conv2d(x, weight, bias, padding=k // 2, groups=C)`` for an odd k x k kernel, stride 1, by
+    FFT; ``weight_spectrum``: ``kernel_spectrum(weight, fft_lengths(x, k))`` if already at hand."""
     _, c, h, w = x.shape
     k = weight.shape[-1]
     p = k // 2
-    s = [_smooth_length(h + k - 1), _smooth_length(w + k - 1)]
-    spectrum = paddle.fft.rfft2(x, s=s) * paddle.fft.rfft2(weight.reshape([c, k, k]).flip([1, 2]), s=s)
-    y = paddle.fft.irfft2(spectrum, s=s)[:, :, k - 1 - p:k - 1 - p + h, k - 1 - p:k - 1 - p + w]
-    return y if bias is None else y + bias.reshape([c, 1, 1])  # not [1, C, 1, 1]: see layers.Conv2D
+    s = fft_lengths(x, k)
+    if weight_spectrum is None:
+        weight_spectrum = kernel_spectrum(weight, s)
+    spectrum = paddle.fft.rfft2(x, s=s) * weight_spectrum
+    # paddle.crop copies the window densely; a slice is a strided view whose next op copies it ~3x
+    # slower (the crop plus the bias on [8, 64, 56, 56]: 10 ms, by a slice 33 ms)
+    y = paddle.crop(paddle.fft.irfft2(spectrum, s=s), [x.shape[0], c, h, w], [0, 0, k - 1 - p, k - 1 - p])
+    return y if bias is None else add_into(y, bias.reshape([c, 1, 1]))  # not [1, C, 1, 1]: see layers.Conv2D
+
+
+def cached_kernel_spectrum(layer, s):
+    """``kernel_spectrum(layer.weight, s)``, kept on the layer for as long as its weight holds the same
+    values: an exact comparison with a copy of the weight decides, so a weight loaded, trained or
+    edited in place is never served a stale spectrum (the comparison is ~20 us; the kernels' FFT,
+    flip and padding were ~10% of fcvit_b12's dygraph forward at batch 1).  Costs one spectrum per
+    layer and map size in memory (fcvit_b12 at 224: ~20 MiB)."""
+    weight = layer.weight
+    cached = layer.__dict__.get("_kernel_spectrum")
+    if (cached is not None and cached[0] == s and cached[1].shape == weight.shape and cached[1].dtype == weight.dtype
+            and bool(paddle.equal_all(cached[1], weight))):
+        return cached[2]
+    spectrum = kernel_spectrum(weight, s)
+    object.__setattr__(layer, "_kernel_spectrum", (list(s), weight.detach().clone(), spectrum))
+    return spectrum
+
+
+def fft_forward(layer, x):
+    """``layer`` (an ``nn.Conv2D`` for which ``fft_applies``) on ``x``, by FFT."""
+    spectrum = cached_kernel_spectrum(layer, fft_lengths(x, layer.weight.shape[-1]))
+    return depthwise_conv2d_fft(x, layer.weight, layer.bias, spectrum)
+
+
+def fft_applies(layer, x) -> bool:
+    """Whether ``layer`` (an ``nn.Conv2D``) on ``x`` is run by ``depthwise_conv2d_fft``: a float32
+    dygraph call recording no gradient (see ``DepthwiseConv2D`` on training), a depthwise conv, stride
+    1, an odd square kernel of 5 or more, 'same' zero padding.  From 5x5 up the FFT beats Paddle's
+    kernel on the maps the models use (BiFormer's 5x5 LePE at batch 8: [8, 64, 56, 56] 40 -> 22 ms,
+    [8, 256, 14, 14] 15 -> 9 ms); at 3x3 Paddle's own kernel is faster."""
+    k = layer.weight.shape[-1]
+    return (paddle.in_dynamic_mode() and x.dtype == paddle.float32 and not records_gradient(layer, x)
+            and layer._groups == layer._in_channels == layer._out_channels and layer.weight.shape[-2] == k
+            and k % 2 == 1 and k >= 5 and list(layer._stride) == [1, 1] and list(layer._dilation) == [1, 1]
+            and layer._padding_algorithm == "EXPLICIT" and layer._updated_padding == [k // 2, k // 2]
+            and layer._padding_mode == "zeros" and layer._data_format == "NCHW")
 
 
 class DepthwiseConv2D(Conv2D):
@@ -70,11 +122,6 @@ class DepthwiseConv2D(Conv2D):
     where torch float32 vs float64 has none (tests/test_train_fcvit.py).  So training computes what
     it computed before, with Paddle's kernel."""
 
-    def _records_gradient(self, x) -> bool:
-        if not paddle.is_grad_enabled():
-            return False
-        return not (x.stop_gradient and self.weight.stop_gradient and (self.bias is None or self.bias.stop_gradient))
-
     def __init__(self, channels, kernel_size, weight_attr=None, bias_attr=None):
         if kernel_size % 2 != 1:
             raise ValueError(f"DepthwiseConv2D takes an odd kernel size, got {kernel_size}")
@@ -82,6 +129,6 @@ class DepthwiseConv2D(Conv2D):
                          weight_attr=weight_attr, bias_attr=bias_attr)
 
     def forward(self, x):
-        if paddle.in_dynamic_mode() and x.dtype == paddle.float32 and not self._records_gradient(x):
-            return depthwise_conv2d_fft(x, self.weight, self.bias)
+        if fft_applies(self, x):
+            return fft_forward(self, x)
         return Conv2D.forward(self, x)  # not super(): dy2static rewrites this method

@@ -1,7 +1,7 @@
 """The FFT depthwise convolution (paddle_models/depthwise.py) against Paddle's own ``F.conv2d``, on
-every map shape FCViT's 11x11 token-mixing convs see: classification at 224 (56/28/14/7), the
-dense backbones at verify's sizes (256x352, 384x512) and odd / non-square maps; forward and
-both gradients, within float32 noise relative to the largest value."""
+every map shape FCViT's 11x11 token-mixing convs and BiFormer's 5x5 LePE see: classification at 224
+(56/28/14/7), the dense backbones at verify's sizes (256x352, 384x512) and odd / non-square maps;
+forward and both gradients, within float32 noise relative to the largest value."""
 import numpy as np
 import paddle
 import paddle.nn.functional as F
@@ -25,16 +25,22 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fft_depthwise_equals_paddle_conv(shape):
+LEPE_SHAPES = [  # BiFormer's 5x5 LePE: biformer_small at 224 and a dense size, odd maps
+    (2, 64, 56, 56), (2, 128, 28, 28), (2, 256, 14, 14), (2, 512, 7, 7), (1, 64, 64, 88), (1, 128, 29, 31),
+]
+
+
+@pytest.mark.parametrize("shape,kernel", [(s, 11) for s in SHAPES] + [(s, 5) for s in LEPE_SHAPES],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"k{v}")
+def test_fft_depthwise_equals_paddle_conv(shape, kernel):
     b, c, h, w = shape
-    rng = np.random.default_rng(h * 1000 + w)
+    rng = np.random.default_rng(h * 1000 + w + kernel)
     x = paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32), stop_gradient=False)
-    weight = paddle.to_tensor(rng.standard_normal((c, 1, 11, 11), dtype=np.float32) * 0.1, stop_gradient=False)
+    weight = paddle.to_tensor(rng.standard_normal((c, 1, kernel, kernel), dtype=np.float32) * 0.1, stop_gradient=False)
     bias = paddle.to_tensor(rng.standard_normal(c, dtype=np.float32), stop_gradient=False)
     grad_out = paddle.to_tensor(rng.standard_normal(shape, dtype=np.float32))
 
-    expected = F.conv2d(x, weight, bias, padding=5, groups=c)
+    expected = F.conv2d(x, weight, bias, padding=kernel // 2, groups=c)
     actual = depthwise_conv2d_fft(x, weight, bias)
     assert actual.shape == expected.shape
     assert _rel(actual.numpy(), expected.numpy()) <= REL_TOL
@@ -81,3 +87,43 @@ def test_conv2d_adds_its_bias_as_nn_conv2d_does():
         stock.set_state_dict(ours.state_dict())
         x = paddle.randn([2, args[0], 13, 17])
         assert np.array_equal(ours(x).numpy(), stock(x).numpy())
+
+
+def test_fft_applies_from_5x5_depthwise_same_convs_without_gradients():
+    from paddle_models.biformer import Conv2D as BiFormerConv2D
+    from paddle_models.depthwise import fft_applies
+    from paddle_models.layers import Conv2D
+    paddle.seed(2)
+    x = paddle.randn([2, 16, 14, 14])
+    cases = [((16, 16, 5), {"padding": 2, "groups": 16}, True),   # BiFormer's LePE
+             ((16, 16, 3), {"padding": 1, "groups": 16}, False),  # 3x3: Paddle's kernel is faster
+             ((16, 16, 5), {"padding": 1, "groups": 16}, False),  # not 'same'
+             ((16, 16, 5), {"padding": 2, "groups": 16, "stride": 2}, False),
+             ((16, 32, 5), {"padding": 2, "groups": 16}, False),  # a channel multiplier
+             ((16, 16, 5), {"padding": 2}, False)]                # dense
+    for args, kw, fft in cases:
+        layer = Conv2D(*args, **kw)
+        with paddle.no_grad():
+            assert fft_applies(layer, x) == fft, (args, kw)
+        assert not fft_applies(layer, x)  # recording gradients
+    lepe = BiFormerConv2D(16, 16, 5, padding=2, groups=16)
+    with paddle.no_grad():
+        assert np.array_equal(lepe(x).numpy(), depthwise_conv2d_fft(x, lepe.weight, lepe.bias).numpy())
+    assert np.array_equal(lepe(x).numpy(), F.conv2d(x, lepe.weight, lepe.bias, padding=2, groups=16).numpy())
+
+
+def test_cached_kernel_spectrum_follows_the_weight():
+    paddle.seed(3)
+    layer = DepthwiseConv2D(8, 11)
+    x = paddle.randn([1, 8, 20, 24])
+    with paddle.no_grad():
+        first = layer(x)
+        assert np.array_equal(first.numpy(), depthwise_conv2d_fft(x, layer.weight, layer.bias).numpy())
+        assert np.array_equal(layer(x).numpy(), first.numpy())  # served from the cache: the same bits
+        layer.weight.set_value(layer.weight * 2.0)  # edited in place
+        assert np.array_equal(layer(x).numpy(), depthwise_conv2d_fft(x, layer.weight, layer.bias).numpy())
+        layer.set_state_dict({"weight": paddle.randn([8, 1, 11, 11]), "bias": layer.bias})  # loaded
+        assert np.array_equal(layer(x).numpy(), depthwise_conv2d_fft(x, layer.weight, layer.bias).numpy())
+        other = paddle.randn([2, 8, 9, 31])  # another map size
+        assert np.array_equal(layer(other).numpy(), depthwise_conv2d_fft(other, layer.weight, layer.bias).numpy())
+    assert "_kernel_spectrum" not in layer.state_dict()
