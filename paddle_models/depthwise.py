@@ -97,8 +97,9 @@ def fft_applies(layer, x) -> bool:
     """Whether ``layer`` (an ``nn.Conv2D``) on ``x`` is run by ``depthwise_conv2d_fft``: a float32
     dygraph call recording no gradient (see ``DepthwiseConv2D`` on training), a depthwise conv, stride
     1, an odd square kernel of 5 or more, 'same' zero padding.  From 5x5 up the FFT beats Paddle's
-    kernel on the maps the models use (BiFormer's 5x5 LePE at batch 8: [8, 64, 56, 56] 40 -> 22 ms,
-    [8, 256, 14, 14] 15 -> 9 ms); at 3x3 Paddle's own kernel is faster."""
+    kernel on the maps the models use (5x5 at batch 8: [8, 64, 56, 56] 40 -> 22 ms, [8, 256, 14, 14]
+    15 -> 9 ms); at 3x3 Paddle's own kernel is faster.  Only ``DepthwiseConv2D`` (FCViT's 11x11
+    convs) asks: BiFormer's 5x5 LePE keeps Paddle's kernel for precision (``biformer.Conv2D``)."""
     k = layer.weight.shape[-1]
     return (paddle.in_dynamic_mode() and x.dtype == paddle.float32 and not records_gradient(layer, x)
             and layer._groups == layer._in_channels == layer._out_channels and layer.weight.shape[-2] == k
