@@ -47,8 +47,8 @@ def depthwise_conv2d(channels, kernel_size):
 
 
 def linear(in_features, out_features):
-    """``nn.Linear`` (``layers.Linear``) initialised as the official code: trunc_normal(std .02, absolute bounds +-2, as
-    torch's ``trunc_normal_``), zero bias."""
+    """``nn.Linear`` (``layers.Linear``) initialised as the official code: trunc_normal(std .02,
+    absolute bounds +-2, as torch's ``trunc_normal_``), zero bias."""
     return Linear(in_features, out_features,
                   weight_attr=paddle.ParamAttr(initializer=nn.initializer.TruncatedNormal(0.0, 0.02, a=-2.0, b=2.0)),
                   bias_attr=paddle.ParamAttr(initializer=_constant(0.0)))
