@@ -28,7 +28,7 @@ from __future__ import annotations
 import paddle
 import paddle.nn.functional as F
 
-from .layers import Conv2D, add_into, records_gradient
+from .layers import Conv2D, add_into, conv_may_take_eager_route
 
 
 def _smooth_length(n: int) -> int:
@@ -101,11 +101,9 @@ def fft_applies(layer, x) -> bool:
     15 -> 9 ms); at 3x3 Paddle's own kernel is faster.  Only ``DepthwiseConv2D`` (FCViT's 11x11
     convs) asks: BiFormer's 5x5 LePE keeps Paddle's kernel for precision (``biformer.Conv2D``)."""
     k = layer.weight.shape[-1]
-    return (paddle.in_dynamic_mode() and x.dtype == paddle.float32 and not records_gradient(layer, x)
+    return (conv_may_take_eager_route(layer, x)
             and layer._groups == layer._in_channels == layer._out_channels and layer.weight.shape[-2] == k
-            and k % 2 == 1 and k >= 5 and list(layer._stride) == [1, 1] and list(layer._dilation) == [1, 1]
-            and layer._padding_algorithm == "EXPLICIT" and layer._updated_padding == [k // 2, k // 2]
-            and layer._padding_mode == "zeros" and layer._data_format == "NCHW")
+            and k % 2 == 1 and k >= 5 and list(layer._stride) == [1, 1] and layer._updated_padding[0] == k // 2)
 
 
 class DepthwiseConv2D(Conv2D):

@@ -55,6 +55,17 @@ def records_gradient(layer, x) -> bool:
     return not (x.stop_gradient and all(p.stop_gradient for p in layer.parameters(include_sublayers=False)))
 
 
+def conv_may_take_eager_route(layer, x) -> bool:
+    """Whether a call of the ``nn.Conv2D`` ``layer`` on ``x`` may be computed another way than by
+    Paddle's conv (``depthwise.fft_applies``, ``patch_conv.patch_conv_applies`` add their own
+    conditions): a float32 dygraph call recording no gradient (training keeps Paddle's kernel), no
+    dilation, equal explicit zero padding, NCHW."""
+    return (paddle.in_dynamic_mode() and x.dtype == paddle.float32 and not records_gradient(layer, x)
+            and list(layer._dilation) == [1, 1] and layer._padding_algorithm == "EXPLICIT"
+            and len(set(layer._updated_padding)) == 1 and layer._padding_mode == "zeros"
+            and layer._data_format == "NCHW")
+
+
 def add_into(fresh, other):
     """``fresh + other``, written into ``fresh`` in dygraph.  ``fresh`` must be an intermediate that
     nothing else holds and that no backward reads (a matmul's or conv's output).  Why: on CPU a fresh

@@ -24,7 +24,7 @@ from __future__ import annotations
 import paddle
 import paddle.nn.functional as F
 
-from .layers import Conv2D, add_into, records_gradient
+from .layers import Conv2D, add_into, conv_may_take_eager_route
 
 MIN_KERNEL_STRIDES = 4  # k = K / r from which the space-to-depth form is faster (see above)
 
@@ -56,11 +56,9 @@ def patch_conv_applies(layer, x) -> bool:
     call recording no gradient, groups 1, equal strides r, a square kernel of at least
     ``MIN_KERNEL_STRIDES`` r that r divides, equal zero padding on all sides, NCHW."""
     r, kernel = layer._stride[0], layer.weight.shape[-1]
-    return (paddle.in_dynamic_mode() and x.dtype == paddle.float32 and not records_gradient(layer, x)
-            and layer._groups == 1 and list(layer._stride) == [r, r] and list(layer._dilation) == [1, 1]
-            and layer.weight.shape[-2] == kernel and kernel % r == 0 and kernel // r >= MIN_KERNEL_STRIDES
-            and layer._padding_algorithm == "EXPLICIT" and len(set(layer._updated_padding)) == 1
-            and layer._padding_mode == "zeros" and layer._data_format == "NCHW")
+    return (conv_may_take_eager_route(layer, x)
+            and layer._groups == 1 and list(layer._stride) == [r, r]
+            and layer.weight.shape[-2] == kernel and kernel % r == 0 and kernel // r >= MIN_KERNEL_STRIDES)
 
 
 class PatchConv2D(Conv2D):
