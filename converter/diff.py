@@ -69,9 +69,23 @@ class DiffReport(RunSetting):
     stage_names: tuple = ()  # the model's stage modules, for orientation in the plot
     backward: bool = False  # layers are output gradients in backward order; ``logits``: the input gradient
 
+    def absorbed_by(self, i: int) -> Optional[LayerDiff]:
+        """For a forward diff, the module enclosing layer ``i`` whose output, at the end of that
+        enclosing call, agrees within --tol, if any: layer ``i``'s difference then does not reach the
+        model.  E.g. BiFormer's KV gather, when a float tie of the router puts two selected regions in
+        the other order: the gathered tensor differs, the attention over it does not."""
+        if self.backward:
+            return None
+        inner = self.layers[i].torch
+        for later in self.layers[i + 1:]:
+            if inner.startswith(later.torch + "."):  # the next enclosing call to finish
+                return later if later.max_abs_err is not None and not later.exceeds(self.tol) else None
+        return None
+
     @property
     def first_divergent_index(self) -> Optional[int]:
-        return next((i for i, layer in enumerate(self.layers) if layer.exceeds(self.tol)), None)
+        return next((i for i, layer in enumerate(self.layers)
+                     if layer.exceeds(self.tol) and self.absorbed_by(i) is None), None)
 
     @property
     def first_divergent(self) -> Optional[LayerDiff]:
@@ -79,8 +93,14 @@ class DiffReport(RunSetting):
         return None if i is None else self.layers[i]
 
     @property
+    def absorbed(self) -> list:
+        """The layers past --tol whose difference does not reach the module around them (``absorbed_by``)."""
+        return [layer for i, layer in enumerate(self.layers) if layer.exceeds(self.tol) and self.absorbed_by(i)]
+
+    @property
     def largest(self) -> Optional[LayerDiff]:
-        compared = [layer for layer in self.layers if layer.max_abs_err is not None]
+        absorbed = {id(layer) for layer in self.absorbed}
+        compared = [layer for layer in self.layers if layer.max_abs_err is not None and id(layer) not in absorbed]
         return max(compared, key=lambda layer: layer.max_abs_err, default=None)
 
     def verdict(self) -> str:
@@ -89,7 +109,10 @@ class DiffReport(RunSetting):
         if i is None:
             largest = self.largest
             where = f"; largest layer error {largest.max_abs_err:.3e} at {largest.label}" if largest else ""
-            return f"no layer diverges (every paired layer within --tol {self.tol:g}{where})"
+            absorbed = self.absorbed
+            but = (f" but {', '.join(layer.label for layer in absorbed)}, whose difference does not reach the "
+                   "module around it") if absorbed else ""
+            return f"no layer diverges (every paired layer within --tol {self.tol:g}{but}{where})"
         layer = self.layers[i]
         text = (f"first divergent layer: {layer.label} (max abs err {layer.max_abs_err:.3e} > "
                 f"{layer.allowed(self.tol):.3e}, --tol {self.tol:g} at output magnitude {layer.scale:.3g})")
@@ -116,8 +139,11 @@ class DiffReport(RunSetting):
                 numbers = f"{layer.max_abs_err:10.3e}  {layer.mean_abs_err:10.3e}  {layer.scale:9.3g} {flag}"
                 if i == first:
                     numbers += " <- first divergent"
-                if layer.note:
-                    numbers += f"  ({layer.note})"
+                enclosing = self.absorbed_by(i) if layer.exceeds(self.tol) else None
+                note = "; ".join(n for n in (layer.note, enclosing and f"does not reach {enclosing.label}, "
+                                             "whose output agrees") if n)
+                if note:
+                    numbers += f"  ({note})"
             lines.append(f"  {i:4d}  {layer.label:<{width}}  {numbers}")
         if self.unpaired:
             lines.append(f"not paired ({len(self.unpaired)}): {', '.join(self.unpaired[:6])}"
@@ -131,6 +157,9 @@ class DiffReport(RunSetting):
         first = self.first_divergent
         data = asdict(self)  # layers and logits become dicts too
         del data["stage_names"]
+        for i, (layer, entry) in enumerate(zip(self.layers, data["layers"])):
+            enclosing = self.absorbed_by(i) if layer.exceeds(self.tol) else None
+            entry["absorbed_by"] = enclosing.torch if enclosing else None  # past --tol, not reaching it
         return {**data, "first_divergent_layer": first.torch if first else None,
                 "first_divergent_call": first.call if first else None}
 

@@ -119,9 +119,10 @@ class Linear(layers.Linear):
 
 class Conv2D(layers.Conv2D):
     """``layers.Conv2D`` (same parameters, keys and eval forward as ``nn.Conv2D``, NCHW); training:
-    numerics.add_bias.  The 5x5 LePE stays Paddle's conv, though by FFT it would be 1.2-2x faster
-    (``depthwise.fft_applies``): the FFT's rounding, even over each map, moved biformer_small_det's
-    features 5-14% further from the float64 reference on 5 of its 8 maps."""
+    numerics.add_bias.  The 5x5 LePE never takes the FFT, though it would be 1.2-2x faster than
+    Paddle's conv (``depthwise.fft_applies``): the FFT's rounding, even over each map, moved
+    biformer_small_det's features 5-14% further from the float64 reference on 5 of its 8 maps.  The
+    compiled kernel (``native.py``, a direct sum, 5x faster again) takes it where nothing is recorded."""
 
     def forward(self, x):
         if not _accurate_bias(self, x):
@@ -375,7 +376,7 @@ class Block(nn.Layer):
         self.norm1 = LayerNorm(dim, epsilon=cfg.norm_eps)
         self.attn = _attention(cfg, dim, topk)
         self.norm2 = LayerNorm(dim, epsilon=cfg.norm_eps)
-        self.mlp = nn.Sequential(Linear(dim, hidden), nn.Identity(), nn.GELU(), Linear(hidden, dim))
+        self.mlp = nn.Sequential(Linear(dim, hidden), nn.Identity(), layers.GELU(), Linear(hidden, dim))
         self.drop_path = _drop_path(drop_path)
         self.use_layer_scale = cfg.layer_scale_init_value > 0
         if self.use_layer_scale:
@@ -408,9 +409,9 @@ class BiFormerBlock(nn.Layer):
         self.attn = _attention(cfg, dim, topk, nchw)
         self.norm2 = norm(dim, epsilon=cfg.norm_eps)
         if nchw:
-            self.mlp = nn.Sequential(Conv2D(dim, hidden, 1), nn.GELU(), Conv2D(hidden, dim, 1))
+            self.mlp = nn.Sequential(Conv2D(dim, hidden, 1), layers.GELU(), Conv2D(hidden, dim, 1))
         else:
-            self.mlp = nn.Sequential(Linear(dim, hidden), nn.GELU(), Linear(hidden, dim))
+            self.mlp = nn.Sequential(Linear(dim, hidden), layers.GELU(), Linear(hidden, dim))
         self.drop_path = _drop_path(drop_path)
 
     def forward(self, x):
@@ -522,7 +523,7 @@ class BiFormer(_BiFormerBase):
         stem = nn.Sequential(
             Conv2D(in_chans, dims[0] // 2, 3, stride=2, padding=1),
             _batch_norm(dims[0] // 2),
-            nn.GELU(),
+            layers.GELU(),
             Conv2D(dims[0] // 2, dims[0], 3, stride=2, padding=1),
             _batch_norm(dims[0]),
         )

@@ -89,7 +89,7 @@ class Mlp(nn.Layer):
     def __init__(self, in_features, hidden_features, drop=0.0):
         super().__init__()
         self.fc1 = Linear(in_features, hidden_features)
-        self.act = nn.GELU()
+        self.act = layers.GELU()
         self.fc2 = Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 

@@ -3,7 +3,8 @@
 Paddle 3.3's CPU kernel for a depthwise convolution with a large kernel is a direct loop that
 runs 5-50x slower than torch's (FCViT's 11x11 ``dw1`` / ``dw2``: 156 ms where torch takes 3 ms on
 [8, 64, 56, 56]).  ``DepthwiseConv2D`` is an ``nn.Conv2D`` (same parameters, same state-dict keys,
-same initialisation) whose dygraph forward computes the same cross-correlation by FFT instead:
+same initialisation) whose dygraph forward computes the same cross-correlation by torch2paddle's
+compiled kernel (``native.py``: faster, and closer to float64) or, where that is not built, by FFT:
 
     y = irfft2(rfft2(x, s) * rfft2(flip(w), s), s)[k-1-p : k-1-p+H, k-1-p : k-1-p+W] + b
 
@@ -28,7 +29,7 @@ from __future__ import annotations
 import paddle
 import paddle.nn.functional as F
 
-from .layers import Conv2D, add_into, conv_may_take_eager_route
+from .layers import Conv2D, add_into, conv_may_take_eager_route, is_same_depthwise, native_depthwise_applies
 
 
 def _smooth_length(n: int) -> int:
@@ -100,16 +101,15 @@ def fft_applies(layer, x) -> bool:
     kernel on the maps the models use (5x5 at batch 8: [8, 64, 56, 56] 40 -> 22 ms, [8, 256, 14, 14]
     15 -> 9 ms); at 3x3 Paddle's own kernel is faster.  Only ``DepthwiseConv2D`` (FCViT's 11x11
     convs) asks: BiFormer's 5x5 LePE keeps Paddle's kernel for precision (``biformer.Conv2D``)."""
-    k = layer.weight.shape[-1]
-    return (conv_may_take_eager_route(layer, x)
-            and layer._groups == layer._in_channels == layer._out_channels and layer.weight.shape[-2] == k
-            and k % 2 == 1 and k >= 5 and list(layer._stride) == [1, 1] and layer._updated_padding[0] == k // 2)
+    return conv_may_take_eager_route(layer, x) and is_same_depthwise(layer) and layer.weight.shape[-1] >= 5
 
 
 class DepthwiseConv2D(Conv2D):
-    """``nn.Conv2D(channels, channels, k, padding=k // 2, groups=channels)`` (odd k, stride 1): FFT in
-    dygraph when no gradient is recorded (eval, verify, inference), Paddle's conv otherwise and in a
-    static graph.
+    """``nn.Conv2D(channels, channels, k, padding=k // 2, groups=channels)`` (odd k, stride 1).  In
+    dygraph when no gradient is recorded (eval, verify, inference): the compiled kernel
+    (``paddle_models/native.py``; 11x11, one thread: [8, 64, 56, 56] 26 ms, the FFT 38; [8, 512, 7, 7]
+    6.7 vs 12; [1, 64, 56, 56] 3.4 vs 2.6; closer to float64 than the FFT or Paddle's conv), or the FFT
+    where that kernel is not built; Paddle's conv otherwise and in a static graph.
 
     Why not train through the FFT (it is differentiable, and its gradients are within 5e-7 of the
     conv's relative to their largest element): an FFT's rounding error is spread evenly over the
@@ -128,6 +128,6 @@ class DepthwiseConv2D(Conv2D):
                          weight_attr=weight_attr, bias_attr=bias_attr)
 
     def forward(self, x):
-        if fft_applies(self, x):
+        if fft_applies(self, x) and not native_depthwise_applies(self, x):
             return fft_forward(self, x)
-        return Conv2D.forward(self, x)  # not super(): dy2static rewrites this method
+        return Conv2D.forward(self, x)  # not super(): dy2static rewrites this method; the compiled kernel's route

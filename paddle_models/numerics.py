@@ -30,6 +30,8 @@ import functools
 import paddle
 import paddle.nn as nn
 
+from . import native
+
 
 @functools.lru_cache(maxsize=None)  # called per reduction, per forward: factor each size once
 def _levels(n: int, limit: int = 16) -> tuple:
@@ -103,9 +105,11 @@ def mean(x, axis, keepdim=False):
     for size in x.shape[len(x.shape) - k:]:
         n *= size
     flat = x.reshape([-1, n])
+    lead = list(x.shape[:len(x.shape) - k])
+    if native.runs_natively(x):  # the same mean, one compiled pass (native.native_row_mean)
+        return native.native_row_mean(flat).reshape(lead + [1] * k if keepdim else lead)
     mu = _blocked_mean(flat, n)
     correction = _blocked_mean(flat - mu, n).detach()  # the gradient of a mean is 1/N either way
-    lead = list(x.shape[:len(x.shape) - k])
     return (mu + correction).reshape(lead + [1] * k if keepdim else lead)
 
 
@@ -216,9 +220,12 @@ class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` (same parameters and state-dict keys) with statistics as accurate as torch's,
     in float32 (half-precision inputs: computed in float32, returned in their dtype).  The affine is
     applied as [C, 1, 1] tensors (see ``layers.Conv2D``: a [1, C, 1, 1] operand takes Paddle's slow
-    broadcast path)."""
+    broadcast path).  Where nothing is recorded for a backward, on CPU, the compiled kernel
+    (``native.native_group_norm``: [8, 64, 56, 56] 20 -> 4.8 ms, and as close to float64)."""
 
     def forward(self, x):
+        if native.runs_natively(x, self.weight, self.bias):  # the same statistics, one compiled kernel
+            return native.native_group_norm(x, self.weight, self.bias, self._num_groups, self._epsilon)
         c = x.shape[1]
         n = c // self._num_groups
         for size in x.shape[2:]:

@@ -84,7 +84,7 @@ class Mlp(nn.Layer):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = linear(dim, hidden_dim)
-        self.act = nn.GELU()
+        self.act = layers.GELU()
         self.fc2 = linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)  # mode upscale_in_train: torch's
 
@@ -102,10 +102,10 @@ class PatchEmbed(nn.Layer):
             self.proj = nn.Sequential(
                 conv2d(in_chans, embed_dim // 4, 3, stride=2, padding=1),
                 LayerNorm2d(embed_dim // 4),
-                nn.GELU(),
+                layers.GELU(),
                 conv2d(embed_dim // 4, embed_dim // 2, 3, stride=2, padding=1),
                 LayerNorm2d(embed_dim // 2),
-                nn.GELU(),
+                layers.GELU(),
                 conv2d(embed_dim // 2, embed_dim, 3, stride=1, padding=1),
             )
         elif conv_type == "1conv":
@@ -192,7 +192,7 @@ class Projection(nn.Layer):
         elif mode == "sc":
             self.proj = nn.Sequential(
                 LayerNorm2d(in_dim),
-                nn.GELU(),
+                layers.GELU(),
                 conv2d(in_dim, out_dim, 3, stride=2, padding=1, groups=in_dim),
             )
         else:

@@ -49,7 +49,15 @@ def test_fft_depthwise_equals_paddle_conv(shape, kernel):
         assert _rel(got.numpy(), want.numpy()) <= REL_TOL
 
 
-def test_layer_is_fft_without_gradients_and_conv_otherwise():
+@pytest.fixture
+def without_compiled_kernels(monkeypatch):
+    """The FFT route as it runs where torch2paddle's compiled kernels are not built (native.py):
+    where they are, they take the FFT's place (tests/test_native.py)."""
+    from paddle_models import native
+    monkeypatch.setattr(native, "native_kernels_available", lambda: False)
+
+
+def test_layer_is_fft_without_gradients_and_conv_otherwise(without_compiled_kernels):
     paddle.seed(0)
     layer = DepthwiseConv2D(16, 11)
     assert sorted(layer.state_dict()) == ["bias", "weight"] and layer.weight.shape == [16, 1, 11, 11]
@@ -106,15 +114,19 @@ def test_fft_applies_from_5x5_depthwise_same_convs_without_gradients():
         with paddle.no_grad():
             assert fft_applies(layer, x) == fft, (args, kw)
         assert not fft_applies(layer, x)  # recording gradients
-    # BiFormer's LePE keeps Paddle's conv, with or without gradients (precision: biformer.Conv2D)
+    # BiFormer's LePE never takes the FFT (precision: biformer.Conv2D): Paddle's conv while recording
+    # gradients, else the compiled kernel (tests/test_native.py), or Paddle's conv where it is not built
+    from paddle_models import native
     lepe = BiFormerConv2D(16, 16, 5, padding=2, groups=16)
     direct = F.conv2d(x, lepe.weight, lepe.bias, padding=2, groups=16).numpy()
-    with paddle.no_grad():
-        assert np.array_equal(lepe(x).numpy(), direct)
     assert np.array_equal(lepe(x).numpy(), direct)
+    lepe.eval()
+    with paddle.no_grad():
+        expected = native.native_depthwise_conv2d(x, lepe.weight, lepe.bias).numpy() if native.native_kernels_available() else direct
+        assert np.array_equal(lepe(x).numpy(), expected)
 
 
-def test_cached_kernel_spectrum_follows_the_weight():
+def test_cached_kernel_spectrum_follows_the_weight(without_compiled_kernels):
     paddle.seed(3)
     layer = DepthwiseConv2D(8, 11)
     x = paddle.randn([1, 8, 20, 24])

@@ -1,0 +1,169 @@
+"""torch2paddle's compiled CPU kernels, for dygraph forwards where Paddle 3.3's own CPU kernels are slow.
+
+``kernels/depthwise_conv2d.cc``: a depthwise conv (odd k x k, stride 1, 'same' zero padding), which
+Paddle runs on CPU as one tiny im2col + GEMM per channel.  ``kernels/gelu.cc``: the exact GELU.
+``kernels/statistics.cc``: ``numerics.GroupNorm``'s forward and ``numerics.mean``'s corrected row
+mean, the same float32 statistics in one pass each where Paddle's ops take ~15.  Each computes what
+the ports computed with Paddle's ops, within float32 rounding and at least as close to float64
+(tests/test_native.py); times and errors per shape: ``benchmarks/kernel_benchmark.py``.
+
+They are compiled on first use (~15 s, with the gcc that Paddle's ``cpp_extension`` calls) into one
+library in a cache keyed by their sources, the flags, Paddle's version, Python's and the CPU's
+features, shared between processes (a file lock; the library is moved into place whole), and
+loaded with Paddle's custom-operator loader (``load_op_meta_info_and_register_op``; called through
+``_C_ops._run_custom_op``, as the modules Paddle generates for custom ops call them).  Where they
+cannot be built or loaded (no compiler, no glibc vector maths, another platform) or
+``TORCH2PADDLE_NATIVE=0`` is set, the models run Paddle's own kernels (one warning says why): the
+same results within float32 rounding, slower.  Used only in dygraph calls that record no gradient
+(no backward is registered) and never in a traced graph: an exported model holds only Paddle's
+ops, so Paddle Inference runs it without this library.  Single-threaded, like the benchmarks.
+"""
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import paddle
+
+KERNEL_SOURCES = sorted((Path(__file__).with_name("kernels")).glob("*.cc"))
+OPS = ("t2p_depthwise_conv2d", "t2p_gelu", "t2p_row_mean", "t2p_group_norm")
+COMPILER_FLAGS = ["-O3", "-march=native", "-fopenmp-simd"]  # -fopenmp-simd: gelu.cc's vector erf
+LINKER_FLAGS = ["-lmvec"]
+DISABLE_VARIABLE = "TORCH2PADDLE_NATIVE"
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$TORCH2PADDLE_CACHE`` or ``$XDG_CACHE_HOME/torch2paddle``."""
+    root = (os.environ.get("TORCH2PADDLE_CACHE")
+            or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch2paddle")
+    return Path(root) / "kernels"
+
+
+def _cpu_features() -> str:
+    """The CPU's feature flags (``-march=native`` compiles for them), so a cache shared between
+    machines never hands one a library built for another."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_key() -> str:
+    """Everything the built library depends on, hashed."""
+    parts = [*(source.read_bytes() for source in KERNEL_SOURCES), " ".join(COMPILER_FLAGS + LINKER_FLAGS).encode(),
+             paddle.__version__.encode(), sys.version.encode(), platform.machine().encode(), _cpu_features().encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+_BUILD_SCRIPT = """
+import json, sys
+from paddle.utils.cpp_extension import load
+load(**json.loads(sys.argv[1]))
+"""
+
+
+def _build(library: Path) -> None:
+    """Compile the kernels into ``library`` (in a child process: Paddle's build prints to the
+    terminal, and its import of the result would register the op under a temporary path)."""
+    name = library.stem
+    with tempfile.TemporaryDirectory(dir=library.parent, prefix=".build-") as work:
+        arguments = dict(name=name, sources=[str(source) for source in KERNEL_SOURCES], build_directory=work,
+                         extra_cxx_cflags=COMPILER_FLAGS, extra_ldflags=LINKER_FLAGS)
+        done = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, json.dumps(arguments)],
+                              capture_output=True, text=True)
+        built = Path(work) / name / f"{name}.so"
+        if done.returncode != 0 or not built.is_file():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"the build failed ({tail[0]})")
+        os.replace(built, library)  # whole or not at all: another process may be waiting to load it
+
+
+def _library() -> Path:
+    """The built library, compiled first if no process has yet (one at a time: a file lock)."""
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    library = directory / f"t2p_native_{build_key()}.so"
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not library.is_file():
+            _build(library)
+    return library
+
+
+@functools.cache
+def native_kernels_available() -> bool:
+    """Whether the compiled kernels are loaded into this process (built first if need be).  False,
+    with one warning saying why, where they cannot be; False without one under TORCH2PADDLE_NATIVE=0."""
+    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
+        return False
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        from paddle.utils.cpp_extension.extension_utils import load_op_meta_info_and_register_op
+        registered = load_op_meta_info_and_register_op(str(_library()))
+        if set(OPS) - set(registered):
+            raise RuntimeError(f"the library registers {registered}, not {list(OPS)}")
+    except Exception as error:  # any failure leaves Paddle's own kernels in use, never a broken model
+        warnings.warn(f"torch2paddle: compiled CPU kernels unavailable, Paddle's own are used (slower): {error}",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+def runs_natively(x, *parameters) -> bool:
+    """Whether a dygraph call on ``x`` (with the layer's ``parameters``) may run a compiled kernel: a
+    float32 CPU tensor, nothing recorded for a backward (the kernels have none), the kernels built."""
+    return (paddle.in_dynamic_mode() and x.dtype == paddle.float32 and x.place.is_cpu_place()
+            and (not paddle.is_grad_enabled() or (x.stop_gradient and all(p.stop_gradient for p in parameters)))
+            and native_kernels_available())
+
+
+def _run(op: str, *inputs):
+    """The compiled ``op`` on ``inputs`` (loaded into this process first if need be)."""
+    if not native_kernels_available():
+        raise RuntimeError(f"{op}: torch2paddle's compiled kernels are not available in this process")
+    return paddle._C_ops._run_custom_op(op, *inputs)[0]
+
+
+def native_depthwise_conv2d(x, weight, bias=None):
+    """``F.conv2d(x, weight, bias, padding=k // 2, groups=C)`` for an odd k x k depthwise ``weight``
+    [C, 1, k, k], stride 1, by the compiled kernel: float32 CPU tensors, no gradient (where
+    ``native_kernels_available()``)."""
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return _run("t2p_depthwise_conv2d", x, weight, bias)
+
+
+def native_gelu(x):
+    """``F.gelu(x)`` (exact, erf form) by the compiled kernel: a float32 CPU tensor, no gradient."""
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return _run("t2p_gelu", x)
+
+
+def native_row_mean(rows):
+    """Each row's mean of ``rows`` [M, n], keepdim [M, 1], as ``numerics._row_mean`` forms it
+    (pairwise, then corrected once), by the compiled kernel: float32 CPU, no gradient."""
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    return _run("t2p_row_mean", rows)
+
+
+def native_group_norm(x, weight, bias, groups: int, epsilon: float):
+    """``numerics.GroupNorm``'s forward (corrected mean, biased variance of the centred values,
+    ((x - mean) * inv_std) * weight + bias) by the compiled kernel: float32 CPU, no gradient."""
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return _run("t2p_group_norm", x, weight, bias, int(groups), float(epsilon))

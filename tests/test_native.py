@@ -1,0 +1,167 @@
+"""torch2paddle's compiled CPU kernels (paddle_models/native.py, paddle_models/kernels/) against
+Paddle's own ops and a float64 computation: the depthwise conv on every map and kernel size the
+models use (3x3, 5x5, 11x11; classification, dense and odd maps, maps smaller than the kernel), the
+exact GELU, GroupNorm and the corrected row mean; which calls take them (dygraph, nothing recorded
+for a backward; never training, never a traced graph); and what happens where they cannot be built."""
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+
+from paddle_models import native, numerics
+from paddle_models.depthwise import DepthwiseConv2D
+from paddle_models.layers import GELU, Conv2D
+
+REL_TOL = 2e-6  # relative to the largest output: float32 noise, as tests/test_depthwise.py
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def test_kernels_are_built_here():
+    # the fast path is what this suite's parity tests exercise; a build that silently fell back to
+    # Paddle's kernels would leave them proving the slow path only
+    assert native.native_kernels_available()
+
+
+DEPTHWISE_CASES = [  # (batch, channels, H, W, kernel)
+    (2, 256, 56, 56, 3), (2, 512, 28, 28, 3), (2, 1280, 14, 14, 3), (2, 2048, 7, 7, 3),  # FCViT's channel mixer
+    (2, 64, 56, 56, 5), (2, 512, 7, 7, 5), (2, 64, 56, 56, 3), (1, 128, 64, 88, 3),      # BiFormer's LePE / pos-embed
+    (2, 64, 56, 56, 11), (2, 128, 28, 28, 11), (2, 320, 14, 14, 11), (2, 512, 7, 7, 11),  # FCViT's token mixer
+    (1, 64, 64, 88, 11), (1, 512, 12, 16, 11), (1, 256, 48, 64, 3),                      # dense sizes
+    (2, 32, 57, 57, 11), (1, 16, 13, 19, 5), (1, 8, 1, 1, 3), (1, 8, 3, 5, 11),           # odd, tiny,
+    (3, 16, 6, 17, 7), (1, 4, 1, 9, 5), (1, 4, 9, 1, 3),                                  # smaller than k
+]
+
+
+@pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_depthwise_conv2d_equals_paddle_conv(case):
+    b, c, h, w, k = case
+    rng = np.random.default_rng(h * 1000 + w + k)
+    x = rng.standard_normal((b, c, h, w))
+    weight = rng.standard_normal((c, 1, k, k)) / k
+    bias = rng.standard_normal(c)
+    exact = F.conv2d(*map(paddle.to_tensor, (x, weight, bias)), padding=k // 2, groups=c).numpy()
+    x32, w32, b32 = (paddle.to_tensor(a.astype(np.float32)) for a in (x, weight, bias))
+    paddle_conv = F.conv2d(x32, w32, b32, padding=k // 2, groups=c).numpy()
+    with paddle.no_grad():
+        ours = native.native_depthwise_conv2d(x32, w32, b32).numpy()
+        unbiased = native.native_depthwise_conv2d(x32, w32).numpy()
+    assert ours.shape == exact.shape
+    assert _rel(ours, paddle_conv) <= REL_TOL
+    # as close to a float64 conv as Paddle's float32 conv is (its rows summed first: closer at 11x11)
+    assert _rel(ours, exact) <= max(1.5 * _rel(paddle_conv, exact), 2e-7), (_rel(ours, exact), _rel(paddle_conv, exact))
+    assert np.array_equal(unbiased + b32.numpy().reshape(c, 1, 1), ours)  # the bias added last, as Paddle's conv + add
+
+
+def test_depthwise_conv2d_reads_a_strided_view():
+    x = paddle.randn([2, 9, 8, 16]).transpose([0, 1, 3, 2])  # a view, not contiguous
+    weight = paddle.randn([9, 1, 3, 3])
+    with paddle.no_grad():
+        assert _rel(native.native_depthwise_conv2d(x, weight).numpy(),
+                    F.conv2d(x, weight, padding=1, groups=9).numpy()) <= REL_TOL
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 3.0, 30.0])
+def test_gelu_equals_paddle_gelu_and_is_as_close_to_float64(scale):
+    from math import erf, sqrt
+    rng = np.random.default_rng(int(scale * 10))
+    x = (rng.standard_normal(200_003) * scale).astype(np.float32)  # odd length: the vector loop's tail
+    x[:4] = [0.0, -0.0, 1e-30, -40.0]
+    exact = np.array([v * 0.5 * (1.0 + erf(v / sqrt(2.0))) for v in x.astype(np.float64)])
+    paddle_gelu = F.gelu(paddle.to_tensor(x)).numpy()
+    with paddle.no_grad():
+        ours = native.native_gelu(paddle.to_tensor(x)).numpy()
+    assert _rel(ours, paddle_gelu) <= REL_TOL
+    assert np.abs(ours - exact).max() <= max(1.5 * np.abs(paddle_gelu - exact).max(), 1e-12)
+    assert np.abs(ours - exact).mean() <= np.abs(paddle_gelu - exact).mean()
+
+
+GROUP_NORM_CASES = [  # (shape, groups): FCViT's one-group norms at 224 and a dense size, odd and grouped ones
+    ((2, 64, 56, 56), 1), ((2, 512, 7, 7), 1), ((1, 320, 16, 22), 1), ((2, 6, 5, 3), 3), ((3, 8, 1, 1), 2),
+    ((2, 12, 7), 4),
+]
+
+
+@pytest.mark.parametrize("shape,groups", GROUP_NORM_CASES,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"g{v}")
+def test_group_norm_equals_the_float32_statistics(shape, groups):
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal(shape) * 2.0 + 3.0  # a mean large against the spread: what the correction is for
+    weight, bias = rng.standard_normal(shape[1]), rng.standard_normal(shape[1])
+    rows = x.reshape(shape[0] * groups, -1)
+    centred = rows - rows.mean(axis=1, keepdims=True)
+    normalized = (centred / np.sqrt((centred ** 2).mean(axis=1, keepdims=True) + 1e-5)).reshape(shape)
+    affine_shape = (1, shape[1]) + (1,) * (len(shape) - 2)
+    exact = normalized * weight.reshape(affine_shape) + bias.reshape(affine_shape)
+    layer = numerics.GroupNorm(groups, shape[1])
+    layer.weight.set_value(weight.astype(np.float32))
+    layer.bias.set_value(bias.astype(np.float32))
+    x32 = paddle.to_tensor(x.astype(np.float32))
+    recorded = layer(x32).numpy()  # recording gradients: Paddle's ops (numerics._NormalizeRows)
+    with paddle.no_grad():
+        ours = layer(x32).numpy()
+        assert np.array_equal(ours, native.native_group_norm(x32, layer.weight, layer.bias, groups, 1e-5).numpy())
+    assert _rel(ours, recorded) <= REL_TOL
+    assert _rel(ours, exact) <= max(1.5 * _rel(recorded, exact), 2e-7), (_rel(ours, exact), _rel(recorded, exact))
+
+
+@pytest.mark.parametrize("shape", [(8, 3136), (4, 200704), (3, 49), (2, 1), (5, 257)])
+def test_row_mean_within_rounding_of_the_exact_mean(shape):
+    rng = np.random.default_rng(shape[1])
+    rows = (rng.standard_normal(shape) + 2.0).astype(np.float32)
+    exact = rows.astype(np.float64).mean(axis=1, keepdims=True)
+    with paddle.no_grad():
+        ours = native.native_row_mean(paddle.to_tensor(rows)).numpy()
+    assert ours.shape == exact.shape
+    assert np.abs(ours - exact).max() <= np.abs(exact).max() * 2 ** -23  # within one rounding (ulp at most)
+    paddle_ops = numerics._row_mean(paddle.to_tensor(rows), shape[1]).numpy()  # the same mean by Paddle's ops
+    assert np.abs(ours - paddle_ops).max() <= np.abs(exact).max() * 2 ** -22
+
+
+def test_layers_take_the_kernels_only_when_nothing_is_recorded_and_never_in_a_graph():
+    paddle.seed(4)
+    x = paddle.randn([2, 16, 9, 13])
+    conv, gelu, norm = Conv2D(16, 16, 3, padding=1, groups=16), GELU(), numerics.GroupNorm(1, 16)
+    large = DepthwiseConv2D(16, 11)
+    with paddle.no_grad():
+        assert np.array_equal(conv(x).numpy(), native.native_depthwise_conv2d(x, conv.weight, conv.bias).numpy())
+        assert np.array_equal(large(x).numpy(), native.native_depthwise_conv2d(x, large.weight, large.bias).numpy())
+        assert np.array_equal(gelu(x).numpy(), native.native_gelu(x).numpy())
+        assert np.array_equal(norm(x).numpy(), native.native_group_norm(x, norm.weight, norm.bias, 1, 1e-5).numpy())
+    # recording gradients (training): Paddle's ops, bit for bit
+    assert np.array_equal(conv(x).numpy(), F.conv2d(x, conv.weight, conv.bias, padding=1, groups=16).numpy())
+    trainable = x.clone()
+    trainable.stop_gradient = False
+    assert np.array_equal(gelu(trainable).numpy(), F.gelu(trainable).numpy())
+    for layer in (conv, gelu, norm, large):
+        static = paddle.jit.to_static(layer, full_graph=True)
+        program = static.forward.get_concrete_program(x)[0].main_program
+        ops = {op.name() for op in program.global_block().ops}
+        assert not any("t2p_" in name for name in ops), ops
+
+
+def test_switched_off_or_unbuildable_means_paddles_kernels_and_one_warning(tmp_path, monkeypatch):
+    code = ("import paddle; from paddle_models import native, layers; "
+            "assert not native.native_kernels_available(); "
+            "print(layers.GELU()(paddle.to_tensor([1.0])).numpy()[0])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**__import__("os").environ, "TORCH2PADDLE_NATIVE": "0"},
+                          cwd=str(__import__("pathlib").Path(native.__file__).parents[1]))
+    assert done.returncode == 0, done.stderr
+    assert abs(float(done.stdout.split()[-1]) - 0.8413447) < 1e-6
+    assert "unavailable" not in done.stderr  # switched off on purpose: no warning
+    broken = tmp_path / "broken.cc"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "KERNEL_SOURCES", [broken])
+    monkeypatch.setenv("TORCH2PADDLE_CACHE", str(tmp_path / "cache"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert native.native_kernels_available.__wrapped__() is False
+    assert len(caught) == 1 and "compiled CPU kernels unavailable" in str(caught[0].message)
+    assert not list((tmp_path / "cache" / "kernels").glob("*.so"))  # nothing half-built left to load
