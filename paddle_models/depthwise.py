@@ -107,8 +107,9 @@ def fft_applies(layer, x) -> bool:
 class DepthwiseConv2D(Conv2D):
     """``nn.Conv2D(channels, channels, k, padding=k // 2, groups=channels)`` (odd k, stride 1).  In
     dygraph when no gradient is recorded (eval, verify, inference): the compiled kernel
-    (``paddle_models/native.py``; 11x11, one thread: [8, 64, 56, 56] 26 ms, the FFT 38; [8, 512, 7, 7]
-    6.7 vs 12; [1, 64, 56, 56] 3.4 vs 2.6; closer to float64 than the FFT or Paddle's conv), or the FFT
+    (``paddle_models/native.py``; 11x11, one thread, benchmarks/kernel_benchmark.py: [8, 64, 56, 56]
+    30.8 ms, the FFT 33.5; [8, 512, 7, 7] 12.6 vs 25.3; [1, 64, 56, 56] 3.1 vs 6.0; closer to float64
+    than the FFT or Paddle's conv), or the FFT
     where that kernel is not built; Paddle's conv otherwise and in a static graph.
 
     Why not train through the FFT (it is differentiable, and its gradients are within 5e-7 of the

@@ -79,9 +79,10 @@ def is_same_depthwise(layer) -> bool:
 
 def native_depthwise_applies(layer, x) -> bool:
     """Whether a call of ``layer`` (an ``nn.Conv2D``) on ``x`` runs the compiled depthwise kernel
-    (``native.native_depthwise_conv2d``): ``conv_may_take_eager_route``, ``is_same_depthwise`` and
-    ``native.runs_natively``."""
-    return conv_may_take_eager_route(layer, x) and is_same_depthwise(layer) and native.runs_natively(x)
+    (``native.native_depthwise_conv2d``): ``conv_may_take_eager_route`` (float32 dygraph, nothing
+    recorded), ``is_same_depthwise``, a CPU tensor, the kernels built."""
+    return (conv_may_take_eager_route(layer, x) and is_same_depthwise(layer) and x.place.is_cpu_place()
+            and native.native_kernels_available())
 
 
 def add_into(fresh, other):

@@ -131,9 +131,12 @@ def runs_natively(x, *parameters) -> bool:
 
 
 def _run(op: str, *inputs):
-    """The compiled ``op`` on ``inputs`` (loaded into this process first if need be)."""
+    """The compiled ``op`` on ``inputs`` (loaded into this process first if need be), tensors made
+    contiguous first: the kernels read them as flat arrays."""
     if not native_kernels_available():
         raise RuntimeError(f"{op}: torch2paddle's compiled kernels are not available in this process")
+    inputs = [value.contiguous() if isinstance(value, paddle.Tensor) and not value.is_contiguous() else value
+              for value in inputs]
     return paddle._C_ops._run_custom_op(op, *inputs)[0]
 
 
@@ -141,29 +144,21 @@ def native_depthwise_conv2d(x, weight, bias=None):
     """``F.conv2d(x, weight, bias, padding=k // 2, groups=C)`` for an odd k x k depthwise ``weight``
     [C, 1, k, k], stride 1, by the compiled kernel: float32 CPU tensors, no gradient (where
     ``native_kernels_available()``)."""
-    if not x.is_contiguous():
-        x = x.contiguous()
     return _run("t2p_depthwise_conv2d", x, weight, bias)
 
 
 def native_gelu(x):
     """``F.gelu(x)`` (exact, erf form) by the compiled kernel: a float32 CPU tensor, no gradient."""
-    if not x.is_contiguous():
-        x = x.contiguous()
     return _run("t2p_gelu", x)
 
 
 def native_row_mean(rows):
     """Each row's mean of ``rows`` [M, n], keepdim [M, 1], as ``numerics._row_mean`` forms it
     (pairwise, then corrected once), by the compiled kernel: float32 CPU, no gradient."""
-    if not rows.is_contiguous():
-        rows = rows.contiguous()
     return _run("t2p_row_mean", rows)
 
 
 def native_group_norm(x, weight, bias, groups: int, epsilon: float):
     """``numerics.GroupNorm``'s forward (corrected mean, biased variance of the centred values,
     ((x - mean) * inv_std) * weight + bias) by the compiled kernel: float32 CPU, no gradient."""
-    if not x.is_contiguous():
-        x = x.contiguous()
     return _run("t2p_group_norm", x, weight, bias, int(groups), float(epsilon))
