@@ -73,11 +73,21 @@ class LayerNorm2d(nn.Layer):
         # (paddle_models/onednn.py)
         std = paddle.sqrt((centred * centred).mean(1, keepdim=True) + self.eps)
         # the affine as [C, 1, 1] operands (the same products): Paddle broadcasts a [1, C, 1, 1] one by
-        # its slow path (layers.Conv2D).  The divide keeps its [B, 1, H, W] divisor, though that
-        # broadcast is slow too (dygraph 111 vs 57 ms on [8, 96, 56, 56], and outside oneDNN in an
-        # export): Paddle's same-shape divide is not correctly rounded (2.4e-7 off on values ~4),
-        # the broadcast one is, as torch's.
-        return centred / std * self.weight.reshape([-1, 1, 1]) + self.bias.reshape([-1, 1, 1])
+        # its slow path (layers.Conv2D).  In dygraph the divide keeps its [B, 1, H, W] divisor, though
+        # that broadcast is slow too (111 vs 57 ms on [8, 96, 56, 56]): Paddle's same-shape divide is
+        # not correctly rounded (one ulp off on ~0.3% of quotients), the broadcast one is, as torch's.
+        # A traced graph expands it: Paddle Inference runs the broadcast divide outside oneDNN, 3x
+        # slower (this LayerNorm on [1, 96, 56, 56]: 4.6 vs 1.4 ms).  regionvit_small's export, oneDNN
+        # on: -5% at batch 1, -11% at batch 8; off: -7% at batch 1.
+        return centred / _divisor(std, centred) * self.weight.reshape([-1, 1, 1]) + self.bias.reshape([-1, 1, 1])
+
+
+def _divisor(std, like):
+    """``std`` [B, 1, H, W] as LayerNorm2d divides by it: as is in dygraph, expanded to ``like`` in a
+    traced graph (see LayerNorm2d.forward)."""
+    if paddle.in_dynamic_mode():
+        return std
+    return std.expand_as(like)
 
 
 class Mlp(nn.Layer):
