@@ -9,7 +9,9 @@ drift by ~2e-6 over a 56x56 map.  So:
   then one correction pass, mu + mean(x - mu), which lands within rounding of the exact mean
   (measured: 1.2e-7 on means of ~2 over 56x56, as float64 rounded once; torch 4e-7).  The
   correction is left out of autograd: the gradient of a mean is 1/N either way, and through the
-  blocked mean alone it stays exact.  Other axes: float64.
+  blocked mean alone it stays exact.  Half inputs are reduced in float32.  Other axes (BiFormer's
+  region means, which only route) are reduced in float64, rounded once: faster on CPU than a
+  permutation and a float32 mean, and correctly rounded.
 * ``GroupNorm`` in float32 the same way: corrected blocked mean, then the biased variance as the
   blocked mean of the centred squares.  Its backward is written out (``_NormalizeRows``) so the two
   row means it needs are blocked too; autograd would take them with Paddle's naive float32 sum (a
@@ -19,13 +21,14 @@ drift by ~2e-6 over a 56x56 map.  So:
   [8, 64, 56, 56] (one group) against torch float64: forward 9.4e-8 and input gradient 1.4e-7 of
   their max, torch float32 7.7e-8 and 1.1e-7; 22 ms forward in dygraph, where the float64 version
   took 32 ms.  No float64 in a model people train on GPUs with AMP (half inputs: float32 inside).
-* ``std_mean`` (FCViT's GlobalContext, a [B, heads, positions] map) accumulates in float64 and
-  rounds back once; its square is a product (Paddle's float64 pow kernel is slow, and
-  ``paddle.std`` breaks under oneDNN: see onednn.py).
+* ``std_mean`` (FCViT's GlobalContext, a [B, heads, positions] map): the corrected mean, then the
+  blocked mean of the centred squares, scaled to the unbiased variance; its square is a product
+  (``paddle.std`` breaks under oneDNN: see onednn.py).
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import paddle
 import paddle.nn as nn
@@ -52,13 +55,6 @@ def _levels(n: int, limit: int = 16) -> tuple:
             current = 1
         current *= prime
     return tuple(levels + [current])
-
-
-def _trailing(x, axis):
-    """The number of trailing axes ``axis`` names, or None when it names others."""
-    rank = len(x.shape)
-    axes = sorted(a % rank for a in ([axis] if isinstance(axis, int) else axis))
-    return len(axes) if axes == list(range(rank - len(axes), rank)) else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,37 +93,69 @@ def _row_mean(rows, n: int):
     return mu + _blocked_mean(rows - mu, n)
 
 
+@paddle.jit.not_to_static  # plain Python over a shape: dy2static would make its loops graph control flow
+def _trailing_reduction(shape, axis, keepdim: bool):
+    """For a reduction over ``axis`` of a tensor of ``shape``: (n, the values each result reduces; the
+    result's shape), or None where the reduced axes are not the trailing ones or a reduced size is
+    unknown until run time (a traced graph's dynamic axis, not an int)."""
+    rank = len(shape)
+    axes = sorted(a % rank for a in ([axis] if isinstance(axis, int) else axis))
+    if axes != list(range(rank - len(axes), rank)):
+        return None
+    if not all(isinstance(shape[a], int) and shape[a] > 0 for a in axes):
+        return None
+    kept = shape[:rank - len(axes)]
+    return math.prod(shape[rank - len(axes):]), (list(kept) + [1] * len(axes) if keepdim else list(kept))
+
+
+def _as_rows(x, axis, keepdim: bool):
+    """``x`` as float32 rows [M, n], each the n values one reduction over ``axis`` takes, with n and
+    the reduction's result shape; None where ``_trailing_reduction`` is."""
+    plan = _trailing_reduction(x.shape, axis, keepdim)
+    if plan is None:
+        return None
+    n, shape = plan
+    rows = x.reshape([-1, n])
+    return (rows if rows.dtype == paddle.float32 else rows.astype("float32")), n, shape
+
+
+def _corrected_mean(rows, n: int):
+    """Each row's mean [M, 1], within rounding of the exact mean: in dygraph without a gradient, the
+    compiled kernel; else the blocked mean plus its correction, the correction outside autograd (the
+    gradient of a mean is 1/N either way)."""
+    if native.runs_natively(rows):  # the same mean, one compiled pass (native.native_row_mean)
+        return native.native_row_mean(rows).reshape([-1, 1])
+    mu = _blocked_mean(rows, n)
+    return mu + _blocked_mean(rows - mu, n).detach()
+
+
 def mean(x, axis, keepdim=False):
-    k = _trailing(x, axis)
-    if k is None or x.dtype != paddle.float32 or any(s <= 0 for s in x.shape[len(x.shape) - k:]):
+    """``x.mean(axis, keepdim)`` within rounding of the exact mean, in float32 (half inputs too)."""
+    as_rows = _as_rows(x, axis, keepdim)
+    if as_rows is None:
+        # Axes that are not trailing (BiFormer's region means, which only route: never differentiated)
+        # or sizes unknown until run time: float64, rounded once.  Moving the axes last for the
+        # float32 form costs a dense permutation, up to 6x the float64 mean (measured on BiFormer's
+        # [8, 392, 4, 32]: 8.2 vs 1.3 ms), and Paddle's float32 mean over a middle axis is slow too.
         return x.astype("float64").mean(axis=axis, keepdim=keepdim).astype(x.dtype)
-    n = 1
-    for size in x.shape[len(x.shape) - k:]:
-        n *= size
-    flat = x.reshape([-1, n])
-    lead = list(x.shape[:len(x.shape) - k])
-    if native.runs_natively(x):  # the same mean, one compiled pass (native.native_row_mean)
-        return native.native_row_mean(flat).reshape(lead + [1] * k if keepdim else lead)
-    mu = _blocked_mean(flat, n)
-    correction = _blocked_mean(flat - mu, n).detach()  # the gradient of a mean is 1/N either way
-    return (mu + correction).reshape(lead + [1] * k if keepdim else lead)
+    rows, n, shape = as_rows
+    return _corrected_mean(rows, n).reshape(shape).astype(x.dtype)
 
 
 def std_mean(x, axis, keepdim=False):
-    """(unbiased std, mean), like ``torch.std_mean``; float64 inside, its square written as a product
-    (``paddle.std``'s float64 pow kernel took 11 ms where this takes 0.6 ms, on [8, 4, 3136])."""
-    x64 = x.astype("float64")
-    axes = [axis] if isinstance(axis, int) else list(axis)
-    n = 1
-    for a in axes:
-        n *= x.shape[a]
-    if n <= 1:  # a size unknown until run time (or a single value): Paddle's own
+    """(unbiased std, mean), like ``torch.std_mean``, in float32: the corrected mean, then the
+    blocked mean of the centred squares times n / (n - 1); the square as a product (``paddle.std``
+    squares through a ``pow`` that breaks under oneDNN: see onednn.py)."""
+    as_rows = _as_rows(x, axis, keepdim)
+    if as_rows is None or as_rows[1] <= 1:  # as mean's; or one value (std nan): Paddle's own, float64
+        x64 = x.astype("float64")
         return (paddle.std(x64, axis=axis, keepdim=keepdim).astype(x.dtype),
                 x64.mean(axis=axis, keepdim=keepdim).astype(x.dtype))
-    mu = x64.mean(axis=axes, keepdim=True)
-    d = x64 - mu
-    var = (d * d).sum(axis=axes, keepdim=keepdim) / float(n - 1)
-    return paddle.sqrt(var).astype(x.dtype), (mu if keepdim else mu.squeeze(axes)).astype(x.dtype)
+    rows, n, shape = as_rows
+    mu = _corrected_mean(rows, n)
+    centred = rows - mu
+    var = _blocked_mean(centred * centred, n) * (n / (n - 1))
+    return paddle.sqrt(var).reshape(shape).astype(x.dtype), mu.reshape(shape).astype(x.dtype)
 
 
 def _normalized_rows(rows, n: int, eps: float):

@@ -35,6 +35,33 @@ def test_numerics_reductions_stay_at_the_exact_value():
     assert abs(grad.numpy().flat[0] - np.float32(1 / 3136)) <= np.spacing(np.float32(1 / 3136))
 
 
+def test_std_mean_and_half_means_stay_float32_and_exact():
+    """std_mean (FCViT's GlobalContext) in float32 within two ulps of the exact std and one of the
+    exact mean, where it used float64; half inputs reduced in float32.  A traced graph (what export
+    writes) of both holds no float64 value.  Axes that are not trailing keep float64 (BiFormer's
+    region means, which only route: faster and correctly rounded), still exact."""
+    rng = np.random.default_rng(11)
+    x_np = (rng.standard_normal((2, 49, 64, 32)) * 2 + 3).astype(np.float32)
+    x = paddle.to_tensor(x_np)
+    exact = x_np.astype(np.float64).mean(axis=2)
+    ulp = np.spacing(np.float32(np.abs(exact).max()))
+    assert np.abs(numerics.mean(x, axis=2).numpy() - exact).max() <= ulp / 2
+    half = numerics.mean(x.astype("float16"), axis=[2, 3])
+    assert half.dtype == paddle.float16
+    assert np.array_equal(half.numpy(), numerics.mean(x.astype("float16").astype("float32"), axis=[2, 3]).astype("float16").numpy())
+
+    def statistics(t):
+        return numerics.std_mean(t.reshape([2, 4, -1]), axis=[1, 2], keepdim=True), numerics.mean(t, axis=[-2, -1])
+
+    (std, mu), _ = statistics(x)
+    rows = x_np.reshape(2, -1).astype(np.float64)
+    assert np.abs(std.numpy().ravel() - rows.std(axis=1, ddof=1)).max() <= 2 * np.spacing(np.float32(rows.std(axis=1).max()))
+    assert np.abs(mu.numpy().ravel() - rows.mean(axis=1)).max() <= ulp
+    program = paddle.jit.to_static(statistics, full_graph=True).get_concrete_program(x)[0].main_program
+    dtypes = {str(value.dtype) for op in program.global_block().ops for value in op.results()}
+    assert not any("float64" in dtype for dtype in dtypes), dtypes
+
+
 @pytest.mark.parametrize("shape, groups", [((4, 64, 56, 56), 1), ((2, 320, 14, 14), 1), ((3, 12, 7, 5), 3),
                                            ((2, 64, 13, 17), 1)])
 def test_group_norm_in_float32_is_as_accurate_as_torch(shape, groups):
