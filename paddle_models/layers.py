@@ -50,19 +50,13 @@ def permute(x, perm):
     return paddle.einsum(f"{src}->{''.join(src[i] for i in perm)}", x)
 
 
-def records_gradient(layer, x) -> bool:
-    """Whether a call of ``layer`` on ``x`` is recorded for a backward pass."""
-    if not paddle.is_grad_enabled():
-        return False
-    return not (x.stop_gradient and all(p.stop_gradient for p in layer.parameters(include_sublayers=False)))
-
-
 def conv_may_take_eager_route(layer, x) -> bool:
     """Whether a call of the ``nn.Conv2D`` ``layer`` on ``x`` may be computed another way than by
     Paddle's conv (``depthwise.fft_applies``, ``patch_conv.patch_conv_applies`` add their own
     conditions): a float32 dygraph call recording no gradient (training keeps Paddle's kernel), no
     dilation, equal explicit zero padding, NCHW."""
-    return (paddle.in_dynamic_mode() and x.dtype == paddle.float32 and not records_gradient(layer, x)
+    return (paddle.in_dynamic_mode() and x.dtype == paddle.float32
+            and not native.records_gradient(x, *layer.parameters(include_sublayers=False))
             and list(layer._dilation) == [1, 1] and layer._padding_algorithm == "EXPLICIT"
             and len(set(layer._updated_padding)) == 1 and layer._padding_mode == "zeros"
             and layer._data_format == "NCHW")

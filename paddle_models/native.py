@@ -122,12 +122,16 @@ def native_kernels_available() -> bool:
     return True
 
 
+def records_gradient(x, *parameters) -> bool:
+    """Whether a call on ``x`` (with a layer's ``parameters``) is recorded for a backward pass."""
+    return paddle.is_grad_enabled() and not (x.stop_gradient and all(p.stop_gradient for p in parameters))
+
+
 def runs_natively(x, *parameters) -> bool:
     """Whether a dygraph call on ``x`` (with the layer's ``parameters``) may run a compiled kernel: a
     float32 CPU tensor, nothing recorded for a backward (the kernels have none), the kernels built."""
     return (paddle.in_dynamic_mode() and x.dtype == paddle.float32 and x.place.is_cpu_place()
-            and (not paddle.is_grad_enabled() or (x.stop_gradient and all(p.stop_gradient for p in parameters)))
-            and native_kernels_available())
+            and not records_gradient(x, *parameters) and native_kernels_available())
 
 
 def _run(op: str, *inputs):
