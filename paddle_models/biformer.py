@@ -32,6 +32,7 @@ from model_configs.biformer import CONFIGS, DENSE_CONFIGS, BiFormerConfig, dense
 from . import numerics
 from . import layers
 from .layers import DropPath, drop_path_schedule, permute
+from .onednn import transpose_reshape
 
 __all__ = ["BiFormer", "BiFormerSTL", "BiFormerDense", "biformer_tiny", "biformer_small", "biformer_base",
            "biformer_stl", "biformer_stl_nchw", "biformer_small_det", "biformer_base_det", "biformer_small_seg",
@@ -52,7 +53,7 @@ def _nhwc_to_windows(x, n_win):
     """(N, H, W, C) -> (N, n_win^2, H/n_win, W/n_win, C)."""
     n, hh, ww, c = x.shape
     h, w = hh // n_win, ww // n_win
-    return permute(x.reshape([n * n_win, h, n_win, w * c]), [0, 2, 1, 3]).reshape([n, n_win * n_win, h, w, c])
+    return transpose_reshape(x.reshape([n * n_win, h, n_win, w * c]), [0, 2, 1, 3], [n, n_win * n_win, h, w, c])
 
 
 def _windows_to_heads(x, groups, num_heads):
@@ -60,8 +61,8 @@ def _windows_to_heads(x, groups, num_heads):
     (G = 3 for a fused q | k | v)."""
     n, p, h, w, gc = x.shape
     d = gc // (groups * num_heads)
-    x = permute(x.reshape([n * p, h * w, groups * num_heads, d]), [2, 0, 1, 3])
-    return x.reshape([groups, num_heads, n * p, h * w, d])
+    return transpose_reshape(x.reshape([n * p, h * w, groups * num_heads, d]), [2, 0, 1, 3],
+                             [groups, num_heads, n * p, h * w, d])
 
 
 def _nhwc_to_heads(x, n_win, groups, num_heads):
@@ -70,21 +71,21 @@ def _nhwc_to_heads(x, n_win, groups, num_heads):
     n, hh, ww, gc = x.shape
     h, w = hh // n_win, ww // n_win
     d = gc // (groups * num_heads)
-    x = permute(x.reshape([n * n_win, h, n_win, w, groups * num_heads, d]), [4, 0, 2, 1, 3, 5])
-    return x.reshape([groups, num_heads, n * n_win * n_win, h * w, d])
+    return transpose_reshape(x.reshape([n * n_win, h, n_win, w, groups * num_heads, d]), [4, 0, 2, 1, 3, 5],
+                             [groups, num_heads, n * n_win * n_win, h * w, d])
 
 
 def _heads_to_nhwc(x, n, n_win, h, w):
     """(heads, N * P, h * w, d) -> (N, n_win * h, n_win * w, heads * d)."""
     m, _, _, d = x.shape
-    x = permute(x.reshape([m, n * n_win, n_win, h, w, d]), [1, 3, 2, 4, 0, 5])
-    return x.reshape([n, n_win * h, n_win * w, m * d])
+    return transpose_reshape(x.reshape([m, n * n_win, n_win, h, w, d]), [1, 3, 2, 4, 0, 5],
+                             [n, n_win * h, n_win * w, m * d])
 
 
 def _region_means(x, n):
     """(heads, N * P, tokens, d) -> (N, P, heads * d): the mean of each region's tokens."""
     m, n_p, _, d = x.shape
-    return permute(numerics.mean(x, axis=2), [1, 0, 2]).reshape([n, n_p // n, m * d])
+    return transpose_reshape(numerics.mean(x, axis=2), [1, 0, 2], [n, n_p // n, m * d])
 
 
 @paddle.jit.not_to_static  # a shape check in plain Python; export traces the model without it
@@ -264,7 +265,8 @@ class BiLevelRoutingAttentionNCHW(nn.Layer):
         s, m = self.n_win, self.num_heads
         h, w = hh // s, ww // s
         qkv = self.qkv_linear(x)  # (N, 3C, H, W): q | k | v
-        q, k, v = paddle.unbind(_nhwc_to_heads(permute(qkv, [0, 2, 3, 1]), s, 3, m), axis=0)
+        qkv_nhwc = transpose_reshape(qkv, [0, 2, 3, 1], [n, hh, ww, 3 * c])  # a reshape follows (onednn.py)
+        q, k, v = paddle.unbind(_nhwc_to_heads(qkv_nhwc, s, 3, m), axis=0)
         _, index = self.router(_region_means(q, n), _region_means(k, n))
         out = _routed_attention(q, k, v, index, self.scale, self.kv_gather)
         out = permute(_heads_to_nhwc(out, n, s, h, w), [0, 3, 1, 2])
@@ -292,9 +294,9 @@ class AttentionLePE(nn.Layer):
         x = x.reshape([b, h * w, c])
         qkv = self.qkv(x).reshape([b, h * w, 3, self.num_heads, c // self.num_heads])
         q, k, v = paddle.unbind(permute(qkv, [2, 0, 3, 1, 4]), axis=0)
-        lepe = permute(self.lepe(permute(x, [0, 2, 1]).reshape([b, c, h, w])), [0, 2, 3, 1]).reshape([b, h * w, c])
+        lepe = transpose_reshape(self.lepe(transpose_reshape(x, [0, 2, 1], [b, c, h, w])), [0, 2, 3, 1], [b, h * w, c])
         attn = F.softmax(paddle.matmul(q, k, transpose_y=True) * self.scale, axis=-1)
-        out = permute(paddle.matmul(attn, v), [0, 2, 1, 3]).reshape([b, h * w, c]) + lepe
+        out = transpose_reshape(paddle.matmul(attn, v), [0, 2, 1, 3], [b, h * w, c]) + lepe
         return self.proj(out).reshape([b, h, w, c])
 
 
@@ -318,7 +320,7 @@ class AttentionLePENCHW(nn.Layer):
         attn = paddle.matmul(q.reshape(heads), k.reshape(heads), transpose_x=True)
         attn = F.softmax(attn * self.scale, axis=-1)
         out = paddle.matmul(attn, v.reshape(heads), transpose_y=True)
-        out = permute(out, [0, 1, 3, 2]).reshape([b, c, h, w]) + self.lepe(v)
+        out = transpose_reshape(out, [0, 1, 3, 2], [b, c, h, w]) + self.lepe(v)
         return self.proj(out)
 
 

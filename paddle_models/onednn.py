@@ -8,7 +8,9 @@ patterns the ports use, each of which has an exact (or float32-rounding) equival
   the reshape's.  Whatever checks or re-infers that type then fails: a ``concat`` taking it
   ("type tensor<..> of outputs[0][1] must be equal to type .. of inputs[1]"), or a following
   transpose+reshape pair fused in turn ("input tensor's dimension is 5, axis's size is 6").
-  ``transpose_reshape`` puts a ``flatten`` between the two, which the pass does not match.
+  ``transpose_reshape`` puts a ``flatten`` between the two, which the pass does not match.  A
+  traced dynamic batch in the shape hides the pair from the pass, but a fixed one (``export
+  --batch-size``) does not: every transpose+reshape of a traced graph goes through it.
 * ``transpose`` of more than 6 axes: the oneDNN kernel throws (std::exception).  Callers keep
   their permutations to at most 6 axes.
 * ``F.pad(..., data_format="NHWC")`` (a ``pad3d`` in NDHWC): fails to run under oneDNN
@@ -35,10 +37,18 @@ from .layers import permute
 
 def transpose_reshape(x, perm, shape):
     """``x.transpose(perm).reshape(shape)``, with the same values, that oneDNN does not fuse; in
-    dygraph through the dense permutation (``layers.permute``)."""
+    dygraph through the dense permutation (``layers.permute``).  The fuse pass matches only a
+    constant target shape: one holding a size known only at run time (a traced dynamic batch) is
+    built by ops, and needs no ``flatten`` (a copy under oneDNN) in between."""
     if paddle.in_dynamic_mode():
         return permute(x, perm).reshape(shape)
-    return x.transpose(perm).flatten().reshape(shape)
+    y = x.transpose(perm)
+    return (y.flatten() if _is_constant(shape) else y).reshape(shape)
+
+
+@paddle.jit.not_to_static  # plain Python over the traced shape list
+def _is_constant(shape) -> bool:
+    return all(isinstance(size, int) for size in shape)
 
 
 def pad_nhwc(x, pad_h: int, pad_w: int):

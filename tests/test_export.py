@@ -63,6 +63,18 @@ def test_fixed_batch_and_a_failed_check_writes_nothing(official_checkpoint, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pdparams"]
 
 
+@pytest.mark.parametrize("name", ONE_PER_FAMILY + ["biformer_stl_nchw"])
+def test_a_fixed_batch_export_runs_under_onednn(name, official_checkpoint, tmp_path):
+    # A fixed batch makes every reshape target a constant, which Paddle 3.3.1's oneDNN
+    # transpose+reshape fuse pass then matches (paddle_models/onednn.py): the graph must still run.
+    params = tmp_path / f"{name}.pdparams"
+    convert(name, official_checkpoint(name), params)
+    report = export_model(name, params, tmp_path / "export", batch_size=3)
+    assert report.passed and report.input_spec == [3, 3, 224, 224], report.format()
+    assert [c["batch_size"] for c in report.checks] == [3] * len(RUNTIMES)
+    assert all(c["max_abs_err"] <= MAX_ABS_ERR for c in report.checks), report.format()
+
+
 def test_the_gate_scales_with_the_logits():
     """max_err, times the dynamic model's largest |logit| where that exceeds 1: oneDNN's float32
     rounding differs by ~1e-6 of the logits' magnitude, which trained classifiers put near 10."""
