@@ -13,9 +13,10 @@
 // rather than erf from libmvec: its 16-lane (AVX-512) erff is ~3x less accurate than its 8-lane
 // one (max 2.4e-7 vs 7.5e-8 off float64 on [-4, 4]), and -march=native picks the lane count; its
 // erfcf is as accurate in both (relative: max 1.2e-7, mean 2.9e-8).  Off float64 on N(0, 1) /
-// N(0, 9) inputs (tests/test_native.py's samples): this kernel max 2.5e-7 / 3.8e-7, mean 1.2e-8 /
-// 2.7e-8; Paddle's GELU 2.5e-7 / 4.5e-7, 1.4e-8 / 3.6e-8 (on an AVX-512 CPU; 7.3e-7 at N(0, 9) on
-// an AVX2 one); torch's 8.5e-7 / 1.1e-6, 1.8e-8 / 8.2e-8.
+// N(0, 9) inputs (tests/test_native.py's samples, an AVX-512 CPU): this kernel max 1.9e-7 / 2.4e-7,
+// mean 1.0e-8 / 2.3e-8; Paddle's GELU 2.5e-7 / 4.5e-7, 1.4e-8 / 3.6e-8 (7.3e-7 at N(0, 9) on an
+// AVX2 CPU); torch's 8.5e-7 / 1.1e-6, 1.8e-8 / 8.2e-8.  Whole models do not tell them apart
+// (fcvit_b12's and crossformer_small's logits: the same RMS distance from float64 either way).
 //
 // (A softmax by the same means was tried: 1.9x faster than Paddle's, still 2.6x slower than torch's,
 // and further from float64 than Paddle's; left out.)
@@ -29,8 +30,15 @@
 #pragma omp declare simd notinbranch
 extern "C" float erfcf(float);
 
-constexpr float kSqrtHalf = 0.70710678118654752440f;
+// Constants that one float rounds off by ~5e-8 relative are a float and the rest, so that the
+// products carry no bias of one sign: 1/sqrt(2) rounded to a float is 1.7e-8 too small, which pulls
+// every output below GELU's (Paddle's GELU has that bias; torch's has none).
+constexpr float kSqrtHalf = 0.707106769084930419921875f, kSqrtHalfRest = 1.2101617485882343e-08f;
+static inline float ScaledBySqrtHalf(float v) { return v * kSqrtHalf + v * kSqrtHalfRest; }
 constexpr float kSmall = 0.5f;  // |x| below which erf's series is used
+
+// 2 / sqrt(pi) rounded to a float is 5.2e-8 too large: every output near 0 was biased upwards.
+constexpr float kTwoOverSqrtPi = 1.12837922573089599609375f, kTwoOverSqrtPiRest = -5.8635382771399236e-08f;
 
 // erf(x) for |x| < kSmall: 2 / sqrt(pi) * sum_k (-1)^k x^(2k+1) / (k! (2k + 1)), to k = 7 (the next
 // term is below 1e-9 of the sum).
@@ -44,7 +52,8 @@ static inline float ErfSeries(float x) {
   sum = sum * z + 1.0f / 10.0f;
   sum = sum * z - 1.0f / 3.0f;
   sum = sum * z + 1.0f;
-  return 1.12837916709551257390f * x * sum;
+  const float y = x * sum;
+  return y * kTwoOverSqrtPi + y * kTwoOverSqrtPiRest;
 }
 
 // In blocks, two loops each: gcc (12) vectorises a loop calling the SIMD erfc, and one selecting
@@ -57,13 +66,13 @@ static void Gelu(const float* __restrict__ src, float* __restrict__ dst, int64_t
     const float* __restrict__ v = src + start;
     float* __restrict__ out = dst + start;
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) erfc_abs[i] = erfcf(std::fabs(v[i] * kSqrtHalf));
+    for (int64_t i = 0; i < len; ++i) erfc_abs[i] = erfcf(std::fabs(ScaledBySqrtHalf(v[i])));
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
-      const float t = v[i] * kSqrtHalf, c = erfc_abs[i];
-      const float tail = t < 0.0f ? c : 2.0f - c;  // 1 + erf(t) from erfc(|t|), without cancellation
-      const float one_plus_erf = std::fabs(t) < kSmall ? 1.0f + ErfSeries(t) : tail;
-      out[i] = 0.5f * v[i] * one_plus_erf;
+      // h (1 + erf(t)), each form with one rounding after its product (contracted to an FMA)
+      const float t = ScaledBySqrtHalf(v[i]), c = erfc_abs[i], h = 0.5f * v[i];
+      const float near_zero = h + h * ErfSeries(t), negative = h * c, positive = v[i] - h * c;
+      out[i] = std::fabs(t) < kSmall ? near_zero : (t < 0.0f ? negative : positive);
     }
   }
 }
