@@ -43,9 +43,10 @@ def main():
     parser.add_argument("--paddle-runtime", choices=("auto", "dygraph", "inference"), default="auto")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from converter.cli import _quiet_framework_logs
+    from converter.cli import _quiet_framework_logs, prefer_mkl_avx2_on_amd
 
     _quiet_framework_logs()
+    prefer_mkl_avx2_on_amd()  # as the CLI runs Paddle
     import paddle
     import torch
 

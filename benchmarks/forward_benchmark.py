@@ -213,6 +213,8 @@ def main():
                         help="fresh processes per runtime, the runtimes in turn (ratios per round)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
+    from converter.cli import prefer_mkl_avx2_on_amd
+    prefer_mkl_avx2_on_amd()  # as the CLI runs Paddle (the child processes inherit it)
     models = args.model or (list(DENSE_PER_FAMILY) if args.dense else list(PER_FAMILY) if args.families
                             else ["biformer_small"])
     batch_sizes = args.batch_size or [1 if args.dense else 8]

@@ -453,9 +453,24 @@ def _quiet_framework_logs() -> None:
     warnings.filterwarnings("ignore", message="No ccache found")
 
 
+def prefer_mkl_avx2_on_amd() -> None:
+    """Paddle's bundled MKL runs a generic code path on AMD CPUs; ``MKL_DEBUG_CPU_TYPE=5`` makes it
+    take its AVX2 kernels (every AMD CPU with AVX2 runs them).  On an AMD EPYC, one thread, Paddle's
+    dygraph forward went from 1.9-2.3x torch's to 1.06-1.46x (crossformer_small batch 1: 352 -> 172 ms;
+    benchmarks/forward_benchmark.py).  MKL reads it when it first runs, so this is set before anything
+    calls Paddle; a value the user set wins, and torch's newer MKL ignores it."""
+    try:
+        amd = "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return
+    if amd:
+        os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
+
+
 def main(argv=None):
     """Entry point: turns every user-facing error into one line and an exit code."""
     _quiet_framework_logs()
+    prefer_mkl_avx2_on_amd()
     try:
         cli.main(args=argv, prog_name="torch2paddle", standalone_mode=False)
     except click.exceptions.Abort:

@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,3 +224,21 @@ def test_commands_that_time_both_frameworks_give_paddle_torchs_thread_count(user
     code, _, err = cli(capsys, "verify", "fcvit_tiny", "--torch-ckpt", "/nonexistent.pth")
     assert code == 2 and "no such file" in err  # the thread count is set before the command runs
     assert calls == ([torch.get_num_threads()] if user_setting is None else [])
+
+
+@pytest.mark.parametrize("vendor,user_value,expected", [
+    ("AuthenticAMD", None, "5"),        # Paddle's MKL takes its AVX2 kernels on AMD
+    ("GenuineIntel", None, None),       # Intel: MKL dispatches well by itself
+    ("AuthenticAMD", "0", "0"),         # the user's own choice wins
+])
+def test_the_cli_prefers_mkl_avx2_kernels_on_amd(vendor, user_value, expected, monkeypatch, tmp_path):
+    from converter import cli as cli_module
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\n")
+    monkeypatch.setattr(cli_module, "Path", lambda path: cpuinfo if path == "/proc/cpuinfo" else Path(path))
+    monkeypatch.setenv("MKL_DEBUG_CPU_TYPE", user_value or "")  # the test's value; the original comes back after it
+    if user_value is None:
+        monkeypatch.delenv("MKL_DEBUG_CPU_TYPE")
+    cli_module.prefer_mkl_avx2_on_amd()
+    assert os.environ.get("MKL_DEBUG_CPU_TYPE") == expected
