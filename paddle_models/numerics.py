@@ -88,9 +88,10 @@ def _blocked_mean(rows, n: int):
 
 def _row_mean(rows, n: int):
     """The blocked mean plus one correction pass, mu + mean(x - mu): within rounding of the exact
-    mean of each row (the correction is what a float64 sum would add back)."""
+    mean of each row (the correction is what a float64 sum would add back).  The correction is kept
+    out of autograd: the gradient of a mean is 1/n either way."""
     mu = _blocked_mean(rows, n)
-    return mu + _blocked_mean(rows - mu, n)
+    return mu + _blocked_mean(rows - mu, n).detach()
 
 
 @paddle.jit.not_to_static  # plain Python over a shape: dy2static would make its loops graph control flow
@@ -120,13 +121,10 @@ def _as_rows(x, axis, keepdim: bool):
 
 
 def _corrected_mean(rows, n: int):
-    """Each row's mean [M, 1], within rounding of the exact mean: in dygraph without a gradient, the
-    compiled kernel; else the blocked mean plus its correction, the correction outside autograd (the
-    gradient of a mean is 1/N either way)."""
+    """``_row_mean``, by the compiled kernel where it may run (dygraph, nothing recorded, CPU)."""
     if native.runs_natively(rows):  # the same mean, one compiled pass (native.native_row_mean)
         return native.native_row_mean(rows).reshape([-1, 1])
-    mu = _blocked_mean(rows, n)
-    return mu + _blocked_mean(rows - mu, n).detach()
+    return _row_mean(rows, n)
 
 
 def mean(x, axis, keepdim=False):
