@@ -36,7 +36,11 @@ import paddle
 
 KERNEL_SOURCES = sorted((Path(__file__).with_name("kernels")).glob("*.cc"))
 OPS = ("t2p_depthwise_conv2d", "t2p_gelu", "t2p_row_mean", "t2p_group_norm")
-COMPILER_FLAGS = ["-O3", "-march=native", "-fopenmp-simd"]  # -fopenmp-simd: gelu.cc's vector erfc
+# -fopenmp-simd: gelu.cc's vector erfc.  -mprefer-vector-width=512: gcc's tuning for Intel's AVX-512
+# CPUs keeps to 256-bit vectors (AMD's Zen 4 already takes 512); on a Rocket Lake class Xeon the 512-bit
+# kernels run the 11x11 depthwise conv 1.4-1.5x faster ([8, 64, 56, 56]: 17.8 -> 11.8 ms) and
+# fcvit_b12's dygraph forward ~10% faster.  Without AVX-512 the flag changes nothing.
+COMPILER_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd"]
 LINKER_FLAGS = ["-lmvec"]
 DISABLE_VARIABLE = "TORCH2PADDLE_NATIVE"
 
