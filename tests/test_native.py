@@ -83,6 +83,21 @@ def test_gelu_equals_paddle_gelu_and_is_as_close_to_float64(scale):
     assert np.abs(ours - exact).mean() <= np.abs(paddle_gelu - exact).mean()
 
 
+
+def test_gelu_writes_no_subnormal_values():
+    # GELU(x) for x below about -13 (and x within 2e-38 of 0) is below float32's normal range: the
+    # kernel gives a zero of x's sign, as Paddle's GELU does, not a subnormal, which would slow every
+    # multiply-add that reads it; everywhere else it is unchanged (the test above)
+    x = np.concatenate([-np.geomspace(12.0, 40.0, 5001), np.geomspace(1e-45, 1e-36, 101),
+                        -np.geomspace(1e-45, 1e-36, 101), [0.0, -0.0, 13.5]]).astype(np.float32)
+    with paddle.no_grad():
+        ours = native.native_gelu(paddle.to_tensor(x)).numpy()
+    magnitude = np.abs(ours)
+    assert not np.any((magnitude > 0) & (magnitude < np.finfo(np.float32).tiny))
+    assert np.array_equal(np.signbit(ours[magnitude == 0]), np.signbit(x[magnitude == 0]))
+    assert ours[-1] == np.float32(13.5) and np.all(ours[:250] < 0)  # -12 to -12.8: still normal
+
+
 GROUP_NORM_CASES = [  # (shape, groups): FCViT's one-group norms at 224 and a dense size, odd and grouped ones
     ((2, 64, 56, 56), 1), ((2, 512, 7, 7), 1), ((1, 320, 16, 22), 1), ((2, 6, 5, 3), 3), ((3, 8, 1, 1), 2),
     ((2, 12, 7), 4),
