@@ -124,7 +124,8 @@ class Linear(nn.Linear):
 
 class Conv2D(nn.Conv2D):
     """``nn.Conv2D`` (same parameters, state-dict keys and results, bit for bit) whose dygraph forward
-    adds the bias as a [C, 1, 1] tensor, in place.  Paddle 3.3's ``F.conv2d`` adds it reshaped to
+    adds the bias as a [C, 1, 1] tensor, in place (where nothing is recorded, by the compiled kernel:
+    ``native.native_add_channel_bias``, 3-5x faster).  Paddle 3.3's ``F.conv2d`` adds it reshaped to
     [1, C, 1, 1], and its CPU broadcast kernel takes a slow path for a leading broadcast axis: on
     [8, 32, 56, 56] -> 128 channels, a 1x1 conv with bias took 110 ms, the conv alone 16 ms, the conv
     plus a [C, 1, 1] bias 34 ms; in place (``add_into``).  A depthwise conv runs the compiled kernel
@@ -143,4 +144,6 @@ class Conv2D(nn.Conv2D):
             padding_algorithm=self._padding_algorithm, dilation=self._dilation, groups=self._groups,
             data_format=self._data_format, channel_dim=self._channel_dim, op_type=self._op_type,
             use_cudnn=self._use_cudnn)
+        if native.runs_natively(out, self.weight, self.bias):  # the same sums, one compiled pass
+            return native.native_add_channel_bias(out, self.bias)
         return add_into(out, self.bias.reshape([-1, 1, 1]))

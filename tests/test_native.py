@@ -140,6 +140,31 @@ def test_row_mean_within_rounding_of_the_exact_mean(shape):
     assert np.abs(ours - paddle_ops).max() <= np.abs(exact).max() * 2 ** -22
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4), (1, 3, 1, 1), (2, 7, 13), (3, 64, 56, 57)], ids=str)
+def test_channel_bias_is_added_in_place_bit_for_bit(shape):
+    rng = np.random.default_rng(sum(shape))
+    x = paddle.to_tensor(rng.standard_normal(shape).astype(np.float32))
+    bias = paddle.to_tensor(rng.standard_normal(shape[1]).astype(np.float32))
+    expected = (x + bias.reshape([-1] + [1] * (len(shape) - 2))).numpy()
+    with paddle.no_grad():
+        ours = native.native_add_channel_bias(x, bias)
+    assert np.array_equal(ours.numpy(), expected)
+    assert np.array_equal(x.numpy(), expected)  # written into x: no new tensor
+
+
+def test_a_pointwise_conv_adds_its_bias_by_the_kernel_where_nothing_is_recorded(monkeypatch):
+    calls = []
+    kernel = native.native_add_channel_bias
+    monkeypatch.setattr(native, "native_add_channel_bias", lambda x, b: calls.append(1) or kernel(x, b))
+    paddle.seed(5)
+    x, conv = paddle.randn([2, 16, 9, 13]), Conv2D(16, 24, 1)
+    expected = F.conv2d(x, conv.weight, conv.bias).numpy()
+    with paddle.no_grad():
+        assert np.array_equal(conv(x).numpy(), expected)
+    assert calls == [1]
+    assert np.array_equal(conv(x).numpy(), expected) and calls == [1]  # recording a gradient: Paddle's add
+
+
 def test_layers_take_the_kernels_only_when_nothing_is_recorded_and_never_in_a_graph():
     paddle.seed(4)
     x = paddle.randn([2, 16, 9, 13])
