@@ -83,7 +83,6 @@ def test_gelu_equals_paddle_gelu_and_is_as_close_to_float64(scale):
     assert np.abs(ours - exact).mean() <= np.abs(paddle_gelu - exact).mean()
 
 
-
 def test_gelu_writes_no_subnormal_values():
     # GELU(x) for x below about -13 (and x within 2e-38 of 0) is below float32's normal range: the
     # kernel gives a zero of x's sign, as Paddle's GELU does, not a subnormal, which would slow every
