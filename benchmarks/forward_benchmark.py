@@ -6,7 +6,7 @@ same batch, same number of CPU threads, each framework in a fresh process.
     python benchmarks/forward_benchmark.py --train --model fcvit_tiny   # train-mode forward + backward
     python benchmarks/forward_benchmark.py --families --batch-size 1 --batch-size 8 --inference --threads 1 --rounds 3
         # the table of issue 15: one variant per family, torch eager, Paddle dygraph and the exported
-        # model under Paddle Inference (oneDNN off / on), each batch size, one markdown table at the end
+        # model under Paddle Inference (oneDNN off / on / fused ops only), each batch size, one markdown table at the end
 
 --train times one training step's compute: train mode (BatchNorm on batch statistics, dropout and
 drop-path at rate 0, as ``verify --train`` runs them), cross-entropy on fixed labels (a dense
@@ -16,7 +16,8 @@ A dense backbone runs at --input-size (default 800x1216, a COCO image after the 
 resize); its output is the list of feature maps.
 
 --inference also exports the model (converter.export, dynamic batch, its checks included) and times
-the saved model in a Paddle Inference CPU predictor with oneDNN off and on, --threads math threads.
+the saved model in a Paddle Inference CPU predictor with oneDNN off, on, and on for the fused ops
+only (converter.export.ONEDNN), --threads math threads.
 
 Time: median (and min) of --repeat forwards after one warm-up, in each of --rounds fresh processes
 per runtime; the runtimes take turns, round after round, and each ratio to torch is the median of the
@@ -54,7 +55,7 @@ as_numpy = lambda out: [t.numpy() for t in out] if isinstance(out, (list, tuple)
 if framework.startswith("inference"):  # ckpt: the export's path prefix
     from pathlib import Path
     from converter.export import _inference_runner
-    run = _inference_runner(Path(ckpt), onednn=framework.endswith("on"), runtime=framework, threads=threads)
+    run = _inference_runner(Path(ckpt), onednn=framework.rsplit("-", 1)[1], threads=threads)
     forward = lambda: run(x)
 elif framework == "torch":
     from converter.train import _loss
@@ -100,7 +101,8 @@ print(json.dumps({"median": statistics.median(times), "min": min(times),
 
 DENSE_PER_FAMILY = ("fcvit_b12_feat", "biformer_small_det", "crossformer_small_det", "regionvit_small_det")
 PER_FAMILY = ("fcvit_b12", "biformer_small", "crossformer_small", "regionvit_small")
-INFERENCE = (("inference-onednn-off", "Paddle Inference, oneDNN off"), ("inference-onednn-on", "Paddle Inference, oneDNN on"))
+INFERENCE = (("inference-onednn-off", "Paddle Inference, oneDNN off"), ("inference-onednn-on", "Paddle Inference, oneDNN on"),
+             ("inference-onednn-fused", "Paddle Inference, oneDNN fused ops only"))
 
 
 def measure(framework: str, model: str, batch_size: int, repeat: int, threads: int, weights: Path,
@@ -170,10 +172,10 @@ def benchmark(model: str, batch_sizes, repeat: int, threads: int, input_size, mo
                   f"median (min) over {n_rounds} round(s) of {repeat} after a warm-up; ratio: median of the rounds' ratios")
             for label, run in runs.items():
                 if "error" in run:
-                    print(f"  {label:<30} {run['error']}")
+                    print(f"  {label:<40} {run['error']}")
                 else:
                     ratio = f"   {run['ratio']:.2f}x torch" if "ratio" in run else ""
-                    print(f"  {label:<30} {run['median'] * 1000:8.0f} ms ({run['min'] * 1000:.0f} ms)   "
+                    print(f"  {label:<40} {run['median'] * 1000:8.0f} ms ({run['min'] * 1000:.0f} ms)   "
                           f"peak memory {run['peak_mib']:.0f} MiB{ratio}")
             print(flush=True)
             rows.append({"model": model, "batch_size": batch_size, "runs": runs})
@@ -205,7 +207,8 @@ def main():
     parser.add_argument("--train", action="store_true", help="time train-mode forward + backward instead")
     parser.add_argument("--batch-size", type=int, action="append", help="repeatable; default 8, 1 with --dense")
     parser.add_argument("--inference", action="store_true",
-                        help="also export the model and time it under Paddle Inference, oneDNN off and on")
+                        help="also export the model and time it under Paddle Inference, oneDNN off, on and on for "
+                             "fused ops only")
     parser.add_argument("--input-size", metavar="HxW", help="default: official (dense backbones: 800x1216)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeat", type=int, default=5, help="forwards per process (after a warm-up)")

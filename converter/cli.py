@@ -369,8 +369,8 @@ def diff(model, torch_ckpt, paddle_params, ema, entry_key, unsafe_pickle, json_p
 @json_option
 def export(model, params, out_dir, json_path, **kwargs):
     """Save MODEL with weights PARAMS (.pdparams) as a static Paddle inference model in OUT_DIR,
-    reload it (paddle.jit.load; Paddle Inference with oneDNN off and on) and check it against the
-    dynamic model."""
+    reload it (paddle.jit.load; Paddle Inference with oneDNN off, on, and on for fused ops only) and
+    check it against the dynamic model."""
     from .export import export_model
 
     report = export_model(model, params, out_dir, **kwargs)
@@ -406,7 +406,7 @@ def export(model, params, out_dir, json_path, **kwargs):
 @click.option("--paddle-runtime", type=click.Choice(["auto", "dygraph", "inference"]), default="auto",
               show_default=True,
               help="How the Paddle model runs. auto: on CPU, traced and run by Paddle Inference with oneDNN "
-                   "once its first-batch logits equal dygraph's, else dygraph (the report says why); "
+                   "for its fused ops once its first-batch logits equal dygraph's, else dygraph (the report says why); "
                    "inference: that or an error; dygraph: the dynamic model.")
 @runs_both_frameworks
 def evaluate(model, data, list_path, torch_ckpt, paddle_params, ema, entry_key, unsafe_pickle, json_path,

@@ -8,7 +8,8 @@ allocation, kernel selection) excluded when there are more.
 
 The Paddle side runs in the fastest runtime that reproduces the dygraph model (``paddle_runtime``):
 on CPU, ``auto`` traces the model into a temporary directory and runs it through a Paddle
-Inference predictor with oneDNN on (fcvit_b12, 1 thread: 1.3-1.6x dygraph's speed), given torch's thread count, once
+Inference predictor with oneDNN for the fused ops (export's recommended configuration; fcvit_b12,
+1 thread: 1.3-1.6x dygraph's speed with oneDNN on, faster still so), given torch's thread count, once
 its logits on the first batch equal the dygraph model's within export's gate; otherwise it runs
 dygraph and the report says why.  ``inference`` insists (an error instead), ``dygraph`` skips it.
 """
@@ -30,7 +31,7 @@ import numpy as np
 from .datasets import open_dataset, read_sample
 from .errors import UserError
 from .registry import get_spec
-from .export import DEFAULT_MAX_ERR as EXPORT_MAX_ERR, gate, inference_runtime, traced_predictor
+from .export import DEFAULT_MAX_ERR as EXPORT_MAX_ERR, RECOMMENDED_ONEDNN, gate, inference_runtime, traced_predictor
 from .verify import Discrepancy, forward_both, load_model_pair, model_line, paddle_forward, resolve_device
 
 PREFETCH_BATCHES = 2  # batches decoded ahead of the models: bounds the memory they take
@@ -153,7 +154,7 @@ def _fall_back(runner: PaddleRunner, reason: str, check=None) -> PaddleRunner:
 @contextlib.contextmanager
 def paddle_runner(requested: str, spec, model, device: str, threads: int) -> Iterator[PaddleRunner]:
     """The runner eval starts with.  On CPU, unless ``requested`` is dygraph: the model traced into a
-    temporary directory (kept until the block ends) under a Paddle Inference predictor, oneDNN on,
+    temporary directory (kept until the block ends) under a Paddle Inference predictor, oneDNN for the fused ops,
     ``threads`` math threads, to be checked on the first batch (``checked_on_first_batch``)."""
     if requested not in PADDLE_RUNTIMES:
         raise UserError(f"--paddle-runtime {requested}: expected one of {', '.join(PADDLE_RUNTIMES)}")
@@ -169,7 +170,8 @@ def paddle_runner(requested: str, spec, model, device: str, threads: int) -> Ite
         except UserError as exc:
             runner = _fall_back(runner, str(exc))
         else:
-            runner = PaddleRunner(inference_runtime(True, threads), forward, model, requested, needs_check=True)
+            runner = PaddleRunner(inference_runtime(RECOMMENDED_ONEDNN, threads), forward, model, requested,
+                                  needs_check=True)
         yield runner
 
 
@@ -210,7 +212,7 @@ class EvalReport:
     max_abs_logit_err: float
     wall_seconds: float
     skipped_images: list = field(default_factory=list)  # [{path, reason}]
-    paddle_runtime: str = ""  # what ran the Paddle model, e.g. "Paddle Inference (CPU, oneDNN on, 2 threads)"
+    paddle_runtime: str = ""  # what ran the Paddle model, e.g. "Paddle Inference (CPU, oneDNN fused ops only, 2 threads)"
     paddle_runtime_requested: str = "auto"  # --paddle-runtime
     paddle_runtime_note: Optional[str] = None  # why auto ran dygraph, when it did
     paddle_runtime_check: Optional[dict] = None  # Paddle Inference's first batch vs dygraph (see PaddleRunner)

@@ -6,7 +6,8 @@ reloaded by ``paddle.jit.load`` and by Paddle Inference, and run on a seeded bat
 must equal the dynamic model's within ``max_err`` times the logits' magnitude where that
 exceeds 1 (``max_err * max(1, max |logit|)``).  With a dynamic batch the check also runs a
 second batch size, so a batch size baked into the graph cannot pass.  Paddle Inference is
-checked in both CPU configurations a deployment may use: oneDNN on (its default) and off.  With
+checked in the three CPU configurations a deployment may use (``ONEDNN``): oneDNN on (its
+default), off, and on for the fused ops only (``export.json`` recommends it: the fastest).  With
 oneDNN on, graph passes fuse ops and oneDNN kernels replace Paddle's; paddle_models/onednn.py
 lists the patterns that break under Paddle 3.3.1, which the ports avoid.  What remains is
 float32 rounding of a different summation order, ~1e-6 of the logits' magnitude: 1.1e-5 on
@@ -40,16 +41,43 @@ from .verify import Discrepancy, checked_input_size, random_batch
 PREFIX = "inference"  # inference.json / inference.pdiparams, the name Paddle's deployment tools expect
 METADATA = "export.json"
 DEFAULT_MAX_ERR = 1e-5
-ONEDNN = (False, True)  # the Paddle Inference CPU configurations checked: oneDNN off, on
+# The Paddle Inference CPU configurations checked, by how much of the graph oneDNN runs: none
+# ("off"); every op it has a kernel for ("on", Paddle Inference's CPU default); or only the ops its
+# fuse passes make — convolutions, fc and matmuls with what they absorb ("fused": the placement pass
+# that moves every other op onto oneDNN deleted, so reshapes stay views instead of oneDNN copies and
+# small ops skip oneDNN's per-op cost; the fastest of the three, see the README's Benchmarks).
+ONEDNN = ("off", "on", "fused")
+RECOMMENDED_ONEDNN = "fused"
+_ONEDNN_NAMES = {"off": "oneDNN off", "on": "oneDNN on", "fused": "oneDNN fused ops only"}
+_PLACEMENT_PASS = "onednn_placement_pass"
 
 
-def inference_runtime(onednn: bool, threads: Optional[int] = None) -> str:
-    """How reports name Paddle Inference on CPU: oneDNN on or off, and its math threads if set."""
+def inference_runtime(onednn: str, threads: Optional[int] = None) -> str:
+    """How reports name Paddle Inference on CPU: its oneDNN configuration, and its math threads if set."""
     count = f", {threads} thread{'s' if threads != 1 else ''}" if threads else ""
-    return f"Paddle Inference (CPU, oneDNN {'on' if onednn else 'off'}{count})"
+    return f"Paddle Inference (CPU, {_ONEDNN_NAMES[onednn]}{count})"
 
 
-RUNTIMES = ("paddle.jit.load",) + tuple(inference_runtime(on) for on in ONEDNN)
+RUNTIMES = ("paddle.jit.load",) + tuple(inference_runtime(mode) for mode in ONEDNN)
+
+
+def configure_cpu(config, onednn: str) -> None:
+    """Set ``config`` (a ``paddle.inference.Config``) to the CPU configuration ``onednn`` names."""
+    config.disable_gpu()
+    if onednn == "off":
+        config.disable_mkldnn()
+        return
+    config.enable_mkldnn()
+    if onednn == "fused":
+        config.delete_pass(_PLACEMENT_PASS)
+
+
+def config_recipe(onednn: str) -> dict:
+    """The calls that make a ``paddle.inference.Config`` run as ``onednn``, for export.json."""
+    calls = ["disable_gpu()", "disable_mkldnn()" if onednn == "off" else "enable_mkldnn()"]
+    if onednn == "fused":
+        calls.append(f'delete_pass("{_PLACEMENT_PASS}")')
+    return {"runtime": inference_runtime(onednn), "config_calls": calls}
 
 
 def gate(max_err: float, max_abs_logit: float) -> float:
@@ -163,11 +191,11 @@ def _check_batch_sizes(batch_size: Optional[int]) -> tuple:
 
 def traced_predictor(spec: ModelSpec, model, directory: Path, input_size: int, *, threads: Optional[int]):
     """``model`` traced with a dynamic batch of ``input_size`` images into ``directory`` and loaded
-    by a Paddle Inference CPU predictor, oneDNN on, ``threads`` math threads: a function from a
-    batch to its logits.  UserError (one line) when tracing or loading fails."""
+    by a Paddle Inference CPU predictor in the recommended oneDNN configuration, ``threads`` math
+    threads: a function from a batch to its logits.  UserError (one line) when tracing or loading fails."""
     path_prefix = Path(directory) / PREFIX
     _save_static(spec, model, path_prefix, [None, 3, input_size, input_size])
-    return _inference_runner(path_prefix, onednn=True, runtime=inference_runtime(True, threads), threads=threads)
+    return _inference_runner(path_prefix, onednn=RECOMMENDED_ONEDNN, threads=threads)
 
 
 def _save_static(spec: ModelSpec, model, path_prefix: Path, input_spec: list) -> None:
@@ -206,7 +234,7 @@ def _check_runtimes(model, path_prefix: Path, batches: list) -> list:
 
     openers = {RUNTIMES[0]: _jit_load_runner}
     for runtime, onednn in zip(RUNTIMES[1:], ONEDNN):
-        openers[runtime] = functools.partial(_inference_runner, onednn=onednn, runtime=runtime)
+        openers[runtime] = functools.partial(_inference_runner, onednn=onednn)
     runners: dict = {}
     checks = []
     for batch in batches:
@@ -248,19 +276,17 @@ def _jit_load_runner(path_prefix: Path):
     return run
 
 
-def _inference_runner(path_prefix: Path, *, onednn: bool, runtime: str, threads: Optional[int] = None):
-    """The export loaded by a Paddle Inference CPU predictor, oneDNN on or off (``threads``: its CPU
-    math threads; default Paddle Inference's, 1): a function from a batch to its logits."""
+def _inference_runner(path_prefix: Path, *, onednn: str, threads: Optional[int] = None):
+    """The export loaded by a Paddle Inference CPU predictor in the oneDNN configuration ``onednn``
+    (ONEDNN; ``threads``: its CPU math threads, default Paddle Inference's, 1): a function from a
+    batch to its logits."""
     from paddle import inference
 
+    runtime = inference_runtime(onednn, threads)
     config = inference.Config(str(graph_file(path_prefix)), str(path_prefix.with_suffix(".pdiparams")))
-    config.disable_gpu()
+    configure_cpu(config, onednn)
     if threads:
         config.set_cpu_math_library_num_threads(threads)
-    if onednn:
-        config.enable_mkldnn()
-    else:
-        config.disable_mkldnn()
     config.disable_glog_info()
     with _fails_under(runtime), _native_stdout_discarded():  # the constant folding at load runs kernels too
         predictor = inference.create_predictor(config)
@@ -317,6 +343,9 @@ def _write_metadata(staging: Path, spec: ModelSpec, report: ExportReport) -> Non
         "preprocessing": {"resize_shorter_side": p.resize_shorter_side, "interpolation": p.interpolation,
                           "center_crop": p.input_size, "crop_pct": p.crop_pct, "mean": list(p.mean),
                           "std": list(p.std)},
+        "paddle_inference": {"recommended": config_recipe(RECOMMENDED_ONEDNN),
+                             "why": "the fastest CPU configuration checked (README, Benchmarks); "
+                                    "oneDNN on is Paddle Inference's default and passes the same checks"},
         "checks": report.checks,
     }, indent=2) + "\n")
 

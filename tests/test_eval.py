@@ -385,7 +385,7 @@ def test_eval_on_an_imagenet_folder(capsys, tmp_path, official_checkpoint, plann
     assert "top-1" in out and "images/s" in out and "2 skipped (unreadable)" in out
     assert "truncated.png" in out and "resize 248 bicubic, crop 224" in out
     # The default runtime on CPU: the traced model under Paddle Inference, checked on the first batch.
-    assert report["paddle_runtime"].startswith("Paddle Inference (CPU, oneDNN on, ")
+    assert report["paddle_runtime"].startswith("Paddle Inference (CPU, oneDNN fused ops only, ")
     assert report["paddle_runtime_requested"] == "auto" and report["paddle_runtime_note"] is None
     check = report["paddle_runtime_check"]
     assert check["batch_size"] >= 1 and check["max_abs_err"] <= check["gate"] == 1e-5 * max(1, check["max_abs_logit"])

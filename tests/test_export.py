@@ -1,6 +1,8 @@
 """export: a static inference model that reloads and computes what the dynamic model computes
 (one variant per family), and a clear error with nothing written when a model cannot be traced."""
+import ast
 import json
+import re
 
 import numpy as np
 import paddle
@@ -19,15 +21,19 @@ def test_exported_model_equals_the_dynamic_model(name, official_checkpoint, tmp_
     out = tmp_path / "export"
     report = export_model(name, params, out)  # raises UserError when the model cannot be traced
     assert report.passed, report.format()
-    # Every batch size in every runtime: paddle.jit.load, and Paddle Inference with oneDNN off and on
-    # (its CPU default, whose graph passes and kernels the ports must survive: paddle_models/onednn.py).
-    assert {"Paddle Inference (CPU, oneDNN off)", "Paddle Inference (CPU, oneDNN on)"} < set(RUNTIMES)
+    # Every batch size in every runtime: paddle.jit.load, and Paddle Inference with oneDNN off, on (its
+    # CPU default, whose graph passes and kernels the ports must survive: paddle_models/onednn.py) and
+    # on for the fused ops only (the recommended configuration).
+    assert {"Paddle Inference (CPU, oneDNN off)", "Paddle Inference (CPU, oneDNN on)",
+            "Paddle Inference (CPU, oneDNN fused ops only)"} < set(RUNTIMES)
     assert sorted((c["runtime"], c["batch_size"]) for c in report.checks) == sorted(
         (runtime, n) for runtime in RUNTIMES for n in (1, 2))
     assert all(c["max_abs_err"] <= MAX_ABS_ERR for c in report.checks), report.format()
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "inference.json", "inference.pdiparams"]
     meta = json.loads((out / "export.json").read_text())
     assert meta["input"]["shape"] == [None, 3, 224, 224] and meta["preprocessing"]["interpolation"] == "bicubic"
+    recommended = meta["paddle_inference"]["recommended"]
+    assert recommended["runtime"] in {c["runtime"] for c in meta["checks"]}
 
     # Independently of the report: reload and run a batch size the export never saw.
     batch = np.random.default_rng(7).standard_normal((3, 3, 224, 224), dtype=np.float32)
@@ -39,17 +45,31 @@ def test_exported_model_equals_the_dynamic_model(name, official_checkpoint, tmp_
     assert actual.shape == (3, 1000)
     assert np.abs(actual - expected).max() <= MAX_ABS_ERR
 
-    # And as a deployment gets it by default: Paddle Inference's plain CPU config, oneDNN on.
+    # And as a deployment gets it by default: Paddle Inference's plain CPU config, oneDNN on; and set
+    # up as export.json's recommended configuration says, call by call.
+    default = _config(out)
+    assert default.mkldnn_enabled()
+    assert np.abs(_predict(default, batch) - expected).max() <= MAX_ABS_ERR
+    recommended_config = _config(out)
+    for call in recommended["config_calls"]:
+        name, args = re.fullmatch(r"(\w+)\((.*)\)", call).groups()
+        getattr(recommended_config, name)(*ast.literal_eval(f"({args},)" if args else "()"))
+    assert np.abs(_predict(recommended_config, batch) - expected).max() <= MAX_ABS_ERR
+
+
+def _config(out):
     config = paddle.inference.Config(str(out / "inference.json"), str(out / "inference.pdiparams"))
     config.disable_glog_info()
-    assert config.mkldnn_enabled()
+    return config
+
+
+def _predict(config, batch):
     predictor = paddle.inference.create_predictor(config)
     feed = predictor.get_input_handle(predictor.get_input_names()[0])
     feed.reshape(list(batch.shape))
     feed.copy_from_cpu(batch)
     predictor.run()
-    deployed = predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
-    assert np.abs(deployed - expected).max() <= MAX_ABS_ERR
+    return predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
 
 
 def test_fixed_batch_and_a_failed_check_writes_nothing(official_checkpoint, tmp_path):
