@@ -54,8 +54,8 @@ x = np.random.default_rng(0).standard_normal((batch_size, 3, height, width), dty
 as_numpy = lambda out: [t.numpy() for t in out] if isinstance(out, (list, tuple)) else out.numpy()
 if framework.startswith("inference"):  # ckpt: the export's path prefix
     from pathlib import Path
-    from converter.export import _inference_runner
-    run = _inference_runner(Path(ckpt), onednn=framework.rsplit("-", 1)[1], threads=threads)
+    from converter.export import inference_runner
+    run = inference_runner(Path(ckpt), onednn=framework.rsplit("-", 1)[1], threads=threads)
     forward = lambda: run(x)
 elif framework == "torch":
     from converter.train import _loss

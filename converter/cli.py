@@ -405,9 +405,10 @@ def export(model, params, out_dir, json_path, **kwargs):
 @click.option("--no-progress", is_flag=True, help="No progress bar (it is only shown on a terminal anyway).")
 @click.option("--paddle-runtime", type=click.Choice(["auto", "dygraph", "inference"]), default="auto",
               show_default=True,
-              help="How the Paddle model runs. auto: on CPU, traced and run by Paddle Inference with oneDNN "
-                   "for its fused ops once its first-batch logits equal dygraph's, else dygraph (the report says why); "
-                   "inference: that or an error; dygraph: the dynamic model.")
+              help="How the Paddle model runs. auto: on CPU, traced and run by Paddle Inference (oneDNN on, or "
+                   "on for its fused ops only: the faster on the first batch of those whose logits equal "
+                   "dygraph's), else dygraph (the report says why); inference: that or an error; dygraph: the "
+                   "dynamic model.")
 @runs_both_frameworks
 def evaluate(model, data, list_path, torch_ckpt, paddle_params, ema, entry_key, unsafe_pickle, json_path,
              no_progress, **kwargs):

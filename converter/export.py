@@ -26,7 +26,9 @@ import json
 import os
 import re
 import shutil
+import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -47,7 +49,8 @@ DEFAULT_MAX_ERR = 1e-5
 # that moves every other op onto oneDNN deleted, so reshapes stay views instead of oneDNN copies and
 # small ops skip oneDNN's per-op cost; the fastest of the three, see the README's Benchmarks).
 ONEDNN = ("off", "on", "fused")
-RECOMMENDED_ONEDNN = "fused"
+RECOMMENDED_ONEDNN = "fused"  # where nothing was timed (eval times its candidates; export records its times)
+TIMED_RUNS = 3  # per checked runtime and batch, after its check run
 _ONEDNN_NAMES = {"off": "oneDNN off", "on": "oneDNN on", "fused": "oneDNN fused ops only"}
 _PLACEMENT_PASS = "onednn_placement_pass"
 
@@ -110,6 +113,15 @@ class ExportReport:
         return max(self.checks, key=lambda c: c["max_abs_err"] - self.tolerance(c))
 
     @property
+    def fastest_inference(self) -> Optional[str]:
+        """The oneDNN configuration (ONEDNN) of the Paddle Inference runtime that ran the largest
+        checked batch fastest; None when there is no timed check."""
+        modes = {inference_runtime(mode): mode for mode in ONEDNN}
+        largest = max((c["batch_size"] for c in self.checks), default=None)
+        timed = [c for c in self.checks if c["runtime"] in modes and c["batch_size"] == largest and "median_ms" in c]
+        return modes[min(timed, key=lambda c: c["median_ms"])["runtime"]] if timed else None
+
+    @property
     def passed(self) -> bool:
         return bool(self.checks) and all(c["max_abs_err"] <= self.tolerance(c) for c in self.checks)
 
@@ -118,13 +130,17 @@ class ExportReport:
         lines = [f"model      {self.model}",
                  f"input      image float32 {self.input_spec} ({batch})"]
         for c in self.checks:
-            lines.append(f"  {c['runtime']:<36} batch {c['batch_size']}: max abs {c['max_abs_err']:.3e}  "
-                         f"mean abs {c['mean_abs_err']:.3e}  (gate {self.tolerance(c):.1e})")
+            timed = f"  {c['median_ms']:.1f} ms" if "median_ms" in c else ""
+            lines.append(f"  {c['runtime']:<46} batch {c['batch_size']}: max abs {c['max_abs_err']:.3e}  "
+                         f"mean abs {c['mean_abs_err']:.3e}  (gate {self.tolerance(c):.1e}){timed}")
         verdict = "PASS" if self.passed else "FAIL"
         w = self.worst
         lines.append(f"result     {verdict} (worst: {w['runtime']}, batch {w['batch_size']}: max abs error "
                      f"{w['max_abs_err']:.3e} {'<=' if self.passed else '>'} {self.tolerance(w):.3e} = max_err "
                      f"{self.max_err:g} x max(1, max |logit| {w['max_abs_logit']:.3g}))")
+        if self.passed and self.fastest_inference:
+            lines.append(f"deploy     {inference_runtime(self.fastest_inference)}: the fastest here "
+                         f"(export.json says how to set it up)")
         if self.passed:
             lines.append(f"written    {self.out_dir}/ ({', '.join(self.files)})")
         return "\n".join(lines)
@@ -189,13 +205,12 @@ def _check_batch_sizes(batch_size: Optional[int]) -> tuple:
     return (2, 1) if batch_size is None else (batch_size,)
 
 
-def traced_predictor(spec: ModelSpec, model, directory: Path, input_size: int, *, threads: Optional[int]):
-    """``model`` traced with a dynamic batch of ``input_size`` images into ``directory`` and loaded
-    by a Paddle Inference CPU predictor in the recommended oneDNN configuration, ``threads`` math
-    threads: a function from a batch to its logits.  UserError (one line) when tracing or loading fails."""
+def trace_for_inference(spec: ModelSpec, model, directory: Path, input_size: int) -> Path:
+    """``model`` traced with a dynamic batch of ``input_size`` images into ``directory``: the path
+    prefix ``inference_runner`` loads.  UserError (one line) when tracing fails."""
     path_prefix = Path(directory) / PREFIX
     _save_static(spec, model, path_prefix, [None, 3, input_size, input_size])
-    return _inference_runner(path_prefix, onednn=RECOMMENDED_ONEDNN, threads=threads)
+    return path_prefix
 
 
 def _save_static(spec: ModelSpec, model, path_prefix: Path, input_spec: list) -> None:
@@ -234,7 +249,7 @@ def _check_runtimes(model, path_prefix: Path, batches: list) -> list:
 
     openers = {RUNTIMES[0]: _jit_load_runner}
     for runtime, onednn in zip(RUNTIMES[1:], ONEDNN):
-        openers[runtime] = functools.partial(_inference_runner, onednn=onednn)
+        openers[runtime] = functools.partial(inference_runner, onednn=onednn)
     runners: dict = {}
     checks = []
     for batch in batches:
@@ -249,8 +264,19 @@ def _check_runtimes(model, path_prefix: Path, batches: list) -> list:
             d = Discrepancy.between(expected, actual)
             checks.append({"runtime": runtime, "batch_size": int(batch.shape[0]),
                            "max_abs_err": d.max_abs_err, "mean_abs_err": d.mean_abs_err,
-                           "max_abs_logit": float(np.abs(expected).max())})
+                           "max_abs_logit": float(np.abs(expected).max()),
+                           "median_ms": 1000 * median_seconds(runners[runtime], batch)})
     return checks
+
+
+def median_seconds(run, batch: np.ndarray, repeat: int = TIMED_RUNS) -> float:
+    """The median wall time of ``repeat`` calls ``run(batch)`` (a runtime already run once: warm)."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run(batch)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 @contextlib.contextmanager
@@ -276,7 +302,7 @@ def _jit_load_runner(path_prefix: Path):
     return run
 
 
-def _inference_runner(path_prefix: Path, *, onednn: str, threads: Optional[int] = None):
+def inference_runner(path_prefix: Path, *, onednn: str, threads: Optional[int] = None):
     """The export loaded by a Paddle Inference CPU predictor in the oneDNN configuration ``onednn``
     (ONEDNN; ``threads``: its CPU math threads, default Paddle Inference's, 1): a function from a
     batch to its logits."""
@@ -332,6 +358,21 @@ def _last_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+def _deployment_advice(report: ExportReport) -> dict:
+    """export.json's Paddle Inference section: every CPU configuration checked, how to set each up,
+    and the one that ran the largest checked batch fastest on the exporting machine (one thread)."""
+    fastest = report.fastest_inference or RECOMMENDED_ONEDNN
+    batch = max(c["batch_size"] for c in report.checks)
+    times = {c["runtime"]: round(c["median_ms"], 2) for c in report.checks
+             if c["batch_size"] == batch and "median_ms" in c}
+    return {"recommended": config_recipe(fastest),
+            "why": f"the fastest Paddle Inference configuration checked, at batch {batch} with Paddle Inference's "
+                   f"default of one math thread, on the machine that exported it; which wins depends on the model, "
+                   f"the batch and the threads (with more threads plain oneDNN on can be faster): time yours",
+            "median_ms": {"batch_size": batch, **times},
+            "configurations": [config_recipe(mode) for mode in ONEDNN]}
+
+
 def _write_metadata(staging: Path, spec: ModelSpec, report: ExportReport) -> None:
     """What a deployment needs besides the graph: the input it takes and how to prepare images."""
     p = spec.preprocessing
@@ -343,9 +384,7 @@ def _write_metadata(staging: Path, spec: ModelSpec, report: ExportReport) -> Non
         "preprocessing": {"resize_shorter_side": p.resize_shorter_side, "interpolation": p.interpolation,
                           "center_crop": p.input_size, "crop_pct": p.crop_pct, "mean": list(p.mean),
                           "std": list(p.std)},
-        "paddle_inference": {"recommended": config_recipe(RECOMMENDED_ONEDNN),
-                             "why": "the fastest CPU configuration checked (README, Benchmarks); "
-                                    "oneDNN on is Paddle Inference's default and passes the same checks"},
+        "paddle_inference": _deployment_advice(report),
         "checks": report.checks,
     }, indent=2) + "\n")
 

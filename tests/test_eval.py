@@ -385,7 +385,9 @@ def test_eval_on_an_imagenet_folder(capsys, tmp_path, official_checkpoint, plann
     assert "top-1" in out and "images/s" in out and "2 skipped (unreadable)" in out
     assert "truncated.png" in out and "resize 248 bicubic, crop 224" in out
     # The default runtime on CPU: the traced model under Paddle Inference, checked on the first batch.
-    assert report["paddle_runtime"].startswith("Paddle Inference (CPU, oneDNN fused ops only, ")
+    assert report["paddle_runtime"].startswith(("Paddle Inference (CPU, oneDNN fused ops only, ",
+                                                "Paddle Inference (CPU, oneDNN on, "))
+    assert len(report["paddle_runtime_check"]["candidate_seconds"]) == 2
     assert report["paddle_runtime_requested"] == "auto" and report["paddle_runtime_note"] is None
     check = report["paddle_runtime_check"]
     assert check["batch_size"] >= 1 and check["max_abs_err"] <= check["gate"] == 1e-5 * max(1, check["max_abs_logit"])
@@ -412,28 +414,48 @@ def test_eval_on_a_list_file_with_converted_params(capsys, tmp_path, official_ch
     assert "paddle runs  Paddle dygraph (CPU) (--paddle-runtime dygraph)" in out
 
 
-def failing_trace(spec, model, directory, input_size, *, threads):
+def failing_trace(spec, model, directory, input_size):
     raise UserError(f"{spec.name} cannot be exported to a static graph: boom")
 
 
-def wrong_predictor(spec, model, directory, input_size, *, threads):
-    """A predictor whose logits are the dygraph model's plus one: far outside the gate."""
+def no_trace(spec, model, directory, input_size):
+    """Stands in for the trace where the predictors below stand in for Paddle Inference."""
+    return directory / "inference"
+
+
+def predictors_like(model, offset=0.0, seconds=None):
+    """For inference_runner: a predictor per oneDNN configuration that returns the dygraph model's
+    logits plus ``offset``, after sleeping ``seconds[mode]`` (as a slower runtime would take)."""
+    import time
+
     from converter.verify import paddle_forward
 
-    return lambda batch: paddle_forward(model, batch) + 1.0
+    def runner(path_prefix, *, onednn, threads=None):
+        def run(batch):
+            time.sleep((seconds or {}).get(onednn, 0.0))
+            return paddle_forward(model(), batch) + offset
+        return run
+    return runner
 
 
-@pytest.mark.parametrize("predictor, reason", [
-    (failing_trace, "cannot be exported to a static graph: boom"),
-    (wrong_predictor, "its logits on the first batch differ from the dygraph model's by 1.000e+00 > gate"),
-], ids=["trace-fails", "wrong-logits"])
-def test_auto_falls_back_to_dygraph_and_inference_refuses(capsys, tmp_path, monkeypatch, official_checkpoint,
-                                                           planned_labels, predictor, reason):
-    import json
-
+def _patch_inference(monkeypatch, trace, offset=0.0, seconds=None):
     import converter.evaluate
 
-    monkeypatch.setattr(converter.evaluate, "traced_predictor", predictor)
+    models = []  # the dygraph model eval builds, captured when the trace is asked for
+    monkeypatch.setattr(converter.evaluate, "trace_for_inference",
+                        lambda spec, model, *args: models.append(model) or trace(spec, model, *args))
+    monkeypatch.setattr(converter.evaluate, "inference_runner", predictors_like(lambda: models[-1], offset, seconds))
+
+
+@pytest.mark.parametrize("trace, offset, reason", [
+    (failing_trace, 0.0, "cannot be exported to a static graph: boom"),
+    (no_trace, 1.0, "differ from the dygraph model's by 1.000e+00 > gate"),  # far outside the gate
+], ids=["trace-fails", "wrong-logits"])
+def test_auto_falls_back_to_dygraph_and_inference_refuses(capsys, tmp_path, monkeypatch, official_checkpoint,
+                                                           planned_labels, trace, offset, reason):
+    import json
+
+    _patch_inference(monkeypatch, trace, offset)
     root = imagenet_folder(tmp_path / "val", planned_labels)
     args = ("eval", NAME, "--data", root, "--torch-ckpt", official_checkpoint(NAME), "--batch-size", 9,
             "--workers", 0, "--no-progress")
@@ -447,6 +469,24 @@ def test_auto_falls_back_to_dygraph_and_inference_refuses(capsys, tmp_path, monk
     code, out, err = cli(capsys, *args, "--paddle-runtime", "inference", "--json", tmp_path / "refused.json")
     assert_one_line_error(code, err, "--paddle-runtime inference: ", reason)
     assert not (tmp_path / "refused.json").exists()
+
+
+def test_auto_keeps_the_faster_paddle_inference_configuration(capsys, tmp_path, monkeypatch, official_checkpoint,
+                                                               planned_labels):
+    import json
+
+    # oneDNN for the fused ops only is tried first; made the slower here, plain oneDNN on must be kept.
+    _patch_inference(monkeypatch, no_trace, seconds={"fused": 0.3})
+    root = imagenet_folder(tmp_path / "val", planned_labels)
+    code, out, err = cli(capsys, "eval", NAME, "--data", root, "--torch-ckpt", official_checkpoint(NAME),
+                         "--batch-size", 9, "--workers", 0, "--no-progress", "--json", tmp_path / "eval.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["paddle_runtime"].startswith("Paddle Inference (CPU, oneDNN on, ")
+    seconds = report["paddle_runtime_check"]["candidate_seconds"]
+    assert set(seconds) == {report["paddle_runtime"], report["paddle_runtime"].replace("oneDNN on", "oneDNN fused ops only")}
+    assert min(seconds, key=seconds.get) == report["paddle_runtime"] and max(seconds.values()) >= 0.3
+    assert "faster on it (" in out and report["paddle_runtime_note"] is None
 
 
 # --- bad input through the command line -------------------------------------------------------
