@@ -88,27 +88,26 @@ class GlobalContext(nn.Layer):
         self.rescale_bias = self.create_parameter([cfg.gc_heads], default_initializer=_constant(0.0))
 
     def channel_gate(self, gap):
-        b = gap.shape[0]
-        t = self.fc1(gap).reshape([b, 2, -1])
+        t = self.fc1(gap).reshape([-1, 2, self.fc1.weight.shape[1] // 2])
         return self.fc2(t.max(axis=1))  # the max over pairs is the only non-linearity
 
     def forward(self, x):
-        b, c, h, w = x.shape
-        x = x.reshape([b, c, h * w])
+        _, c, h, w = x.shape
+        x = x.reshape([-1, c, h * w])
         gap = numerics.mean(x, axis=-1, keepdim=True)
-        q = x.reshape([b, self.heads, c // self.heads, h * w])
-        g = gap.reshape([b, self.heads, c // self.heads, 1])
+        q = x.reshape([-1, self.heads, c // self.heads, h * w])
+        g = gap.reshape([-1, self.heads, c // self.heads, 1])
         # the official einsum("bhdi,bhjd->bhij") as the GEMM it is: Paddle's einsum copies q transposed
         # first (52 ms of fcvit_b12's batch-8 forward), a matmul reads it transposed in place
         sim = paddle.matmul(q, g, transpose_x=True).squeeze(-1) * self.scale
         std, mean = numerics.std_mean(sim, axis=[1, 2], keepdim=True)  # unbiased, over heads and positions
         sim = (sim - mean) / (std + self.eps)
         sim = sim * self.rescale_weight[None, :, None] + self.rescale_bias[None, :, None]
-        gate = self.channel_gate(gap.squeeze(-1)).reshape([b, self.heads, -1, 1])
+        gate = self.channel_gate(gap.squeeze(-1)).reshape([-1, self.heads, c // self.heads, 1])
         # sim x gate, the outer product per head, as a matmul over an axis of 1: the same products, bit
         # for bit, where Paddle's broadcasting multiply of [B, heads, 1, H, W] by [B, heads, d, 1, 1]
         # takes its slow path (19 ms vs 1.3 ms on fcvit_tiny's first stage at batch 8)
-        return paddle.matmul(gate, sim.reshape([b, self.heads, 1, h * w])).reshape([b, c, h, w])
+        return paddle.matmul(gate, sim.reshape([-1, self.heads, 1, h * w])).reshape([-1, c, h, w])
 
 
 def _pointwise_bottleneck(dim, width):

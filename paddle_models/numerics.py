@@ -105,8 +105,11 @@ def _trailing_reduction(shape, axis, keepdim: bool):
         return None
     if not all(isinstance(shape[a], int) and shape[a] > 0 for a in axes):
         return None
-    kept = shape[:rank - len(axes)]
-    return math.prod(shape[rank - len(axes):]), (list(kept) + [1] * len(axes) if keepdim else list(kept))
+    kept = list(shape[:rank - len(axes)])
+    unknown = [i for i, size in enumerate(kept) if not isinstance(size, int)]
+    if len(unknown) == 1:  # a traced dynamic batch: as -1, a constant target shape needs no ops to build it
+        kept[unknown[0]] = -1
+    return math.prod(shape[rank - len(axes):]), (kept + [1] * len(axes) if keepdim else kept)
 
 
 def _as_rows(x, axis, keepdim: bool):
