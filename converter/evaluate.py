@@ -160,8 +160,9 @@ def _fall_back(runner: PaddleRunner, reason: str, check=None) -> PaddleRunner:
 @contextlib.contextmanager
 def paddle_runner(requested: str, spec, model, device: str, threads: int) -> Iterator[PaddleRunner]:
     """The runner eval starts with.  On CPU, unless ``requested`` is dygraph: the model traced into a
-    temporary directory (kept until the block ends) under a Paddle Inference predictor, oneDNN for the fused ops,
-    ``threads`` math threads, to be checked on the first batch (``checked_on_first_batch``)."""
+    temporary directory (kept until the block ends) and loaded into a Paddle Inference predictor per
+    ``CANDIDATE_ONEDNN`` configuration, ``threads`` math threads, to be checked and timed on the
+    first batch (``checked_on_first_batch``)."""
     if requested not in PADDLE_RUNTIMES:
         raise UserError(f"--paddle-runtime {requested}: expected one of {', '.join(PADDLE_RUNTIMES)}")
     if requested == "dygraph" or device != "cpu":
