@@ -141,8 +141,12 @@ class PaddleRunner:
     requested: str  # --paddle-runtime
     note: Optional[str] = None  # why auto runs dygraph, when it does
     check: Optional[dict] = None  # first batch vs dygraph: {batch_size, max_abs_err, max_abs_logit, gate, seconds}
-    needs_check: bool = False  # Paddle Inference, not yet run
-    candidates: dict = field(default_factory=dict)  # needs_check: runtime name -> forward, to check and time
+    candidates: dict = field(default_factory=dict)  # Paddle Inference not yet run: runtime name -> forward
+
+    @property
+    def needs_check(self) -> bool:
+        """Paddle Inference's candidates still to be checked and timed on the first batch."""
+        return bool(self.candidates)
 
 
 def _dygraph(model, requested: str, device: str, note: Optional[str] = None, check=None) -> PaddleRunner:
@@ -180,7 +184,7 @@ def paddle_runner(requested: str, spec, model, device: str, threads: int) -> Ite
             runner = _fall_back(runner, str(exc))
         else:
             first = next(iter(candidates))
-            runner = PaddleRunner(first, candidates[first], model, requested, needs_check=True, candidates=candidates)
+            runner = PaddleRunner(first, candidates[first], model, requested, candidates=candidates)
         yield runner
 
 
@@ -212,7 +216,7 @@ def checked_on_first_batch(runner: PaddleRunner, batch: np.ndarray) -> PaddleRun
     fastest = min(passed, key=lambda runtime: passed[runtime][1]["seconds"])
     forward, check = passed[fastest]
     check["candidate_seconds"] = {runtime: c["seconds"] for runtime, (_, c) in passed.items()}
-    return replace(runner, runtime=fastest, forward=forward, check=check, needs_check=False, candidates={})
+    return replace(runner, runtime=fastest, forward=forward, check=check, candidates={})
 
 
 @dataclass

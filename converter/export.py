@@ -49,7 +49,6 @@ DEFAULT_MAX_ERR = 1e-5
 # that moves every other op onto oneDNN deleted, so reshapes stay views instead of oneDNN copies and
 # small ops skip oneDNN's per-op cost; the fastest of the three, see the README's Benchmarks).
 ONEDNN = ("off", "on", "fused")
-RECOMMENDED_ONEDNN = "fused"  # where nothing was timed (eval times its candidates; export records its times)
 TIMED_RUNS = 3  # per checked runtime and batch, after its check run
 _ONEDNN_NAMES = {"off": "oneDNN off", "on": "oneDNN on", "fused": "oneDNN fused ops only"}
 _PLACEMENT_PASS = "onednn_placement_pass"
@@ -95,7 +94,7 @@ class ExportReport:
     out_dir: str
     input_spec: list  # [batch or None, 3, H, W]
     max_err: float
-    # [{runtime, batch_size, max_abs_err, mean_abs_err, max_abs_logit (the dynamic model's)}]
+    # [{runtime, batch_size, max_abs_err, mean_abs_err, max_abs_logit (the dynamic model's), median_ms (timed)}]
     checks: list = field(default_factory=list)
     files: list = field(default_factory=list)
 
@@ -113,13 +112,17 @@ class ExportReport:
         return max(self.checks, key=lambda c: c["max_abs_err"] - self.tolerance(c))
 
     @property
-    def fastest_inference(self) -> Optional[str]:
+    def largest_batch_times(self) -> tuple:
+        """(the largest checked batch size, {runtime: median ms} at it)."""
+        batch = max(c["batch_size"] for c in self.checks)
+        return batch, {c["runtime"]: c["median_ms"] for c in self.checks if c["batch_size"] == batch}
+
+    @property
+    def fastest_inference(self) -> str:
         """The oneDNN configuration (ONEDNN) of the Paddle Inference runtime that ran the largest
-        checked batch fastest; None when there is no timed check."""
-        modes = {inference_runtime(mode): mode for mode in ONEDNN}
-        largest = max((c["batch_size"] for c in self.checks), default=None)
-        timed = [c for c in self.checks if c["runtime"] in modes and c["batch_size"] == largest and "median_ms" in c]
-        return modes[min(timed, key=lambda c: c["median_ms"])["runtime"]] if timed else None
+        checked batch fastest."""
+        _, times = self.largest_batch_times
+        return min(ONEDNN, key=lambda mode: times[inference_runtime(mode)])
 
     @property
     def passed(self) -> bool:
@@ -130,7 +133,7 @@ class ExportReport:
         lines = [f"model      {self.model}",
                  f"input      image float32 {self.input_spec} ({batch})"]
         for c in self.checks:
-            timed = f"  {c['median_ms']:.1f} ms" if "median_ms" in c else ""
+            timed = f"  {c['median_ms']:.1f} ms" if "median_ms" in c else ""  # checks built elsewhere may be untimed
             lines.append(f"  {c['runtime']:<46} batch {c['batch_size']}: max abs {c['max_abs_err']:.3e}  "
                          f"mean abs {c['mean_abs_err']:.3e}  (gate {self.tolerance(c):.1e}){timed}")
         verdict = "PASS" if self.passed else "FAIL"
@@ -138,10 +141,9 @@ class ExportReport:
         lines.append(f"result     {verdict} (worst: {w['runtime']}, batch {w['batch_size']}: max abs error "
                      f"{w['max_abs_err']:.3e} {'<=' if self.passed else '>'} {self.tolerance(w):.3e} = max_err "
                      f"{self.max_err:g} x max(1, max |logit| {w['max_abs_logit']:.3g}))")
-        if self.passed and self.fastest_inference:
+        if self.passed:
             lines.append(f"deploy     {inference_runtime(self.fastest_inference)}: the fastest here "
                          f"(export.json says how to set it up)")
-        if self.passed:
             lines.append(f"written    {self.out_dir}/ ({', '.join(self.files)})")
         return "\n".join(lines)
 
@@ -361,15 +363,12 @@ def _last_line(exc: BaseException) -> str:
 def _deployment_advice(report: ExportReport) -> dict:
     """export.json's Paddle Inference section: every CPU configuration checked, how to set each up,
     and the one that ran the largest checked batch fastest on the exporting machine (one thread)."""
-    fastest = report.fastest_inference or RECOMMENDED_ONEDNN
-    batch = max(c["batch_size"] for c in report.checks)
-    times = {c["runtime"]: round(c["median_ms"], 2) for c in report.checks
-             if c["batch_size"] == batch and "median_ms" in c}
-    return {"recommended": config_recipe(fastest),
+    batch, times = report.largest_batch_times
+    return {"recommended": config_recipe(report.fastest_inference),
             "why": f"the fastest Paddle Inference configuration checked, at batch {batch} with Paddle Inference's "
                    f"default of one math thread, on the machine that exported it; which wins depends on the model, "
                    f"the batch and the threads (with more threads plain oneDNN on can be faster): time yours",
-            "median_ms": {"batch_size": batch, **times},
+            "median_ms": {"batch_size": batch, **{runtime: round(ms, 2) for runtime, ms in times.items()}},
             "configurations": [config_recipe(mode) for mode in ONEDNN]}
 
 

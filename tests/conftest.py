@@ -22,16 +22,13 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("GLOG_minloglevel", "2")  # Paddle's C++ warnings would drown test output
 
 
-def _threads_per_worker() -> int:
-    """Under `pytest -n N` each of the N workers would start a thread per core in torch and in
-    Paddle: N times more threads than cores, whose OpenMP waits spin against each other
-    (tests/test_export.py with -n 2 on 2 cores: 215 s, 122 s at one thread per worker)."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    return max(1, len(os.sched_getaffinity(0)) // workers)
-
-
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # set by xdist before this file loads; a user's own setting holds
-    os.environ.setdefault("OMP_NUM_THREADS", str(_threads_per_worker()))
+# Under `pytest -n N` (xdist sets PYTEST_XDIST_WORKER_COUNT before this file loads) each worker would
+# start a thread per core in torch and in Paddle: N times more threads than cores, whose OpenMP waits
+# spin against each other (tests/test_export.py with -n 2 on 2 cores: 215 s, 122 s at one thread per
+# worker).  A user's own OMP_NUM_THREADS holds.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _cores_per_worker = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores_per_worker)))
 
 MAX_ABS_ERR = 1e-5  # the user's gate is 1e-4; we hold ourselves ten times tighter
 ONE_PER_FAMILY = ["fcvit_tiny", "biformer_tiny", "crossformer_tiny", "regionvit_tiny"]
