@@ -137,9 +137,7 @@ class Attention(nn.Layer):
     def forward(self, x, mask=None, group_shape=None):
         """``group_shape`` (Gh, Gw): build the DPB tables for it now (dense), else use the registered ones."""
         B_, N, C = x.shape
-        d = C // self.num_heads
-        qkv = permute(self.qkv(x).reshape([B_, N, 3, self.num_heads, d]), [2, 0, 3, 1, 4])
-        q, k, v = paddle.unbind(qkv, axis=0)  # one concat in backward (indexing: three full-size scatters)
+        q, k, v = layers.qkv_heads(self.qkv, x, self.num_heads)
         q = q * self.scale
         attn = paddle.matmul(q, k, transpose_y=True)
         if group_shape is None:

@@ -151,10 +151,8 @@ class AttentionWithRelPos(nn.Layer):
 
     def forward(self, x, patch_attn: bool = False, mask=None):
         B, N, C = x.shape
-        d = C // self.num_heads
-        qkv = permute(self.qkv(x).reshape([B, N, 3, self.num_heads, d]), [2, 0, 3, 1, 4])
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = (q @ permute(k, [0, 1, 3, 2])) * self.scale
+        q, k, v = layers.qkv_heads(self.qkv, x, self.num_heads)
+        attn = paddle.matmul(q, k, transpose_y=True) * self.scale  # k read transposed in place
         if patch_attn:
             n = self.window_size ** 2
             bias = paddle.index_select(self.rel_pos, self.rel_pos_index, axis=1).reshape([self.num_heads, n, n])
