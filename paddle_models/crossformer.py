@@ -156,7 +156,7 @@ class Attention(nn.Layer):
             mask = mask.expand([nG, self.num_heads, N, N]) if paddle.in_dynamic_mode() else mask.unsqueeze(0)
             attn = (attn.reshape([B_ // nG, nG, self.num_heads, N, N]) + mask).reshape([-1, self.num_heads, N, N])
         attn = self.attn_drop(F.softmax(attn, axis=-1))
-        x = permute(paddle.matmul(attn, v), [0, 2, 1, 3]).reshape([B_, N, C])
+        x = permute(paddle.matmul(attn, v), [0, 2, 1, 3]).reshape([-1, N, C])
         return self.proj_drop(self.proj(x))
 
 

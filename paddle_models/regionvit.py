@@ -163,7 +163,7 @@ class AttentionWithRelPos(nn.Layer):
         if mask is not None:
             attn = paddle.masked_fill(attn, mask, paddle.finfo(attn.dtype).min)
         attn = self.attn_drop(F.softmax(attn, axis=-1))
-        x = permute(attn @ v, [0, 2, 1, 3]).reshape([B, N, C])
+        x = permute(attn @ v, [0, 2, 1, 3]).reshape([-1, N, C])
         return self.proj_drop(self.proj(x))
 
 
