@@ -31,7 +31,7 @@ from model_configs.biformer import CONFIGS, DENSE_CONFIGS, BiFormerConfig, dense
 
 from . import numerics
 from . import layers
-from .layers import DropPath, drop_path_schedule, permute
+from .layers import DropPath, drop_path_schedule, permute, reshape
 from .onednn import transpose_reshape
 
 __all__ = ["BiFormer", "BiFormerSTL", "BiFormerDense", "biformer_tiny", "biformer_small", "biformer_base",
@@ -53,7 +53,7 @@ def _nhwc_to_windows(x, n_win):
     """(N, H, W, C) -> (N, n_win^2, H/n_win, W/n_win, C)."""
     n, hh, ww, c = x.shape
     h, w = hh // n_win, ww // n_win
-    return transpose_reshape(x.reshape([n * n_win, h, n_win, w * c]), [0, 2, 1, 3], [n, n_win * n_win, h, w, c])
+    return transpose_reshape(reshape(x, [n * n_win, h, n_win, w * c]), [0, 2, 1, 3], [n, n_win * n_win, h, w, c])
 
 
 def _windows_to_heads(x, groups, num_heads):
@@ -61,7 +61,7 @@ def _windows_to_heads(x, groups, num_heads):
     (G = 3 for a fused q | k | v)."""
     n, p, h, w, gc = x.shape
     d = gc // (groups * num_heads)
-    return transpose_reshape(x.reshape([n * p, h * w, groups * num_heads, d]), [2, 0, 1, 3],
+    return transpose_reshape(reshape(x, [n * p, h * w, groups * num_heads, d]), [2, 0, 1, 3],
                              [groups, num_heads, n * p, h * w, d])
 
 
@@ -71,21 +71,21 @@ def _nhwc_to_heads(x, n_win, groups, num_heads):
     n, hh, ww, gc = x.shape
     h, w = hh // n_win, ww // n_win
     d = gc // (groups * num_heads)
-    return transpose_reshape(x.reshape([n * n_win, h, n_win, w, groups * num_heads, d]), [4, 0, 2, 1, 3, 5],
+    return transpose_reshape(reshape(x, [n * n_win, h, n_win, w, groups * num_heads, d]), [4, 0, 2, 1, 3, 5],
                              [groups, num_heads, n * n_win * n_win, h * w, d])
 
 
 def _heads_to_nhwc(x, n, n_win, h, w):
     """(heads, N * P, h * w, d) -> (N, n_win * h, n_win * w, heads * d)."""
     m, _, _, d = x.shape
-    return transpose_reshape(x.reshape([m, n * n_win, n_win, h, w, d]), [1, 3, 2, 4, 0, 5],
+    return transpose_reshape(reshape(x, [m, n * n_win, n_win, h, w, d]), [1, 3, 2, 4, 0, 5],
                              [n, n_win * h, n_win * w, m * d])
 
 
-def _region_means(x, n):
+def _region_means(x, p):
     """(heads, N * P, tokens, d) -> (N, P, heads * d): the mean of each region's tokens."""
     m, n_p, _, d = x.shape
-    return transpose_reshape(numerics.mean(x, axis=2), [1, 0, 2], [n, n_p // n, m * d])
+    return transpose_reshape(numerics.mean(x, axis=2), [1, 0, 2], [n_p // p, p, m * d])
 
 
 @paddle.jit.not_to_static  # a shape check in plain Python; export traces the model without it
@@ -179,7 +179,7 @@ class KVGather(nn.Layer):
             m, _, tokens, d = t.shape
             # gather, not index_select: the same rows and gradients, bit for bit, and Paddle's CPU
             # gather kernel is faster (biformer_small's dygraph forward at batch 8: -6%)
-            return paddle.gather(t, flat, axis=1).reshape([m, n * p, topk * tokens, d])
+            return reshape(paddle.gather(t, flat, axis=1), [m, n * p, topk * tokens, d])
 
         return take(k), take(v)
 
@@ -238,7 +238,7 @@ class BiLevelRoutingAttention(nn.Layer):
         h, w = (h_in + pad_b) // s, (w_in + pad_r) // s
         qkv = self.qkv(_nhwc_to_windows(x, s))  # (N, P, h, w, 3C): q | k | v
         q, k, v = paddle.unbind(_windows_to_heads(qkv, 3, m), axis=0)  # each (heads, N * P, h * w, d)
-        _, index = self.router(_region_means(q, n), _region_means(k, n))
+        _, index = self.router(_region_means(q, s * s), _region_means(k, s * s))
         lepe = self.lepe(permute(_heads_to_nhwc(v, n, s, h, w), [0, 3, 1, 2]))
         out = _routed_attention(q, k, v, index, self.scale, self.kv_gather)
         out = self.wo(_heads_to_nhwc(out, n, s, h, w) + permute(lepe, [0, 2, 3, 1]))
@@ -267,7 +267,7 @@ class BiLevelRoutingAttentionNCHW(nn.Layer):
         qkv = self.qkv_linear(x)  # (N, 3C, H, W): q | k | v
         qkv_nhwc = transpose_reshape(qkv, [0, 2, 3, 1], [n, hh, ww, 3 * c])  # a reshape follows (onednn.py)
         q, k, v = paddle.unbind(_nhwc_to_heads(qkv_nhwc, s, 3, m), axis=0)
-        _, index = self.router(_region_means(q, n), _region_means(k, n))
+        _, index = self.router(_region_means(q, s * s), _region_means(k, s * s))
         out = _routed_attention(q, k, v, index, self.scale, self.kv_gather)
         out = permute(_heads_to_nhwc(out, n, s, h, w), [0, 3, 1, 2])
         return self.output_linear(out + self.lepe(qkv[:, 2 * c:]))
@@ -291,13 +291,13 @@ class AttentionLePE(nn.Layer):
 
     def forward(self, x):
         b, h, w, c = x.shape
-        x = x.reshape([b, h * w, c])
-        qkv = self.qkv(x).reshape([b, h * w, 3, self.num_heads, c // self.num_heads])
+        x = reshape(x, [b, h * w, c])
+        qkv = reshape(self.qkv(x), [b, h * w, 3, self.num_heads, c // self.num_heads])
         q, k, v = paddle.unbind(permute(qkv, [2, 0, 3, 1, 4]), axis=0)
         lepe = transpose_reshape(self.lepe(transpose_reshape(x, [0, 2, 1], [b, c, h, w])), [0, 2, 3, 1], [b, h * w, c])
         attn = F.softmax(paddle.matmul(q, k, transpose_y=True) * self.scale, axis=-1)
         out = transpose_reshape(paddle.matmul(attn, v), [0, 2, 1, 3], [b, h * w, c]) + lepe
-        return self.proj(out).reshape([b, h, w, c])
+        return reshape(self.proj(out), [b, h, w, c])
 
 
 class AttentionLePENCHW(nn.Layer):
@@ -316,7 +316,7 @@ class AttentionLePENCHW(nn.Layer):
     def forward(self, x):
         b, c, h, w = x.shape
         q, k, v = paddle.chunk(self.qkv(x), 3, axis=1)
-        heads = [b, self.num_heads, self.head_dim, h * w]
+        heads = layers.constant_shape([b, self.num_heads, self.head_dim, h * w])
         attn = paddle.matmul(q.reshape(heads), k.reshape(heads), transpose_x=True)
         attn = F.softmax(attn * self.scale, axis=-1)
         out = paddle.matmul(attn, v.reshape(heads), transpose_y=True)
