@@ -34,7 +34,7 @@ from model_configs.crossformer import (CONFIGS, DEFAULT_ATTN_DROP_RATE, DEFAULT_
                                        scale_dims, drop_path_rates)
 
 from . import layers
-from .layers import DropPath, Linear, add_into, permute
+from .layers import DropPath, Linear, add_into, permute, reshape
 from .onednn import TableLayerNorm, pad_nhwc, transpose_reshape
 from .patch_conv import PatchConv2D
 
@@ -154,7 +154,7 @@ class Attention(nn.Layer):
             nG = mask.shape[0]
             mask = mask.unsqueeze(1)  # [nG, 1, N, N]; a traced graph keeps oneDNN's broadcast of [1, nG, 1, N, N]
             mask = mask.expand([nG, self.num_heads, N, N]) if paddle.in_dynamic_mode() else mask.unsqueeze(0)
-            attn = (attn.reshape([B_ // nG, nG, self.num_heads, N, N]) + mask).reshape([-1, self.num_heads, N, N])
+            attn = (reshape(attn, [B_ // nG, nG, self.num_heads, N, N]) + mask).reshape([-1, self.num_heads, N, N])
         attn = self.attn_drop(F.softmax(attn, axis=-1))
         x = permute(paddle.matmul(attn, v), [0, 2, 1, 3]).reshape([-1, N, C])
         return self.proj_drop(self.proj(x))
@@ -201,17 +201,17 @@ class CrossFormerBlock(nn.Layer):
             mask = None if mask is None else paddle.to_tensor(mask, dtype=x.dtype)
             group_shape = lay.group_shape
         shortcut = x
-        x = self.norm1(x).reshape([B, H, W, C])
+        x = reshape(self.norm1(x), [B, H, W, C])
         if lay.pad_h or lay.pad_w:
             x = pad_nhwc(x, lay.pad_h, lay.pad_w)  # zeros after norm1, bottom/right
         x = group_tokens(x, lay.group_h, lay.group_w, lay.group_interval)
         x = self.attn(x, mask=mask, group_shape=group_shape)
         x = ungroup_tokens(x, B, H + lay.pad_h, W + lay.pad_w, lay.group_h, lay.group_w, lay.group_interval)
-        x = x[:, :H, :W, :].reshape([B, H * W, C])
+        x = reshape(x[:, :H, :W, :], [B, H * W, C])
         x = shortcut + self.drop_path(x)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         if self.use_extra_conv:  # ACL: no residual, its output replaces x
-            x = self.ex_conv(x.reshape([B, H, W, C]).transpose([0, 3, 1, 2]))
+            x = self.ex_conv(reshape(x, [B, H, W, C]).transpose([0, 3, 1, 2]))
             x = self.ex_ln(transpose_reshape(x, [0, 2, 3, 1], [B, H * W, C]))
         return x
 
@@ -230,7 +230,7 @@ class PatchMerging(nn.Layer):
     def forward(self, x, size=None):
         H, W = self.input_resolution if size is None else size
         B, L, C = x.shape
-        x = self.norm(x).reshape([B, H, W, C]).transpose([0, 3, 1, 2])
+        x = reshape(self.norm(x), [B, H, W, C]).transpose([0, 3, 1, 2])
         return paddle.concat([r(x).flatten(2).transpose([0, 2, 1]) for r in self.reductions], axis=2)
 
 

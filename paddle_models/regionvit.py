@@ -22,7 +22,7 @@ from model_configs.regionvit import (CONFIGS, DENSE_CONFIGS, RegionViTDenseConfi
                                      window_mask)
 
 from . import layers
-from .layers import DropPath, Linear, add_into, dense_operand, drop_path_schedule, permute
+from .layers import DropPath, Linear, add_into, dense_operand, drop_path_schedule, permute, reshape
 from .onednn import transpose_reshape
 
 __all__ = ["RegionViT", "RegionViTDet", "DENSE_MODEL"]
@@ -222,7 +222,7 @@ def to_flat_layout(regional, local, ws: int):
         blocked = paddle.to_tensor(window_mask(rows, cols, ws, pad_b, pad_r).copy())
         mask = paddle.tile(blocked, [B, 1, 1]).unsqueeze(1)  # (B * windows, 1, N, N), broadcast over heads
     # transpose_reshape: a transpose+reshape pair feeding concat breaks under oneDNN (paddle_models/onednn.py)
-    local = transpose_reshape(local.reshape([B, C, rows, ws, cols, ws]), [0, 2, 4, 3, 5, 1], [-1, ws * ws, C])
+    local = transpose_reshape(reshape(local, [B, C, rows, ws, cols, ws]), [0, 2, 4, 3, 5, 1], [-1, ws * ws, C])
     regional = transpose_reshape(regional.flatten(2), [0, 2, 1], [-1, 1, C])
     return paddle.concat([regional, local], axis=1), mask
 
@@ -230,8 +230,8 @@ def to_flat_layout(regional, local, ws: int):
 def to_spatial_layout(x, batch: int, rows: int, cols: int, size: tuple, ws: int):
     """Inverse of ``to_flat_layout``; crops the padding back to ``size`` = (H, W)."""
     C = x.shape[-1]
-    regional = x[:, 0].reshape([batch, rows, cols, C]).transpose([0, 3, 1, 2])
-    local = transpose_reshape(x[:, 1:].reshape([batch, rows, cols, ws, ws, C]), [0, 5, 1, 3, 2, 4],
+    regional = reshape(x[:, 0], [batch, rows, cols, C]).transpose([0, 3, 1, 2])
+    local = transpose_reshape(reshape(x[:, 1:], [batch, rows, cols, ws, ws, C]), [0, 5, 1, 3, 2, 4],
                               [batch, C, rows * ws, cols * ws])
     # contiguous like the official F.fold output: the next LayerNorm2d's reductions depend on the layout
     local = local.contiguous()[:, :, :size[0], :size[1]]
