@@ -32,4 +32,7 @@ def same_threads_for_both_frameworks(torch) -> None:
         return
     import paddle
 
+    from paddle_models import native
+
     paddle.base.core.set_num_threads(torch.get_num_threads())
+    native.set_threads(torch.get_num_threads())

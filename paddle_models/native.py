@@ -17,7 +17,12 @@ cannot be built or loaded (no compiler, no glibc vector maths, another platform)
 ``TORCH2PADDLE_NATIVE=0`` is set, the models run Paddle's own kernels (one warning says why): the
 same results within float32 rounding, slower.  Used only in dygraph calls that record no gradient
 (no backward is registered) and never in a traced graph: an exported model holds only Paddle's
-ops, so Paddle Inference runs it without this library.  Single-threaded, like the benchmarks.
+ops, so Paddle Inference runs it without this library.  The depthwise conv, GELU and bias kernels
+split their maps among ``threads()`` threads (Paddle's own count: OMP_NUM_THREADS, else the one
+thread Paddle caps itself at; ``set_threads`` follows ``paddle.base.core.set_num_threads``), each
+output computed as with one thread, so the values do not depend on the count (fcvit_b12's dygraph
+forward at two threads: 97 -> 70 ms at batch 1, 764 -> 495 at batch 8); the statistics kernels
+run one thread.
 """
 from __future__ import annotations
 
@@ -37,13 +42,41 @@ import paddle
 
 KERNEL_SOURCES = sorted((Path(__file__).with_name("kernels")).glob("*.cc"))
 OPS = ("t2p_depthwise_conv2d", "t2p_gelu", "t2p_row_mean", "t2p_group_norm", "t2p_add_channel_bias")
-# -fopenmp-simd: gelu.cc's vector erfc.  -mprefer-vector-width=512: gcc's tuning for Intel's AVX-512
-# CPUs keeps to 256-bit vectors (AMD's Zen 4 already takes 512); on a Rocket Lake class Xeon the 512-bit
-# kernels run the 11x11 depthwise conv 1.4-1.5x faster ([8, 64, 56, 56]: 17.8 -> 11.8 ms) and
-# fcvit_b12's dygraph forward ~10% faster.  Without AVX-512 the flag changes nothing.
-COMPILER_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd"]
-LINKER_FLAGS = ["-lmvec"]
+# -mprefer-vector-width=512: gcc's tuning for Intel's AVX-512 CPUs keeps to 256-bit vectors (AMD's Zen 4
+# already takes 512); on a Rocket Lake class Xeon the 512-bit kernels run the 11x11 depthwise conv
+# 1.4-1.5x faster ([8, 64, 56, 56]: 17.8 -> 11.8 ms) and fcvit_b12's dygraph forward ~10% faster.
+# Without AVX-512 the flag changes nothing.
+# The thread split runs on the OpenMP runtime Paddle ships and MKL runs on (Intel's libiomp5, which
+# takes gcc's OpenMP calls): on gcc's own libgomp, its idle threads spin against MKL's and fcvit_b12's
+# dygraph forward at two threads took 249 ms instead of 97 (70 with libiomp5).  A Paddle without it
+# gets the serial kernels (-fopenmp-simd: gelu.cc's vector erfc only).
+_PADDLE_OPENMP = Path(paddle.__file__).parent / "libs" / "libiomp5.so"
+if _PADDLE_OPENMP.is_file():
+    COMPILER_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
+    LINKER_FLAGS = ["-lmvec", f"-L{_PADDLE_OPENMP.parent}", "-liomp5", f"-Wl,-rpath,{_PADDLE_OPENMP.parent}"]
+else:
+    COMPILER_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd"]
+    LINKER_FLAGS = ["-lmvec"]
 DISABLE_VARIABLE = "TORCH2PADDLE_NATIVE"
+
+
+_threads = None  # set_threads's count; None: Paddle's default, read from OMP_NUM_THREADS
+
+
+def threads() -> int:
+    """The threads the kernels split their work among: as many as Paddle's math library uses."""
+    if _threads is not None:
+        return _threads
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+    except ValueError:
+        return 1
+
+
+def set_threads(count: int) -> None:
+    """Give the kernels ``count`` threads (called beside ``paddle.base.core.set_num_threads``)."""
+    global _threads
+    _threads = max(1, int(count))
 
 
 def cache_dir() -> Path:
@@ -153,19 +186,19 @@ def native_depthwise_conv2d(x, weight, bias=None):
     """``F.conv2d(x, weight, bias, padding=k // 2, groups=C)`` for an odd k x k depthwise ``weight``
     [C, 1, k, k], stride 1, by the compiled kernel: float32 CPU tensors, no gradient (where
     ``native_kernels_available()``)."""
-    return _run("t2p_depthwise_conv2d", x, weight, bias)
+    return _run("t2p_depthwise_conv2d", x, weight, bias, threads())
 
 
 def native_add_channel_bias(x, bias):
     """``x + bias.reshape([C, 1, 1])`` for ``x`` [N, C, ...], written into ``x`` (bit for bit the same
     sums), by the compiled kernel: float32 CPU tensors, no gradient.  ``x`` must be a fresh output
     that nothing else reads (``layers.add_into``'s contract)."""
-    return _run("t2p_add_channel_bias", x, bias)
+    return _run("t2p_add_channel_bias", x, bias, threads())
 
 
 def native_gelu(x):
     """``F.gelu(x)`` (exact, erf form) by the compiled kernel: a float32 CPU tensor, no gradient."""
-    return _run("t2p_gelu", x)
+    return _run("t2p_gelu", x, threads())
 
 
 def native_row_mean(rows):

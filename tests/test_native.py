@@ -151,6 +151,35 @@ def test_channel_bias_is_added_in_place_bit_for_bit(shape):
     assert np.array_equal(x.numpy(), expected)  # written into x: no new tensor
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_the_kernels_split_among_threads_give_the_same_values(threads, monkeypatch):
+    # each thread takes whole maps (channel groups for the large filters, blocks for GELU), every
+    # output summed as with one thread: bit for bit the same at any count, part groups included
+    rng = np.random.default_rng(threads)
+    x = paddle.to_tensor(rng.standard_normal((3, 40, 17, 23)).astype(np.float32))
+    bias = paddle.to_tensor(rng.standard_normal(40).astype(np.float32))
+    filters = {k: paddle.to_tensor((rng.standard_normal((40, 1, k, k)) / k).astype(np.float32)) for k in (3, 11)}
+
+    def outputs():
+        with paddle.no_grad():
+            convs = [native.native_depthwise_conv2d(x, w, bias).numpy() for w in filters.values()]
+            return convs + [native.native_gelu(x).numpy(), native.native_add_channel_bias(x.clone(), bias).numpy()]
+
+    monkeypatch.setattr(native, "_threads", 1)
+    serial = outputs()
+    native.set_threads(threads)
+    assert native.threads() == threads
+    assert all(np.array_equal(a, b) for a, b in zip(outputs(), serial))
+
+
+def test_the_kernels_take_paddles_thread_count(monkeypatch):
+    monkeypatch.setattr(native, "_threads", None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert native.threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert native.threads() == 1  # Paddle's own cap without it
+
+
 def test_a_pointwise_conv_adds_its_bias_by_the_kernel_where_nothing_is_recorded(monkeypatch):
     calls = []
     kernel = native.native_add_channel_bias

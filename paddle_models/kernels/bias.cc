@@ -11,7 +11,7 @@
 
 #include "paddle/extension.h"
 
-void AddChannelBias(paddle::Tensor& x, const paddle::Tensor& bias) {  // NOLINT: in place, as Paddle's API wants
+void AddChannelBias(paddle::Tensor& x, const paddle::Tensor& bias, int threads) {  // NOLINT: in place, as Paddle's API wants
   PD_CHECK(x.is_cpu() && bias.is_cpu(), "t2p_add_channel_bias: CPU tensors only");
   PD_CHECK(x.dtype() == paddle::DataType::FLOAT32 && bias.dtype() == paddle::DataType::FLOAT32,
            "t2p_add_channel_bias: float32 only");
@@ -21,6 +21,7 @@ void AddChannelBias(paddle::Tensor& x, const paddle::Tensor& bias) {  // NOLINT:
   const int64_t plane = batch * channels == 0 ? 0 : x.numel() / (batch * channels);
   float* data = x.data<float>();
   const float* biases = bias.data<float>();
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t map = 0; map < batch * channels; ++map) {
     float* __restrict__ values = data + map * plane;
     const float b = biases[map % channels];
@@ -38,6 +39,7 @@ std::vector<paddle::DataType> AddChannelBiasDtype(const paddle::DataType& x, con
 PD_BUILD_OP(t2p_add_channel_bias)
     .Inputs({"X", "Bias"})
     .Outputs({"Out"})
+    .Attrs({"threads: int"})
     .SetInplaceMap({{"X", "Out"}})
     .SetKernelFn(PD_KERNEL(AddChannelBias))
     .SetInferShapeFn(PD_INFER_SHAPE(AddChannelBiasShape))

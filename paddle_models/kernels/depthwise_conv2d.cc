@@ -148,7 +148,7 @@ void correlate_map(const float* __restrict__ in, const float* __restrict__ filte
 }  // namespace
 
 std::vector<paddle::Tensor> DepthwiseConv2dForward(const paddle::Tensor& x, const paddle::Tensor& weight,
-                                                   const paddle::optional<paddle::Tensor>& bias) {
+                                                   const paddle::optional<paddle::Tensor>& bias, int threads) {
   PD_CHECK(x.is_cpu() && weight.is_cpu(), "t2p_depthwise_conv2d: CPU tensors only");
   PD_CHECK(x.dtype() == paddle::DataType::FLOAT32 && weight.dtype() == paddle::DataType::FLOAT32,
            "t2p_depthwise_conv2d: float32 only");
@@ -165,25 +165,38 @@ std::vector<paddle::Tensor> DepthwiseConv2dForward(const paddle::Tensor& x, cons
   const float* filters = weight.data<float>();
   const float* biases = bias ? bias->data<float>() : nullptr;
   float* dst = out.data<float>();
+  // Maps (or groups of kLanes channels) are independent: split among the threads, each with its own
+  // scratch, every output summed as with one thread.
   if (K < kInterleavedFrom) {
     const std::vector<uint8_t> masks = column_masks(H, W, K);
-    std::vector<float> row_sum(H * W);
-    for (int64_t map = 0; map < N * C; ++map) {
-      const int64_t c = map % C;
-      correlate_map(src + map * H * W, filters + c * K * K, biases ? biases + c : nullptr, dst + map * H * W,
-                    H, W, K, masks.data(), row_sum.data());
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<float> row_sum(H * W);
+#pragma omp for schedule(static)
+      for (int64_t map = 0; map < N * C; ++map) {
+        const int64_t c = map % C;
+        correlate_map(src + map * H * W, filters + c * K * K, biases ? biases + c : nullptr, dst + map * H * W,
+                      H, W, K, masks.data(), row_sum.data());
+      }
     }
     return {out};
   }
-  Scratch scratch(H, W, K);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; c += kLanes)
+  const int64_t groups = (C + kLanes - 1) / kLanes;
+#pragma omp parallel num_threads(threads)
+  {
+    Scratch scratch(H, W, K);
+#pragma omp for schedule(static)
+    for (int64_t job = 0; job < N * groups; ++job) {
+      const int64_t n = job / groups, c = job % groups * kLanes;
       correlate_group(src + (n * C + c) * H * W, filters + c * K * K, biases ? biases + c : nullptr,
                       dst + (n * C + c) * H * W, std::min(kLanes, C - c), scratch);
+    }
+  }
   return {out};
 }
 
 PD_BUILD_OP(t2p_depthwise_conv2d)
     .Inputs({"X", "Weight", paddle::Optional("Bias")})
     .Outputs({"Out"})
+    .Attrs({"threads: int"})
     .SetKernelFn(PD_KERNEL(DepthwiseConv2dForward));

@@ -64,11 +64,13 @@ constexpr float kSmallestNormal = 1.17549435e-38f;
 
 // In blocks, two loops each: gcc (12) vectorises a loop calling the SIMD erfc, and one selecting
 // between forms, but not both in one loop (the call stops its if-conversion).
-static void Gelu(const float* __restrict__ src, float* __restrict__ dst, int64_t n) {
+static void Gelu(const float* __restrict__ src, float* __restrict__ dst, int64_t n, int threads) {
   constexpr int64_t kBlock = 256;
-  float erfc_abs[kBlock];
-  for (int64_t start = 0; start < n; start += kBlock) {
-    const int64_t len = n - start < kBlock ? n - start : kBlock;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t block = 0; block < blocks; ++block) {
+    float erfc_abs[kBlock];
+    const int64_t start = block * kBlock, len = n - start < kBlock ? n - start : kBlock;
     const float* __restrict__ v = src + start;
     float* __restrict__ out = dst + start;
 #pragma omp simd
@@ -84,14 +86,15 @@ static void Gelu(const float* __restrict__ src, float* __restrict__ dst, int64_t
   }
 }
 
-std::vector<paddle::Tensor> GeluForward(const paddle::Tensor& x) {
+std::vector<paddle::Tensor> GeluForward(const paddle::Tensor& x, int threads) {
   PD_CHECK(x.is_cpu() && x.dtype() == paddle::DataType::FLOAT32, "t2p_gelu: float32 CPU tensors only");
   auto out = paddle::empty(x.shape(), paddle::DataType::FLOAT32, paddle::CPUPlace());
-  Gelu(x.data<float>(), out.data<float>(), x.numel());
+  Gelu(x.data<float>(), out.data<float>(), x.numel(), threads);
   return {out};
 }
 
 PD_BUILD_OP(t2p_gelu)
     .Inputs({"X"})
     .Outputs({"Out"})
+    .Attrs({"threads: int"})
     .SetKernelFn(PD_KERNEL(GeluForward));
