@@ -85,7 +85,7 @@ def qkv_heads(qkv, x, num_heads: int):
     if paddle.in_dynamic_mode():
         return paddle.unbind(permute(qkv(x).reshape([B, N, 3, num_heads, d]), [2, 0, 3, 1, 4]), axis=0)
     w, b = qkv.weight, qkv.bias
-    return [nn.functional.linear(x, w[:, i * C:(i + 1) * C], b[i * C:(i + 1) * C])
+    return [nn.functional.linear(x, w[:, i * C:(i + 1) * C], None if b is None else b[i * C:(i + 1) * C])
             .reshape([-1, N, num_heads, d]).transpose([0, 2, 1, 3]) for i in range(3)]
 
 
