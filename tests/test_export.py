@@ -146,3 +146,27 @@ def test_output_directory_rules(tmp_path, capsys):
     code, _, err = cli(capsys, "export", "fcvit_tiny", tmp_path / "w.pdparams", tmp_path / "new")
     assert_one_line_error(code, err, "w.pdparams: no such file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_traced_attention_heads_equal_dygraphs(bias):
+    # layers.qkv_heads: a traced graph projects q, k, v by the weight's three column blocks, dygraph
+    # permutes one projection; the same heads either way, and a bias-free projection traces too
+    from paddle_models import layers
+
+    class Heads(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.qkv = paddle.nn.Linear(32, 96, bias_attr=None if bias else False)
+
+        def forward(self, x):
+            return paddle.stack(layers.qkv_heads(self.qkv, x, 4))
+
+    model = Heads()
+    model.eval()
+    x = paddle.to_tensor(np.random.default_rng(3).standard_normal((2, 5, 32)).astype(np.float32))
+    dygraph = model(x).numpy()
+    traced = paddle.jit.to_static(model, input_spec=[paddle.static.InputSpec([None, 5, 32], "float32")],
+                                  full_graph=True)
+    assert dygraph.shape == (3, 2, 4, 5, 8)
+    assert np.abs(traced(x).numpy() - dygraph).max() <= 1e-6 * np.abs(dygraph).max()  # GEMMs of other widths
