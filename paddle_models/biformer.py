@@ -292,8 +292,7 @@ class AttentionLePE(nn.Layer):
     def forward(self, x):
         b, h, w, c = x.shape
         x = reshape(x, [b, h * w, c])
-        qkv = reshape(self.qkv(x), [b, h * w, 3, self.num_heads, c // self.num_heads])
-        q, k, v = paddle.unbind(permute(qkv, [2, 0, 3, 1, 4]), axis=0)
+        q, k, v = layers.qkv_heads(self.qkv, x, self.num_heads)
         lepe = transpose_reshape(self.lepe(transpose_reshape(x, [0, 2, 1], [b, c, h, w])), [0, 2, 3, 1], [b, h * w, c])
         attn = F.softmax(paddle.matmul(q, k, transpose_y=True) * self.scale, axis=-1)
         out = transpose_reshape(paddle.matmul(attn, v), [0, 2, 1, 3], [b, h * w, c]) + lepe

@@ -78,8 +78,8 @@ def qkv_heads(qkv, x, num_heads: int):
     into constants), and each reshape + transpose then feeds oneDNN's matmul, which reads it in
     place, where the 5-D permutation and the split are two copies (Paddle Inference, fused-only /
     oneDNN on: crossformer_small batch 8 731 / 687 -> 665 / 625 ms, batch 1 98.5 / 106 -> 93.7 / 98;
-    regionvit_small batch 8 796 / 791 -> 767 / 706).  Not BiFormer's routed attention: its three
-    projections of 5-D windows came out 2-4% slower than one."""
+    regionvit_small batch 8 796 / 791 -> 767 / 706; BiFormer's stage-4 attention: unchanged).  Not
+    BiFormer's routed attention: its three projections of 5-D windows came out 2-4% slower than one."""
     B, N, C = x.shape
     d = C // num_heads
     if paddle.in_dynamic_mode():

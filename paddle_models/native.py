@@ -50,13 +50,10 @@ OPS = ("t2p_depthwise_conv2d", "t2p_gelu", "t2p_row_mean", "t2p_group_norm", "t2
 # takes gcc's OpenMP calls): on gcc's own libgomp, its idle threads spin against MKL's and fcvit_b12's
 # dygraph forward at two threads took 249 ms instead of 97 (70 with libiomp5).  A Paddle without it
 # gets the serial kernels (-fopenmp-simd: gelu.cc's vector erfc only).
-_PADDLE_OPENMP = Path(paddle.__file__).parent / "libs" / "libiomp5.so"
-if _PADDLE_OPENMP.is_file():
-    COMPILER_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
-    LINKER_FLAGS = ["-lmvec", f"-L{_PADDLE_OPENMP.parent}", "-liomp5", f"-Wl,-rpath,{_PADDLE_OPENMP.parent}"]
-else:
-    COMPILER_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd"]
-    LINKER_FLAGS = ["-lmvec"]
+_PADDLE_LIBS = Path(paddle.__file__).parent / "libs"
+_THREADED = (_PADDLE_LIBS / "libiomp5.so").is_file()
+COMPILER_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp" if _THREADED else "-fopenmp-simd"]
+LINKER_FLAGS = ["-lmvec"] + ([f"-L{_PADDLE_LIBS}", "-liomp5", f"-Wl,-rpath,{_PADDLE_LIBS}"] if _THREADED else [])
 DISABLE_VARIABLE = "TORCH2PADDLE_NATIVE"
 
 

@@ -34,6 +34,7 @@ import paddle
 import paddle.nn as nn
 
 from . import native
+from .layers import constant_shape
 
 
 @functools.lru_cache(maxsize=None)  # called per reduction, per forward: factor each size once
@@ -105,10 +106,7 @@ def _trailing_reduction(shape, axis, keepdim: bool):
         return None
     if not all(isinstance(shape[a], int) and shape[a] > 0 for a in axes):
         return None
-    kept = list(shape[:rank - len(axes)])
-    unknown = [i for i, size in enumerate(kept) if not isinstance(size, int)]
-    if len(unknown) == 1:  # a traced dynamic batch: as -1, a constant target shape needs no ops to build it
-        kept[unknown[0]] = -1
+    kept = constant_shape(shape[:rank - len(axes)])  # a traced dynamic batch as -1: no ops build the target
     return math.prod(shape[rank - len(axes):]), (kept + [1] * len(axes) if keepdim else kept)
 
 
