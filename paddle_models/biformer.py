@@ -390,10 +390,10 @@ class Block(nn.Layer):
         x = permute(x, [0, 2, 3, 1])
         if self.use_layer_scale:
             x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
-            x = x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x)))
+            x = x + self.drop_path(self.gamma2 * layers.token_rows(self.mlp, self.norm2(x)))
         else:
             x = x + self.drop_path(self.attn(self.norm1(x)))
-            x = x + self.drop_path(self.mlp(self.norm2(x)))
+            x = x + self.drop_path(layers.token_rows(self.mlp, self.norm2(x)))
         return permute(x, [0, 3, 1, 2])
 
 
@@ -409,6 +409,7 @@ class BiFormerBlock(nn.Layer):
         self.norm1 = norm(dim, epsilon=cfg.norm_eps)
         self.attn = _attention(cfg, dim, topk, nchw)
         self.norm2 = norm(dim, epsilon=cfg.norm_eps)
+        self.channels_last = not nchw
         if nchw:
             self.mlp = nn.Sequential(Conv2D(dim, hidden, 1), layers.GELU(), Conv2D(hidden, dim, 1))
         else:
@@ -417,7 +418,8 @@ class BiFormerBlock(nn.Layer):
 
     def forward(self, x):
         x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        y = self.norm2(x)
+        return x + self.drop_path(layers.token_rows(self.mlp, y) if self.channels_last else self.mlp(y))
 
 
 class BasicLayer(nn.Layer):

@@ -170,3 +170,28 @@ def test_traced_attention_heads_equal_dygraphs(bias):
                                   full_graph=True)
     assert dygraph.shape == (3, 2, 4, 5, 8)
     assert np.abs(traced(x).numpy() - dygraph).max() <= 1e-6 * np.abs(dygraph).max()  # GEMMs of other widths
+
+
+def test_a_traced_token_mlp_runs_on_rows_and_equals_dygraphs():
+    # layers.token_rows: a traced graph runs an NHWC map's MLP on [B, H*W, C] rows (so Paddle
+    # Inference puts its Linears on oneDNN's fc, GELU fused) and reshapes back; dygraph runs it as is
+    from paddle_models import layers
+
+    class TokenMLP(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.mlp = paddle.nn.Sequential(paddle.nn.Linear(16, 48), paddle.nn.GELU(), paddle.nn.Linear(48, 24))
+
+        def forward(self, x):
+            return layers.token_rows(self.mlp, x)
+
+    model = TokenMLP()
+    model.eval()
+    x = paddle.to_tensor(np.random.default_rng(4).standard_normal((2, 3, 5, 16)).astype(np.float32))
+    dygraph = model(x).numpy()
+    traced = paddle.jit.to_static(model, input_spec=[paddle.static.InputSpec([None, 3, 5, 16], "float32")],
+                                  full_graph=True)
+    program = str(traced.forward.concrete_program.main_program)
+    assert "tensor<-1x-1x16xf32>" in program and "tensor<-1x3x5x48xf32>" not in program  # the Linears see rows
+    assert dygraph.shape == (2, 3, 5, 24)
+    assert np.abs(traced(x).numpy() - dygraph).max() <= 1e-6 * np.abs(dygraph).max()
