@@ -4,7 +4,7 @@
 Paddle runs on CPU as one tiny im2col + GEMM per channel.  ``kernels/gelu.cc``: the exact GELU.
 ``kernels/statistics.cc``: ``numerics.GroupNorm``'s forward and ``numerics.mean``'s corrected row
 mean, the same float32 statistics in one pass each where Paddle's ops take ~15.  ``kernels/bias.cc``:
-a conv's bias added in place, where Paddle's broadcast add is ~3x slower.  Each computes what
+a conv's bias and a Linear's added in place, where Paddle's broadcast add is ~3x / ~9x slower.  Each computes what
 the ports computed with Paddle's ops, within float32 rounding and at least as close to float64
 (tests/test_native.py); times and errors per shape: ``benchmarks/kernel_benchmark.py``.
 
@@ -41,7 +41,8 @@ from pathlib import Path
 import paddle
 
 KERNEL_SOURCES = sorted((Path(__file__).with_name("kernels")).glob("*.cc"))
-OPS = ("t2p_depthwise_conv2d", "t2p_gelu", "t2p_row_mean", "t2p_group_norm", "t2p_add_channel_bias")
+OPS = ("t2p_depthwise_conv2d", "t2p_gelu", "t2p_row_mean", "t2p_group_norm", "t2p_add_channel_bias",
+       "t2p_add_row_bias")
 # -mprefer-vector-width=512: gcc's tuning for Intel's AVX-512 CPUs keeps to 256-bit vectors (AMD's Zen 4
 # already takes 512); on a Rocket Lake class Xeon the 512-bit kernels run the 11x11 depthwise conv
 # 1.4-1.5x faster ([8, 64, 56, 56]: 17.8 -> 11.8 ms) and fcvit_b12's dygraph forward ~10% faster.
@@ -191,6 +192,13 @@ def native_add_channel_bias(x, bias):
     sums), by the compiled kernel: float32 CPU tensors, no gradient.  ``x`` must be a fresh output
     that nothing else reads (``layers.add_into``'s contract)."""
     return _run("t2p_add_channel_bias", x, bias, threads())
+
+
+def native_add_row_bias(x, bias):
+    """``x + bias`` for ``x`` [..., C] and ``bias`` [C], written into ``x`` (bit for bit the same sums),
+    by the compiled kernel: float32 CPU tensors, no gradient.  ``x`` must be a fresh output that
+    nothing else reads (``layers.add_into``'s contract)."""
+    return _run("t2p_add_row_bias", x, bias, threads())
 
 
 def native_gelu(x):

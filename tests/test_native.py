@@ -1,8 +1,9 @@
 """torch2paddle's compiled CPU kernels (paddle_models/native.py, paddle_models/kernels/) against
 Paddle's own ops and a float64 computation: the depthwise conv on every map and kernel size the
 models use (3x3, 5x5, 11x11; classification, dense and odd maps, maps smaller than the kernel), the
-exact GELU, GroupNorm and the corrected row mean; which calls take them (dygraph, nothing recorded
-for a backward; never training, never a traced graph); and what happens where they cannot be built."""
+exact GELU, GroupNorm, the corrected row mean and the in-place bias adds; which calls take them
+(dygraph, nothing recorded for a backward; never training, never a traced graph); and what happens
+where they cannot be built."""
 import subprocess
 import sys
 import warnings
@@ -14,7 +15,7 @@ import pytest
 
 from paddle_models import native, numerics
 from paddle_models.depthwise import DepthwiseConv2D
-from paddle_models.layers import GELU, Conv2D
+from paddle_models.layers import GELU, Conv2D, Linear
 
 REL_TOL = 2e-6  # relative to the largest output: float32 noise, as tests/test_depthwise.py
 
@@ -151,6 +152,31 @@ def test_channel_bias_is_added_in_place_bit_for_bit(shape):
     assert np.array_equal(x.numpy(), expected)  # written into x: no new tensor
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4), (1, 1), (7, 13), (2, 49, 3, 96), (8, 3, 385)], ids=str)
+def test_row_bias_is_added_in_place_bit_for_bit(shape):
+    rng = np.random.default_rng(sum(shape) + 1)
+    x = paddle.to_tensor(rng.standard_normal(shape).astype(np.float32))
+    bias = paddle.to_tensor(rng.standard_normal(shape[-1]).astype(np.float32))
+    expected = (x + bias).numpy()
+    with paddle.no_grad():
+        ours = native.native_add_row_bias(x, bias)
+    assert np.array_equal(ours.numpy(), expected)
+    assert np.array_equal(x.numpy(), expected)  # written into x: no new tensor
+
+
+def test_a_linear_adds_its_bias_by_the_kernel_where_nothing_is_recorded(monkeypatch):
+    calls = []
+    kernel = native.native_add_row_bias
+    monkeypatch.setattr(native, "native_add_row_bias", lambda x, b: calls.append(1) or kernel(x, b))
+    paddle.seed(6)
+    x, linear = paddle.randn([2, 7, 16]), Linear(16, 24)
+    expected = F.linear(x, linear.weight, linear.bias).numpy()
+    with paddle.no_grad():
+        assert np.array_equal(linear(x).numpy(), expected)
+    assert calls == [1]
+    assert np.array_equal(linear(x).numpy(), expected) and calls == [1]  # recording a gradient: Paddle's add
+
+
 @pytest.mark.parametrize("threads", [2, 3])
 def test_the_kernels_split_among_threads_give_the_same_values(threads, monkeypatch):
     # each thread takes whole maps (channel groups for the large filters, blocks for GELU), every
@@ -163,7 +189,8 @@ def test_the_kernels_split_among_threads_give_the_same_values(threads, monkeypat
     def outputs():
         with paddle.no_grad():
             convs = [native.native_depthwise_conv2d(x, w, bias).numpy() for w in filters.values()]
-            return convs + [native.native_gelu(x).numpy(), native.native_add_channel_bias(x.clone(), bias).numpy()]
+            return convs + [native.native_gelu(x).numpy(), native.native_add_channel_bias(x.clone(), bias).numpy(),
+                            native.native_add_row_bias(x.transpose([0, 2, 3, 1]).contiguous(), bias).numpy()]
 
     monkeypatch.setattr(native, "_threads", 1)
     serial = outputs()
@@ -208,7 +235,7 @@ def test_layers_take_the_kernels_only_when_nothing_is_recorded_and_never_in_a_gr
     trainable = x.clone()
     trainable.stop_gradient = False
     assert np.array_equal(gelu(trainable).numpy(), F.gelu(trainable).numpy())
-    for layer in (conv, gelu, norm, large):
+    for layer in (conv, gelu, norm, large, Linear(13, 5)):
         static = paddle.jit.to_static(layer, full_graph=True)
         program = static.forward.get_concrete_program(x)[0].main_program
         ops = {op.name() for op in program.global_block().ops}
