@@ -4,8 +4,10 @@
 Paddle runs on CPU as one tiny im2col + GEMM per channel.  ``kernels/gelu.cc``: the exact GELU.
 ``kernels/statistics.cc``: ``numerics.GroupNorm``'s forward and ``numerics.mean``'s corrected row
 mean, the same float32 statistics in one pass each where Paddle's ops take ~15.  ``kernels/bias.cc``:
-a conv's bias and a Linear's added in place, where Paddle's broadcast add is ~3x / ~9x slower.  Each computes what
-the ports computed with Paddle's ops, within float32 rounding and at least as close to float64
+a conv's bias and a Linear's added in place, where Paddle's broadcast add is ~3x / ~9x slower.
+``kernels/permute.cc``: a dense permutation that keeps the last axis, one copy per row on every
+thread (einsum's runs one).  Each computes what the ports computed with Paddle's ops, within float32
+rounding and at least as close to float64 (the bias adds and the permutation: bit for bit)
 (tests/test_native.py); times and errors per shape: ``benchmarks/kernel_benchmark.py``.
 
 They are compiled on first use (~15 s, with the gcc that Paddle's ``cpp_extension`` calls) into one
@@ -17,8 +19,8 @@ cannot be built or loaded (no compiler, no glibc vector maths, another platform)
 ``TORCH2PADDLE_NATIVE=0`` is set, the models run Paddle's own kernels (one warning says why): the
 same results within float32 rounding, slower.  Used only in dygraph calls that record no gradient
 (no backward is registered) and never in a traced graph: an exported model holds only Paddle's
-ops, so Paddle Inference runs it without this library.  The depthwise conv, GELU and bias kernels
-split their maps among ``threads()`` threads (Paddle's own count: OMP_NUM_THREADS, else the one
+ops, so Paddle Inference runs it without this library.  The depthwise conv, GELU, bias and
+permutation kernels split their maps among ``threads()`` threads (Paddle's own count: OMP_NUM_THREADS, else the one
 thread Paddle caps itself at; ``set_threads`` follows ``paddle.base.core.set_num_threads``), each
 output computed as with one thread, so the values do not depend on the count (fcvit_b12's dygraph
 forward at two threads: 97 -> 70 ms at batch 1, 764 -> 495 at batch 8); the statistics kernels
@@ -42,7 +44,7 @@ import paddle
 
 KERNEL_SOURCES = sorted((Path(__file__).with_name("kernels")).glob("*.cc"))
 OPS = ("t2p_depthwise_conv2d", "t2p_gelu", "t2p_row_mean", "t2p_group_norm", "t2p_add_channel_bias",
-       "t2p_add_row_bias")
+       "t2p_add_row_bias", "t2p_permute")
 # -mprefer-vector-width=512: gcc's tuning for Intel's AVX-512 CPUs keeps to 256-bit vectors (AMD's Zen 4
 # already takes 512); on a Rocket Lake class Xeon the 512-bit kernels run the 11x11 depthwise conv
 # 1.4-1.5x faster ([8, 64, 56, 56]: 17.8 -> 11.8 ms) and fcvit_b12's dygraph forward ~10% faster.
@@ -199,6 +201,12 @@ def native_add_row_bias(x, bias):
     by the compiled kernel: float32 CPU tensors, no gradient.  ``x`` must be a fresh output that
     nothing else reads (``layers.add_into``'s contract)."""
     return _run("t2p_add_row_bias", x, bias, threads())
+
+
+def native_permute(x, perm):
+    """``x.transpose(perm)`` written densely, for a ``perm`` that keeps the last axis last, by the
+    compiled kernel: a float32 CPU tensor, no gradient."""
+    return _run("t2p_permute", x, [int(axis) for axis in perm], threads())
 
 
 def native_gelu(x):

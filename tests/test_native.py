@@ -1,9 +1,9 @@
 """torch2paddle's compiled CPU kernels (paddle_models/native.py, paddle_models/kernels/) against
 Paddle's own ops and a float64 computation: the depthwise conv on every map and kernel size the
 models use (3x3, 5x5, 11x11; classification, dense and odd maps, maps smaller than the kernel), the
-exact GELU, GroupNorm, the corrected row mean and the in-place bias adds; which calls take them
-(dygraph, nothing recorded for a backward; never training, never a traced graph); and what happens
-where they cannot be built."""
+exact GELU, GroupNorm, the corrected row mean, the in-place bias adds and the dense permutation;
+which calls take them (dygraph, nothing recorded for a backward; never training, never a traced
+graph); and what happens where they cannot be built."""
 import subprocess
 import sys
 import warnings
@@ -15,7 +15,7 @@ import pytest
 
 from paddle_models import native, numerics
 from paddle_models.depthwise import DepthwiseConv2D
-from paddle_models.layers import GELU, Conv2D, Linear
+from paddle_models.layers import GELU, Conv2D, Linear, permute
 
 REL_TOL = 2e-6  # relative to the largest output: float32 noise, as tests/test_depthwise.py
 
@@ -162,6 +162,40 @@ def test_row_bias_is_added_in_place_bit_for_bit(shape):
         ours = native.native_add_row_bias(x, bias)
     assert np.array_equal(ours.numpy(), expected)
     assert np.array_equal(x.numpy(), expected)  # written into x: no new tensor
+
+
+PERMUTE_CASES = [  # (shape, perm): attention's head split and merge, window partition, size-1 and merged axes
+    ((6, 49, 3, 3, 32), (2, 0, 3, 1, 4)), ((6, 3, 49, 32), (0, 2, 1, 3)), ((2, 3, 7, 4, 7, 16), (0, 1, 3, 2, 4, 5)),
+    ((2, 1, 5, 1, 3), (3, 2, 1, 0, 4)), ((4, 5, 6, 7), (0, 1, 2, 3)), ((4, 5, 6, 7), (1, 0, 2, 3)), ((9,), (0,)),
+    ((3, 0, 4), (1, 0, 2)), ((5, 3, 2, 8), (2, 1, 0, 3)),
+]
+
+
+@pytest.mark.parametrize("case", PERMUTE_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+@pytest.mark.parametrize("threads", [1, 3])
+def test_permute_writes_the_transpose_densely(case, threads, monkeypatch):
+    shape, perm = case
+    monkeypatch.setattr(native, "_threads", threads)
+    x = np.random.default_rng(len(shape)).standard_normal(shape).astype(np.float32)
+    with paddle.no_grad():
+        ours = native.native_permute(paddle.to_tensor(x), perm)
+    assert ours.shape == [shape[a] for a in perm]
+    assert np.array_equal(ours.numpy(), np.transpose(x, perm))
+
+
+def test_layers_permute_takes_the_kernel_only_for_a_kept_last_axis_with_nothing_recorded(monkeypatch):
+    calls = []
+    kernel = native.native_permute
+    monkeypatch.setattr(native, "native_permute", lambda x, p: calls.append(tuple(p)) or kernel(x, p))
+    x = paddle.randn([2, 3, 4, 5])
+    with paddle.no_grad():
+        assert np.array_equal(permute(x, [1, 0, 2, 3]).numpy(), np.transpose(x.numpy(), [1, 0, 2, 3]))
+        assert np.array_equal(permute(x, [0, 3, 1, 2]).numpy(), np.transpose(x.numpy(), [0, 3, 1, 2]))
+    assert calls == [(1, 0, 2, 3)]  # the last axis moved: einsum's
+    trainable = x.clone()
+    trainable.stop_gradient = False
+    assert np.array_equal(permute(trainable, [1, 0, 2, 3]).numpy(), np.transpose(x.numpy(), [1, 0, 2, 3]))
+    assert calls == [(1, 0, 2, 3)]  # recording a gradient: einsum's
 
 
 def test_a_linear_adds_its_bias_by_the_kernel_where_nothing_is_recorded(monkeypatch):
