@@ -188,7 +188,7 @@ def _routed_attention(q, k, v, index, scale, kv_gather):
     """Token-to-token attention of each query region over its routed regions (heads-first)."""
     k, v = kv_gather(index, k, v)
     attn = paddle.matmul(q * scale, k, transpose_y=True)
-    return paddle.matmul(F.softmax(attn, axis=-1), v)
+    return paddle.matmul(layers.softmax(attn), v)
 
 
 class QKVLinear(nn.Layer):
@@ -294,7 +294,7 @@ class AttentionLePE(nn.Layer):
         x = reshape(x, [b, h * w, c])
         q, k, v = layers.qkv_heads(self.qkv, x, self.num_heads)
         lepe = transpose_reshape(self.lepe(transpose_reshape(x, [0, 2, 1], [b, c, h, w])), [0, 2, 3, 1], [b, h * w, c])
-        attn = F.softmax(paddle.matmul(q, k, transpose_y=True) * self.scale, axis=-1)
+        attn = layers.softmax(paddle.matmul(q, k, transpose_y=True) * self.scale)
         out = transpose_reshape(paddle.matmul(attn, v), [0, 2, 1, 3], [b, h * w, c]) + lepe
         return reshape(self.proj(out), [b, h, w, c])
 
@@ -317,7 +317,7 @@ class AttentionLePENCHW(nn.Layer):
         q, k, v = paddle.chunk(self.qkv(x), 3, axis=1)
         heads = layers.constant_shape([b, self.num_heads, self.head_dim, h * w])
         attn = paddle.matmul(q.reshape(heads), k.reshape(heads), transpose_x=True)
-        attn = F.softmax(attn * self.scale, axis=-1)
+        attn = layers.softmax(attn * self.scale)
         out = paddle.matmul(attn, v.reshape(heads), transpose_y=True)
         out = transpose_reshape(out, [0, 1, 3, 2], [b, c, h, w]) + self.lepe(v)
         return self.proj(out)

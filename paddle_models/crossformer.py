@@ -26,7 +26,6 @@ import math
 
 import paddle
 import paddle.nn as nn
-import paddle.nn.functional as F
 
 from model_configs.crossformer import (CONFIGS, DEFAULT_ATTN_DROP_RATE, DEFAULT_DROP_RATE, DENSE_CONFIGS,
                                        CrossFormerConfig, CrossFormerDenseConfig, block_layout, check_img_size,
@@ -34,7 +33,7 @@ from model_configs.crossformer import (CONFIGS, DEFAULT_ATTN_DROP_RATE, DEFAULT_
                                        scale_dims, drop_path_rates)
 
 from . import layers
-from .layers import DropPath, Linear, add_into, permute, reshape
+from .layers import DropPath, Linear, add_into, permute, reshape, softmax
 from .onednn import TableLayerNorm, pad_nhwc, transpose_reshape
 from .patch_conv import PatchConv2D
 
@@ -155,7 +154,7 @@ class Attention(nn.Layer):
             mask = mask.unsqueeze(1)  # [nG, 1, N, N]; a traced graph keeps oneDNN's broadcast of [1, nG, 1, N, N]
             mask = mask.expand([nG, self.num_heads, N, N]) if paddle.in_dynamic_mode() else mask.unsqueeze(0)
             attn = (reshape(attn, [B_ // nG, nG, self.num_heads, N, N]) + mask).reshape([-1, self.num_heads, N, N])
-        attn = self.attn_drop(F.softmax(attn, axis=-1))
+        attn = self.attn_drop(softmax(attn))
         x = permute(paddle.matmul(attn, v), [0, 2, 1, 3]).reshape([-1, N, C])
         return self.proj_drop(self.proj(x))
 

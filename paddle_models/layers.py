@@ -157,6 +157,17 @@ def dense_operand(small, like):
     return small.expand_as(like)
 
 
+def softmax(x):
+    """``F.softmax(x, axis=-1)``, attention's weights.  Where nothing is recorded, on a float32 CPU
+    tensor, by the compiled kernel (``native.native_softmax``): its rows split among Paddle's threads
+    where Paddle's softmax runs one, and each output rounded once from double-precision exponentials,
+    sum and quotient (off float64 by 6e-8 relative at most; Paddle's and torch's kernels 1-2e-6).  On
+    crossformer_small's [512, 3, 49, 49] at one / two threads: 9.2 / 4.3 ms, Paddle's 12.8 / 11.4."""
+    if native.runs_natively(x):
+        return native.native_softmax(x)
+    return nn.functional.softmax(x, axis=-1)
+
+
 class GELU(nn.GELU):
     """``nn.GELU()`` (exact) whose dygraph forward, when no gradient is recorded, on a float32 CPU
     tensor, runs the compiled kernel (``native.native_gelu``, on [8, 256, 56, 56] ~0.7x Paddle's time

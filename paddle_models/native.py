@@ -44,7 +44,7 @@ import paddle
 
 KERNEL_SOURCES = sorted((Path(__file__).with_name("kernels")).glob("*.cc"))
 OPS = ("t2p_depthwise_conv2d", "t2p_gelu", "t2p_row_mean", "t2p_group_norm", "t2p_add_channel_bias",
-       "t2p_add_row_bias", "t2p_permute")
+       "t2p_add_row_bias", "t2p_permute", "t2p_softmax")
 # -mprefer-vector-width=512: gcc's tuning for Intel's AVX-512 CPUs keeps to 256-bit vectors (AMD's Zen 4
 # already takes 512); on a Rocket Lake class Xeon the 512-bit kernels run the 11x11 depthwise conv
 # 1.4-1.5x faster ([8, 64, 56, 56]: 17.8 -> 11.8 ms) and fcvit_b12's dygraph forward ~10% faster.
@@ -207,6 +207,12 @@ def native_permute(x, perm):
     """``x.transpose(perm)`` written densely, for a ``perm`` that keeps the last axis last, by the
     compiled kernel: a float32 CPU tensor, no gradient."""
     return _run("t2p_permute", x, [int(axis) for axis in perm], threads())
+
+
+def native_softmax(x):
+    """``F.softmax(x, axis=-1)`` by the compiled kernel (exponentials, sums and quotients in double,
+    each output rounded once): a float32 CPU tensor, no gradient."""
+    return _run("t2p_softmax", x, threads())
 
 
 def native_gelu(x):

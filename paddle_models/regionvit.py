@@ -22,7 +22,7 @@ from model_configs.regionvit import (CONFIGS, DENSE_CONFIGS, RegionViTDenseConfi
                                      window_mask)
 
 from . import layers
-from .layers import DropPath, Linear, add_into, dense_operand, drop_path_schedule, permute, reshape
+from .layers import DropPath, Linear, add_into, dense_operand, drop_path_schedule, permute, reshape, softmax
 from .onednn import transpose_reshape
 
 __all__ = ["RegionViT", "RegionViTDet", "DENSE_MODEL"]
@@ -162,7 +162,7 @@ class AttentionWithRelPos(nn.Layer):
             attn = add_into(attn, F.pad(bias.unsqueeze(0), [N - n, 0, N - n, 0]).squeeze(0))
         if mask is not None:
             attn = paddle.masked_fill(attn, mask, paddle.finfo(attn.dtype).min)
-        attn = self.attn_drop(F.softmax(attn, axis=-1))
+        attn = self.attn_drop(softmax(attn))
         x = permute(attn @ v, [0, 2, 1, 3]).reshape([-1, N, C])
         return self.proj_drop(self.proj(x))
 

@@ -1,9 +1,9 @@
 """torch2paddle's compiled CPU kernels (paddle_models/native.py, paddle_models/kernels/) against
 Paddle's own ops and a float64 computation: the depthwise conv on every map and kernel size the
 models use (3x3, 5x5, 11x11; classification, dense and odd maps, maps smaller than the kernel), the
-exact GELU, GroupNorm, the corrected row mean, the in-place bias adds and the dense permutation;
-which calls take them (dygraph, nothing recorded for a backward; never training, never a traced
-graph); and what happens where they cannot be built."""
+exact GELU, the softmax, GroupNorm, the corrected row mean, the in-place bias adds and the dense
+permutation; which calls take them (dygraph, nothing recorded for a backward; never training, never
+a traced graph); and what happens where they cannot be built."""
 import subprocess
 import sys
 import warnings
@@ -15,7 +15,7 @@ import pytest
 
 from paddle_models import native, numerics
 from paddle_models.depthwise import DepthwiseConv2D
-from paddle_models.layers import GELU, Conv2D, Linear, permute
+from paddle_models.layers import GELU, Conv2D, Linear, permute, softmax
 
 REL_TOL = 2e-6  # relative to the largest output: float32 noise, as tests/test_depthwise.py
 
@@ -196,6 +196,52 @@ def test_layers_permute_takes_the_kernel_only_for_a_kept_last_axis_with_nothing_
     trainable.stop_gradient = False
     assert np.array_equal(permute(trainable, [1, 0, 2, 3]).numpy(), np.transpose(x.numpy(), [1, 0, 2, 3]))
     assert calls == [(1, 0, 2, 3)]  # recording a gradient: einsum's
+
+
+@pytest.mark.parametrize("shape", [(16, 3, 49, 49), (8, 2, 64, 64), (4, 3, 7, 197), (5, 1), (3, 0)], ids=str)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_softmax_is_correctly_rounded_and_equals_paddles_within_float32_noise(shape, threads, monkeypatch):
+    monkeypatch.setattr(native, "_threads", threads)
+    x = (np.random.default_rng(sum(shape)).standard_normal(shape) * 4.0).astype(np.float32)
+    x64 = x.astype(np.float64)
+    exps = np.exp(x64 - x64.max(-1, keepdims=True, initial=-np.inf))
+    exact = exps / exps.sum(-1, keepdims=True)
+    with paddle.no_grad():
+        ours = native.native_softmax(paddle.to_tensor(x)).numpy()
+        paddles = F.softmax(paddle.to_tensor(x), axis=-1).numpy()
+    assert ours.shape == shape
+    if x.size:
+        assert np.abs(ours - exact).max() <= 0.6 * np.spacing(exact.astype(np.float32)).max()  # rounded once
+        assert np.all(np.abs(ours - exact) <= np.abs(paddles - exact) + np.spacing(np.float32(exact)))
+        assert np.abs(ours - paddles).max() <= 1e-6
+
+
+def test_softmax_of_masked_and_extreme_rows():
+    x = np.array([[0.0, -np.inf, 1.0, -100.0], [80.0, 80.0, -80.0, 0.0], [-np.inf] * 4], dtype=np.float32)
+    with paddle.no_grad():
+        ours = native.native_softmax(paddle.to_tensor(x)).numpy()
+        paddles = F.softmax(paddle.to_tensor(x), axis=-1).numpy()
+    # Paddle floors exp(x - max) at exp(-64); the kernel's exact values below float32's normal range
+    # (-inf, a -100 mask) are written as 0, never as subnormals (which slow the next matmul ~100x)
+    assert np.allclose(ours[:2], paddles[:2], rtol=1e-6, atol=1e-27)
+    assert ours[0, 1] == ours[0, 3] == ours[1, 2] == 0.0 and ours[1, 3] > 0.0
+    assert np.isnan(ours[2]).all() and np.isnan(paddles[2]).all()  # nothing to normalise: as Paddle's
+
+
+def test_layers_softmax_takes_the_kernel_only_where_nothing_is_recorded(monkeypatch):
+    calls = []
+    kernel = native.native_softmax
+    monkeypatch.setattr(native, "native_softmax", lambda x: calls.append(1) or kernel(x))
+    x = paddle.randn([2, 3, 5, 5])
+    with paddle.no_grad():
+        softmax(x)
+    assert calls == [1]
+    trainable = x.clone()
+    trainable.stop_gradient = False
+    assert np.array_equal(softmax(trainable).numpy(), F.softmax(trainable, axis=-1).numpy()) and calls == [1]
+    static = paddle.jit.to_static(softmax, input_spec=[paddle.static.InputSpec([None, 3, 5, 5], "float32")], full_graph=True)
+    program = static.get_concrete_program(x)[0].main_program
+    assert not any("t2p_" in op.name() for op in program.global_block().ops)
 
 
 def test_a_linear_adds_its_bias_by_the_kernel_where_nothing_is_recorded(monkeypatch):
