@@ -30,7 +30,7 @@ import paddle.nn.functional as F
 from model_configs.biformer import CONFIGS, DENSE_CONFIGS, BiFormerConfig, dense_factory_kwargs
 
 from . import numerics
-from . import layers
+from . import layers, native
 from .layers import DropPath, drop_path_schedule, permute, reshape
 from .onednn import transpose_reshape
 
@@ -178,8 +178,11 @@ class KVGather(nn.Layer):
         def take(t):
             m, _, tokens, d = t.shape
             # gather, not index_select: the same rows and gradients, bit for bit, and Paddle's CPU
-            # gather kernel is faster (biformer_small's dygraph forward at batch 8: -6%)
-            return reshape(paddle.gather(t, flat, axis=1), [m, n * p, topk * tokens, d])
+            # gather kernel is faster (biformer_small's dygraph forward at batch 8: -6%); where nothing
+            # is recorded, the compiled kernel's copies (Paddle's gather runs one thread)
+            picked = (native.native_gather_blocks(t, flat) if native.runs_natively(t)
+                      else paddle.gather(t, flat, axis=1))
+            return reshape(picked, [m, n * p, topk * tokens, d])
 
         return take(k), take(v)
 

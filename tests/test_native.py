@@ -1,9 +1,10 @@
 """torch2paddle's compiled CPU kernels (paddle_models/native.py, paddle_models/kernels/) against
 Paddle's own ops and a float64 computation: the depthwise conv on every map and kernel size the
 models use (3x3, 5x5, 11x11; classification, dense and odd maps, maps smaller than the kernel), the
-exact GELU, the softmax, GroupNorm, the corrected row mean, the in-place bias adds and the dense
-permutation; which calls take them (dygraph, nothing recorded for a backward; never training, never
-a traced graph); and what happens where they cannot be built."""
+exact GELU, the softmax, GroupNorm, the corrected row mean, the in-place bias adds, the dense
+permutation and BiFormer's routing (gather, region means); which calls take them (dygraph, nothing
+recorded for a backward; never training, never a traced graph); and what happens where they cannot
+be built."""
 import subprocess
 import sys
 import warnings
@@ -242,6 +243,31 @@ def test_layers_softmax_takes_the_kernel_only_where_nothing_is_recorded(monkeypa
     static = paddle.jit.to_static(softmax, input_spec=[paddle.static.InputSpec([None, 3, 5, 5], "float32")], full_graph=True)
     program = static.get_concrete_program(x)[0].main_program
     assert not any("t2p_" in op.name() for op in program.global_block().ops)
+
+
+@pytest.mark.parametrize("shape", [(2, 98, 64, 32), (4, 8, 16, 32), (3, 5, 7), (2, 3)], ids=str)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_gather_blocks_equals_paddles_gather(shape, threads, monkeypatch):
+    monkeypatch.setattr(native, "_threads", threads)
+    rng = np.random.default_rng(sum(shape))
+    x = paddle.to_tensor(rng.standard_normal(shape).astype(np.float32))
+    index = paddle.to_tensor(rng.integers(0, shape[1], 3 * shape[1]).astype(np.int64))
+    with paddle.no_grad():
+        assert np.array_equal(native.native_gather_blocks(x, index).numpy(), paddle.gather(x, index, axis=1).numpy())
+    with pytest.raises(Exception, match="out of range"):
+        native.native_gather_blocks(x, paddle.to_tensor(np.array([shape[1]], dtype=np.int64)))
+
+
+@pytest.mark.parametrize("case", [((2, 98, 64, 32), 2), ((8, 49, 4, 32), 2), ((3, 5, 7), 1), ((6, 9), 0)], ids=str)
+def test_axis_mean_is_the_correctly_rounded_float64_mean(case):
+    # what numerics.mean took by a float64 copy for a non-trailing axis (BiFormer's region means)
+    shape, axis = case
+    x = (np.random.default_rng(len(shape)).standard_normal(shape) * 3.0 + 1.0).astype(np.float32)
+    expected = x.astype(np.float64).mean(axis=axis).astype(np.float32)
+    with paddle.no_grad():
+        assert np.array_equal(native.native_axis_mean(paddle.to_tensor(x), axis).numpy(), expected)
+        assert np.array_equal(numerics.mean(paddle.to_tensor(x), axis=axis, keepdim=True).numpy(),
+                              np.expand_dims(expected, axis))
 
 
 def test_a_linear_adds_its_bias_by_the_kernel_where_nothing_is_recorded(monkeypatch):
