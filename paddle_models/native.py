@@ -7,7 +7,8 @@ mean, the same float32 statistics in one pass each where Paddle's ops take ~15. 
 a conv's bias and a Linear's added in place, where Paddle's broadcast add is ~3x / ~9x slower.
 ``kernels/permute.cc``: a dense permutation that keeps the last axis, one copy per row on every
 thread (einsum's runs one).  ``kernels/softmax.cc``: the softmax over the last axis, each output
-rounded once from double precision.  ``kernels/routing.cc``: BiFormer's routing, the gather of the
+rounded once from double precision.  ``kernels/statistics.cc`` also holds the LayerNorm over an
+NCHW map's channels (RegionViT's LayerNorm2d).  ``kernels/routing.cc``: BiFormer's routing, the gather of the
 routed regions' blocks and the region means (in double, without a float64 copy).  Each computes what the ports computed with Paddle's ops, within float32
 rounding and at least as close to float64 (the bias adds, the permutation and the gather: bit for bit)
 (tests/test_native.py); times and errors per shape: ``benchmarks/kernel_benchmark.py``.
@@ -21,12 +22,12 @@ cannot be built or loaded (no compiler, no glibc vector maths, another platform)
 ``TORCH2PADDLE_NATIVE=0`` is set, the models run Paddle's own kernels (one warning says why): the
 same results within float32 rounding, slower.  Used only in dygraph calls that record no gradient
 (no backward is registered) and never in a traced graph: an exported model holds only Paddle's
-ops, so Paddle Inference runs it without this library.  The depthwise conv, GELU, bias,
-permutation, softmax and routing kernels split their maps among ``threads()`` threads (Paddle's own count: OMP_NUM_THREADS, else the one
-thread Paddle caps itself at; ``set_threads`` follows ``paddle.base.core.set_num_threads``), each
-output computed as with one thread, so the values do not depend on the count (fcvit_b12's dygraph
-forward at two threads: 97 -> 70 ms at batch 1, 764 -> 495 at batch 8); the statistics kernels
-run one thread.
+ops, so Paddle Inference runs it without this library.  Every kernel but the row mean splits its
+work among ``threads()`` threads (Paddle's own count: OMP_NUM_THREADS, else the one thread Paddle
+caps itself at; ``set_threads`` follows ``paddle.base.core.set_num_threads``), each output computed
+as with one thread, so the values do not depend on the count (fcvit_b12's dygraph forward at two
+threads: 97 -> 70 ms at batch 1, 764 -> 495 at batch 8, when the conv, GELU and bias kernels took
+threads).
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ import paddle
 
 KERNEL_SOURCES = sorted((Path(__file__).with_name("kernels")).glob("*.cc"))
 OPS = ("t2p_depthwise_conv2d", "t2p_gelu", "t2p_row_mean", "t2p_group_norm", "t2p_add_channel_bias",
-       "t2p_add_row_bias", "t2p_permute", "t2p_softmax", "t2p_gather_blocks", "t2p_axis_mean")
+       "t2p_add_row_bias", "t2p_permute", "t2p_softmax", "t2p_gather_blocks", "t2p_axis_mean",
+       "t2p_channel_layer_norm")
 # -mprefer-vector-width=512: gcc's tuning for Intel's AVX-512 CPUs keeps to 256-bit vectors (AMD's Zen 4
 # already takes 512); on a Rocket Lake class Xeon the 512-bit kernels run the 11x11 depthwise conv
 # 1.4-1.5x faster ([8, 64, 56, 56]: 17.8 -> 11.8 ms) and fcvit_b12's dygraph forward ~10% faster.
@@ -250,4 +252,11 @@ def native_row_mean(rows):
 def native_group_norm(x, weight, bias, groups: int, epsilon: float):
     """``numerics.GroupNorm``'s forward (corrected mean, biased variance of the centred values,
     ((x - mean) * inv_std) * weight + bias) by the compiled kernel: float32 CPU, no gradient."""
-    return _run("t2p_group_norm", x, weight, bias, int(groups), float(epsilon))
+    return _run("t2p_group_norm", x, weight, bias, int(groups), float(epsilon), threads())
+
+
+def native_channel_layer_norm(x, weight, bias, epsilon: float):
+    """RegionViT's LayerNorm2d: ((x - mean) / sqrt(var + eps)) * weight + bias over the channels of
+    ``x`` [B, C, ...] at every position, its mean and biased variance summed in double and rounded
+    once, by the compiled kernel: float32 CPU, no gradient."""
+    return _run("t2p_channel_layer_norm", x, weight, bias, float(epsilon), threads())

@@ -21,7 +21,7 @@ import paddle.nn.functional as F
 from model_configs.regionvit import (CONFIGS, DENSE_CONFIGS, RegionViTDenseConfig, regional_padding, rel_pos_index,
                                      window_mask)
 
-from . import layers
+from . import layers, native
 from .layers import DropPath, Linear, add_into, dense_operand, drop_path_schedule, permute, reshape, softmax
 from .onednn import transpose_reshape
 
@@ -58,7 +58,9 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 
 # ---------------------------------------------------------------------------
 
 class LayerNorm2d(nn.Layer):
-    """LayerNorm over the channels of an NCHW tensor; affine params shaped (1, C, 1, 1)."""
+    """LayerNorm over the channels of an NCHW tensor; affine params shaped (1, C, 1, 1).  Where nothing
+    is recorded, on CPU, by the compiled kernel (``native.native_channel_layer_norm``: the same steps,
+    its mean and variance rounded once from double sums where Paddle's float32 means sum naively)."""
 
     def __init__(self, channels: int, eps: float = 1e-5):
         super().__init__()
@@ -67,6 +69,8 @@ class LayerNorm2d(nn.Layer):
         self.bias = self.create_parameter([1, channels, 1, 1], default_initializer=nn.initializer.Constant(0.0))
 
     def forward(self, x):
+        if native.runs_natively(x, self.weight, self.bias):  # the same steps, one compiled pass
+            return native.native_channel_layer_norm(x, self.weight, self.bias, self.eps)
         centred = x - dense_operand(x.mean(1, keepdim=True), x)
         # biased variance; centred * centred, not .square(): under oneDNN, Paddle Inference's inplace
         # pass makes square overwrite its input, centred, which the line below still reads

@@ -1,10 +1,10 @@
 """torch2paddle's compiled CPU kernels (paddle_models/native.py, paddle_models/kernels/) against
 Paddle's own ops and a float64 computation: the depthwise conv on every map and kernel size the
 models use (3x3, 5x5, 11x11; classification, dense and odd maps, maps smaller than the kernel), the
-exact GELU, the softmax, GroupNorm, the corrected row mean, the in-place bias adds, the dense
-permutation and BiFormer's routing (gather, region means); which calls take them (dygraph, nothing
-recorded for a backward; never training, never a traced graph); and what happens where they cannot
-be built."""
+exact GELU, the softmax, GroupNorm, RegionViT's channel LayerNorm, the corrected row mean, the
+in-place bias adds, the dense permutation and BiFormer's routing (gather, region means); which
+calls take them (dygraph, nothing recorded for a backward; never training, never a traced graph);
+and what happens where they cannot be built."""
 import subprocess
 import sys
 import warnings
@@ -268,6 +268,33 @@ def test_axis_mean_is_the_correctly_rounded_float64_mean(case):
         assert np.array_equal(native.native_axis_mean(paddle.to_tensor(x), axis).numpy(), expected)
         assert np.array_equal(numerics.mean(paddle.to_tensor(x), axis=axis, keepdim=True).numpy(),
                               np.expand_dims(expected, axis))
+
+
+@pytest.mark.parametrize("shape", [(2, 96, 56, 56), (3, 384, 14, 14), (1, 48, 17, 300), (2, 5, 3, 7)], ids=str)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_channel_layer_norm_is_closer_to_float64_than_layernorm2d_ops(shape, threads, monkeypatch):
+    # RegionViT's LayerNorm2d: the same steps, its statistics from double sums; within float32 noise
+    # of the ops' result and at least as close to float64, at any thread count
+    from paddle_models.regionvit import LayerNorm2d
+
+    monkeypatch.setattr(native, "_threads", threads)
+    rng = np.random.default_rng(sum(shape))
+    norm = LayerNorm2d(shape[1])
+    norm.weight.set_value(rng.standard_normal(norm.weight.shape).astype(np.float32))
+    norm.bias.set_value(rng.standard_normal(norm.bias.shape).astype(np.float32))
+    x = (rng.standard_normal(shape) * 2.0 + 0.5).astype(np.float32)
+    x64, w64, b64 = x.astype(np.float64), norm.weight.numpy().astype(np.float64), norm.bias.numpy().astype(np.float64)
+    centred = x64 - x64.mean(1, keepdims=True)
+    exact = centred / np.sqrt((centred ** 2).mean(1, keepdims=True) + 1e-5) * w64.reshape(1, -1, *[1] * (len(shape) - 2)) \
+        + b64.reshape(1, -1, *[1] * (len(shape) - 2))
+    with paddle.no_grad():
+        ours = norm(paddle.to_tensor(x)).numpy()
+        assert np.array_equal(ours, native.native_channel_layer_norm(paddle.to_tensor(x), norm.weight, norm.bias, 1e-5).numpy())
+    monkeypatch.setattr(native, "runs_natively", lambda *args: False)
+    with paddle.no_grad():
+        ops = norm(paddle.to_tensor(x)).numpy()
+    assert _rel(ours, ops) <= REL_TOL
+    assert np.abs(ours - exact).max() <= np.abs(ops - exact).max() * 1.05
 
 
 def test_a_linear_adds_its_bias_by_the_kernel_where_nothing_is_recorded(monkeypatch):

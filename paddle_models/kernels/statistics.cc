@@ -1,5 +1,6 @@
-// torch2paddle's CPU kernels for row statistics, float32: the corrected row mean (numerics.mean) and
-// GroupNorm's forward (numerics.GroupNorm).  Built and used as paddle_models/native.py says.
+// torch2paddle's CPU kernels for row statistics, float32: the corrected row mean (numerics.mean),
+// GroupNorm's forward (numerics.GroupNorm) and the LayerNorm over the channels of an NCHW map
+// (RegionViT's LayerNorm2d).  Built and used as paddle_models/native.py says.
 //
 // They compute what numerics.py computes with Paddle's ops, in the same order, in float32: the mean
 // of a row as a pairwise sum's (16 interleaved running sums of at most 16 terms, then halves added
@@ -8,7 +9,17 @@
 // biased variance as the pairwise mean of the centred squares; then, per element,
 // ((x - mean) * inv_std) * weight[c] + bias[c].  Paddle's ops take ~15 passes over the map for a
 // GroupNorm and ~10 dygraph calls (FCViT runs 24 GroupNorms per forward: ~20% of fcvit_b12's
-// dygraph time at batch 1); here four reads and one write.
+// dygraph time at batch 1); here four reads and one write, the (sample, group) rows split among
+// threads, each computed as with one.
+//
+// The channel LayerNorm, per position of each sample: the mean of its C values, summed in double and
+// rounded once; the biased variance of the float32 differences from it, likewise; then
+// ((x - mean) / sqrt(variance + eps)) * weight[c] + bias[c], each step one float32 operation as
+// LayerNorm2d's ops (its true division included).  Its statistics so land within rounding of the
+// exact ones, where Paddle's float32 means over the channel axis sum naively; Paddle's ops take 6
+// passes over the map with a broadcast divide (RegionViT's norms: ~75 ms of regionvit_small's ~700 ms
+// dygraph forward at batch 8, two threads).  Positions are taken in blocks of 256 along the plane,
+// the blocks split among threads.
 
 #include <cmath>
 #include <cstdint>
@@ -67,7 +78,7 @@ std::vector<paddle::Tensor> RowMeanForward(const paddle::Tensor& rows) {
 
 // x [B, C, ...] -> GroupNorm(groups, epsilon) with per-channel weight and bias [C]
 std::vector<paddle::Tensor> GroupNormForward(const paddle::Tensor& x, const paddle::Tensor& weight,
-                                             const paddle::Tensor& bias, int groups, float epsilon) {
+                                             const paddle::Tensor& bias, int groups, float epsilon, int threads) {
   check_float32_cpu(x, "t2p_group_norm");
   check_float32_cpu(weight, "t2p_group_norm");
   check_float32_cpu(bias, "t2p_group_norm");
@@ -83,6 +94,7 @@ std::vector<paddle::Tensor> GroupNormForward(const paddle::Tensor& x, const padd
   const float* w = weight.data<float>();
   const float* b = bias.data<float>();
   float* dst = out.data<float>();
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t row = 0; row < batch * groups; ++row) {
     const float* in = src + row * n;
     float* y = dst + row * n;
@@ -102,6 +114,57 @@ std::vector<paddle::Tensor> GroupNormForward(const paddle::Tensor& x, const padd
   return {out};
 }
 
+// x [B, C, ...] -> LayerNorm over C at every position, weight and bias [C] (any shape of C values)
+std::vector<paddle::Tensor> ChannelLayerNormForward(const paddle::Tensor& x, const paddle::Tensor& weight,
+                                                    const paddle::Tensor& bias, float epsilon, int threads) {
+  check_float32_cpu(x, "t2p_channel_layer_norm");
+  check_float32_cpu(weight, "t2p_channel_layer_norm");
+  check_float32_cpu(bias, "t2p_channel_layer_norm");
+  const auto shape = x.shape();
+  PD_CHECK(shape.size() >= 2, "t2p_channel_layer_norm: x must be [B, C, ...]");
+  const int64_t batch = shape[0], channels = shape[1];
+  PD_CHECK(channels > 0 && weight.numel() == channels && bias.numel() == channels,
+           "t2p_channel_layer_norm: weight and bias must hold C values");
+  const int64_t plane = batch == 0 ? 0 : x.numel() / (batch * channels);
+  auto out = paddle::empty(shape, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const float* src = x.data<float>();
+  const float* w = weight.data<float>();
+  const float* b = bias.data<float>();
+  float* dst = out.data<float>();
+  constexpr int64_t kBlock = 256;
+  const int64_t blocks = (plane + kBlock - 1) / kBlock;
+  const double count = static_cast<double>(channels);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t task = 0; task < batch * blocks; ++task) {
+    const int64_t sample = task / blocks, start = (task % blocks) * kBlock;
+    const int64_t len = plane - start < kBlock ? plane - start : kBlock;
+    const float* in = src + sample * channels * plane + start;
+    float* y = dst + sample * channels * plane + start;
+    double sum[kBlock], squares[kBlock];
+    float mean[kBlock], std_dev[kBlock];
+    for (int64_t i = 0; i < len; ++i) sum[i] = squares[i] = 0.0;
+    for (int64_t c = 0; c < channels; ++c) {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) sum[i] += in[c * plane + i];
+    }
+    for (int64_t i = 0; i < len; ++i) mean[i] = static_cast<float>(sum[i] / count);
+    for (int64_t c = 0; c < channels; ++c) {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        const double d = in[c * plane + i] - mean[i];  // a float32 difference, squared exactly in double
+        squares[i] += d * d;
+      }
+    }
+    for (int64_t i = 0; i < len; ++i) std_dev[i] = std::sqrt(static_cast<float>(squares[i] / count) + epsilon);
+    for (int64_t c = 0; c < channels; ++c) {
+      const float scale = w[c], shift = b[c];
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) y[c * plane + i] = ((in[c * plane + i] - mean[i]) / std_dev[i]) * scale + shift;
+    }
+  }
+  return {out};
+}
+
 PD_BUILD_OP(t2p_row_mean)
     .Inputs({"Rows"})
     .Outputs({"Out"})
@@ -110,5 +173,11 @@ PD_BUILD_OP(t2p_row_mean)
 PD_BUILD_OP(t2p_group_norm)
     .Inputs({"X", "Weight", "Bias"})
     .Outputs({"Out"})
-    .Attrs({"groups: int", "epsilon: float"})
+    .Attrs({"groups: int", "epsilon: float", "threads: int"})
     .SetKernelFn(PD_KERNEL(GroupNormForward));
+
+PD_BUILD_OP(t2p_channel_layer_norm)
+    .Inputs({"X", "Weight", "Bias"})
+    .Outputs({"Out"})
+    .Attrs({"epsilon: float", "threads: int"})
+    .SetKernelFn(PD_KERNEL(ChannelLayerNormForward));
