@@ -15,10 +15,13 @@
 
 #include "paddle/extension.h"
 
+static void CheckFloat32Cpu(const paddle::Tensor& x, const paddle::Tensor& bias, const char* what) {
+  PD_CHECK(x.is_cpu() && bias.is_cpu(), what, ": CPU tensors only");
+  PD_CHECK(x.dtype() == paddle::DataType::FLOAT32 && bias.dtype() == paddle::DataType::FLOAT32, what, ": float32 only");
+}
+
 void AddChannelBias(paddle::Tensor& x, const paddle::Tensor& bias, int threads) {  // NOLINT: in place, as Paddle's API wants
-  PD_CHECK(x.is_cpu() && bias.is_cpu(), "t2p_add_channel_bias: CPU tensors only");
-  PD_CHECK(x.dtype() == paddle::DataType::FLOAT32 && bias.dtype() == paddle::DataType::FLOAT32,
-           "t2p_add_channel_bias: float32 only");
+  CheckFloat32Cpu(x, bias, "t2p_add_channel_bias");
   const auto shape = x.shape();
   PD_CHECK(shape.size() >= 2 && bias.numel() == shape[1], "t2p_add_channel_bias: x [N, C, ...], bias [C]");
   const int64_t batch = shape[0], channels = shape[1];
@@ -34,11 +37,11 @@ void AddChannelBias(paddle::Tensor& x, const paddle::Tensor& bias, int threads) 
   }
 }
 
-std::vector<std::vector<int64_t>> AddChannelBiasShape(const std::vector<int64_t>& x, const std::vector<int64_t>&) {
+std::vector<std::vector<int64_t>> SameShape(const std::vector<int64_t>& x, const std::vector<int64_t>&) {
   return {x};
 }
 
-std::vector<paddle::DataType> AddChannelBiasDtype(const paddle::DataType& x, const paddle::DataType&) { return {x}; }
+std::vector<paddle::DataType> SameDtype(const paddle::DataType& x, const paddle::DataType&) { return {x}; }
 
 PD_BUILD_OP(t2p_add_channel_bias)
     .Inputs({"X", "Bias"})
@@ -46,14 +49,11 @@ PD_BUILD_OP(t2p_add_channel_bias)
     .Attrs({"threads: int"})
     .SetInplaceMap({{"X", "Out"}})
     .SetKernelFn(PD_KERNEL(AddChannelBias))
-    .SetInferShapeFn(PD_INFER_SHAPE(AddChannelBiasShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(AddChannelBiasDtype));
-
+    .SetInferShapeFn(PD_INFER_SHAPE(SameShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(SameDtype));
 
 void AddRowBias(paddle::Tensor& x, const paddle::Tensor& bias, int threads) {  // NOLINT: in place, as Paddle's API wants
-  PD_CHECK(x.is_cpu() && bias.is_cpu(), "t2p_add_row_bias: CPU tensors only");
-  PD_CHECK(x.dtype() == paddle::DataType::FLOAT32 && bias.dtype() == paddle::DataType::FLOAT32,
-           "t2p_add_row_bias: float32 only");
+  CheckFloat32Cpu(x, bias, "t2p_add_row_bias");
   const auto shape = x.shape();
   PD_CHECK(!shape.empty() && bias.numel() == shape.back(), "t2p_add_row_bias: x [..., C], bias [C]");
   const int64_t width = shape.back(), rows = width == 0 ? 0 : x.numel() / width;
@@ -73,5 +73,5 @@ PD_BUILD_OP(t2p_add_row_bias)
     .Attrs({"threads: int"})
     .SetInplaceMap({{"X", "Out"}})
     .SetKernelFn(PD_KERNEL(AddRowBias))
-    .SetInferShapeFn(PD_INFER_SHAPE(AddChannelBiasShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(AddChannelBiasDtype));
+    .SetInferShapeFn(PD_INFER_SHAPE(SameShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(SameDtype));

@@ -62,6 +62,14 @@ void check_float32_cpu(const paddle::Tensor& t, const char* what) {
   PD_CHECK(t.is_cpu() && t.dtype() == paddle::DataType::FLOAT32, what, ": float32 CPU tensors only");
 }
 
+// a norm's map x [B, C, ...] and its per-channel weight and bias [C]
+void check_norm_operands(const paddle::Tensor& x, const paddle::Tensor& weight, const paddle::Tensor& bias,
+                         const char* what) {
+  for (const auto* t : {&x, &weight, &bias}) check_float32_cpu(*t, what);
+  PD_CHECK(x.shape().size() >= 2, what, ": x must be [B, C, ...]");
+  PD_CHECK(weight.numel() == x.shape()[1] && bias.numel() == x.shape()[1], what, ": weight and bias must hold C values");
+}
+
 }  // namespace
 
 // rows [M, n] -> [M, 1], each row's corrected mean
@@ -79,14 +87,10 @@ std::vector<paddle::Tensor> RowMeanForward(const paddle::Tensor& rows) {
 // x [B, C, ...] -> GroupNorm(groups, epsilon) with per-channel weight and bias [C]
 std::vector<paddle::Tensor> GroupNormForward(const paddle::Tensor& x, const paddle::Tensor& weight,
                                              const paddle::Tensor& bias, int groups, float epsilon, int threads) {
-  check_float32_cpu(x, "t2p_group_norm");
-  check_float32_cpu(weight, "t2p_group_norm");
-  check_float32_cpu(bias, "t2p_group_norm");
+  check_norm_operands(x, weight, bias, "t2p_group_norm");
   const auto shape = x.shape();
-  PD_CHECK(shape.size() >= 2, "t2p_group_norm: x must be [B, C, ...]");
   const int64_t batch = shape[0], channels = shape[1];
-  PD_CHECK(groups > 0 && channels % groups == 0 && weight.numel() == channels && bias.numel() == channels,
-           "t2p_group_norm: C must split into the groups, weight and bias must hold C values");
+  PD_CHECK(groups > 0 && channels % groups == 0, "t2p_group_norm: C must split into the groups");
   const int64_t plane = channels == 0 ? 0 : x.numel() / (batch * channels);
   const int64_t per_group = channels / groups, n = per_group * plane;
   auto out = paddle::empty(shape, paddle::DataType::FLOAT32, paddle::CPUPlace());
@@ -117,14 +121,10 @@ std::vector<paddle::Tensor> GroupNormForward(const paddle::Tensor& x, const padd
 // x [B, C, ...] -> LayerNorm over C at every position, weight and bias [C] (any shape of C values)
 std::vector<paddle::Tensor> ChannelLayerNormForward(const paddle::Tensor& x, const paddle::Tensor& weight,
                                                     const paddle::Tensor& bias, float epsilon, int threads) {
-  check_float32_cpu(x, "t2p_channel_layer_norm");
-  check_float32_cpu(weight, "t2p_channel_layer_norm");
-  check_float32_cpu(bias, "t2p_channel_layer_norm");
+  check_norm_operands(x, weight, bias, "t2p_channel_layer_norm");
   const auto shape = x.shape();
-  PD_CHECK(shape.size() >= 2, "t2p_channel_layer_norm: x must be [B, C, ...]");
   const int64_t batch = shape[0], channels = shape[1];
-  PD_CHECK(channels > 0 && weight.numel() == channels && bias.numel() == channels,
-           "t2p_channel_layer_norm: weight and bias must hold C values");
+  PD_CHECK(channels > 0, "t2p_channel_layer_norm: at least one channel");
   const int64_t plane = batch == 0 ? 0 : x.numel() / (batch * channels);
   auto out = paddle::empty(shape, paddle::DataType::FLOAT32, paddle::CPUPlace());
   const float* src = x.data<float>();
