@@ -380,7 +380,7 @@ class Block(nn.Layer):
         self.norm1 = LayerNorm(dim, epsilon=cfg.norm_eps)
         self.attn = _attention(cfg, dim, topk)
         self.norm2 = LayerNorm(dim, epsilon=cfg.norm_eps)
-        self.mlp = nn.Sequential(Linear(dim, hidden), nn.Identity(), layers.GELU(), Linear(hidden, dim))
+        self.mlp = nn.Sequential(Linear(dim, hidden), nn.Identity(), layers.GELU(in_place=True), Linear(hidden, dim))
         self.drop_path = _drop_path(drop_path)
         self.use_layer_scale = cfg.layer_scale_init_value > 0
         if self.use_layer_scale:
@@ -414,9 +414,9 @@ class BiFormerBlock(nn.Layer):
         self.norm2 = norm(dim, epsilon=cfg.norm_eps)
         self.channels_last = not nchw
         if nchw:
-            self.mlp = nn.Sequential(Conv2D(dim, hidden, 1), layers.GELU(), Conv2D(hidden, dim, 1))
+            self.mlp = nn.Sequential(Conv2D(dim, hidden, 1), layers.GELU(in_place=True), Conv2D(hidden, dim, 1))
         else:
-            self.mlp = nn.Sequential(Linear(dim, hidden), layers.GELU(), Linear(hidden, dim))
+            self.mlp = nn.Sequential(Linear(dim, hidden), layers.GELU(in_place=True), Linear(hidden, dim))
         self.drop_path = _drop_path(drop_path)
 
     def forward(self, x):
@@ -529,7 +529,7 @@ class BiFormer(_BiFormerBase):
         stem = nn.Sequential(
             Conv2D(in_chans, dims[0] // 2, 3, stride=2, padding=1),
             _batch_norm(dims[0] // 2),
-            layers.GELU(),
+            layers.GELU(in_place=True),
             Conv2D(dims[0] // 2, dims[0], 3, stride=2, padding=1),
             _batch_norm(dims[0]),
         )

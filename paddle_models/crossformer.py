@@ -88,7 +88,7 @@ class Mlp(nn.Layer):
     def __init__(self, in_features, hidden_features, drop=0.0):
         super().__init__()
         self.fc1 = Linear(in_features, hidden_features)
-        self.act = layers.GELU()
+        self.act = layers.GELU(in_place=True)  # on fc1's fresh output
         self.fc2 = Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 

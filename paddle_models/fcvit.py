@@ -111,7 +111,7 @@ class GlobalContext(nn.Layer):
 
 
 def _pointwise_bottleneck(dim, width):
-    return nn.Sequential(conv2d(dim, width, 1), GELU(), conv2d(width, dim, 1))
+    return nn.Sequential(conv2d(dim, width, 1), GELU(in_place=True), conv2d(width, dim, 1))
 
 
 class TokenMixer(nn.Layer):
@@ -121,7 +121,7 @@ class TokenMixer(nn.Layer):
         super().__init__()
         width = cfg.mix_width(dim)
         k = cfg.mix_kernel
-        self.act = GELU()
+        self.act = GELU(in_place=True)  # on a conv's fresh output
         self.gc1 = GlobalContext(dim, cfg)
         self.dw1 = depthwise_conv2d(dim, k)
         self.fc1 = _pointwise_bottleneck(dim, width)
@@ -143,7 +143,7 @@ class ChannelMixer(nn.Layer):
     def __init__(self, dim, hidden_dim, cfg: FCViTConfig, drop=0.0):
         super().__init__()
         k = cfg.channel_dw_kernel
-        self.act = GELU()
+        self.act = GELU(in_place=True)  # on a conv's fresh output
         self.fc1 = conv2d(dim, hidden_dim, 1)
         self.dwconv = conv2d(hidden_dim, hidden_dim, k, padding=k // 2, groups=hidden_dim)
         self.fc2 = conv2d(hidden_dim, dim, 1)

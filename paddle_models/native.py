@@ -48,7 +48,7 @@ import paddle
 KERNEL_SOURCES = sorted((Path(__file__).with_name("kernels")).glob("*.cc"))
 OPS = ("t2p_depthwise_conv2d", "t2p_gelu", "t2p_row_mean", "t2p_group_norm", "t2p_add_channel_bias",
        "t2p_add_row_bias", "t2p_permute", "t2p_softmax", "t2p_gather_blocks", "t2p_axis_mean",
-       "t2p_channel_layer_norm")
+       "t2p_channel_layer_norm", "t2p_gelu_")
 # -mprefer-vector-width=512: gcc's tuning for Intel's AVX-512 CPUs keeps to 256-bit vectors (AMD's Zen 4
 # already takes 512); on a Rocket Lake class Xeon the 512-bit kernels run the 11x11 depthwise conv
 # 1.4-1.5x faster ([8, 64, 56, 56]: 17.8 -> 11.8 ms) and fcvit_b12's dygraph forward ~10% faster.
@@ -238,9 +238,11 @@ def native_axis_mean(x, axis: int):
     return out.reshape(shape[:axis] + shape[axis + 1:])
 
 
-def native_gelu(x):
-    """``F.gelu(x)`` (exact, erf form) by the compiled kernel: a float32 CPU tensor, no gradient."""
-    return _run("t2p_gelu", x, threads())
+def native_gelu(x, in_place: bool = False):
+    """``F.gelu(x)`` (exact, erf form) by the compiled kernel: a float32 CPU tensor, no gradient.
+    ``in_place``: written into ``x``, which must be a fresh output that nothing else reads
+    (``layers.add_into``'s contract)."""
+    return _run("t2p_gelu_" if in_place else "t2p_gelu", x, threads())
 
 
 def native_row_mean(rows):

@@ -98,7 +98,7 @@ class Mlp(nn.Layer):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = linear(dim, hidden_dim)
-        self.act = layers.GELU()
+        self.act = layers.GELU(in_place=True)  # on fc1's fresh output
         self.fc2 = linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)  # mode upscale_in_train: torch's
 
@@ -116,10 +116,10 @@ class PatchEmbed(nn.Layer):
             self.proj = nn.Sequential(
                 conv2d(in_chans, embed_dim // 4, 3, stride=2, padding=1),
                 LayerNorm2d(embed_dim // 4),
-                layers.GELU(),
+                layers.GELU(in_place=True),
                 conv2d(embed_dim // 4, embed_dim // 2, 3, stride=2, padding=1),
                 LayerNorm2d(embed_dim // 2),
-                layers.GELU(),
+                layers.GELU(in_place=True),
                 conv2d(embed_dim // 2, embed_dim, 3, stride=1, padding=1),
             )
         elif conv_type == "1conv":
@@ -204,7 +204,7 @@ class Projection(nn.Layer):
         elif mode == "sc":
             self.proj = nn.Sequential(
                 LayerNorm2d(in_dim),
-                layers.GELU(),
+                layers.GELU(in_place=True),
                 conv2d(in_dim, out_dim, 3, stride=2, padding=1, groups=in_dim),
             )
         else:

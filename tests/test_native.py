@@ -85,6 +85,21 @@ def test_gelu_equals_paddle_gelu_and_is_as_close_to_float64(scale):
     assert np.abs(ours - exact).mean() <= np.abs(paddle_gelu - exact).mean()
 
 
+def test_gelu_in_place_writes_the_same_values_into_its_input():
+    x = paddle.to_tensor((np.random.default_rng(9).standard_normal((3, 7, 11, 13)) * 3).astype(np.float32))
+    layer = GELU(in_place=True)
+    with paddle.no_grad():
+        expected = native.native_gelu(x).numpy()
+        out = layer(x)
+    assert np.array_equal(out.numpy(), expected)
+    assert np.array_equal(x.numpy(), expected)  # written into x: no new tensor
+    trainable = paddle.to_tensor(np.linspace(-3, 3, 12, dtype=np.float32))
+    trainable.stop_gradient = False
+    before = trainable.numpy().copy()
+    assert np.array_equal(layer(trainable).numpy(), F.gelu(trainable).numpy())  # recording: Paddle's
+    assert np.array_equal(trainable.numpy(), before)
+
+
 def test_gelu_writes_no_subnormal_values():
     # GELU(x) for x below about -13 (and x within 2e-38 of 0) is below float32's normal range: the
     # kernel gives a zero of x's sign, as Paddle's GELU does, not a subnormal, which would slow every

@@ -23,6 +23,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "paddle/extension.h"
@@ -63,15 +64,19 @@ static inline float ErfSeries(float x) {
 constexpr float kSmallestNormal = 1.17549435e-38f;
 
 // In blocks, two loops each: gcc (12) vectorises a loop calling the SIMD erfc, and one selecting
-// between forms, but not both in one loop (the call stops its if-conversion).
-static void Gelu(const float* __restrict__ src, float* __restrict__ dst, int64_t n, int threads) {
+// between forms, but not both in one loop (the call stops its if-conversion).  Each block is read
+// into a local copy first, so that dst may be src (t2p_gelu_, in place: a fresh conv or Linear
+// output is overwritten instead of a new map allocated, whose page faults cost about as much as the
+// GELU itself on CPU: [1, 256, 56, 56] 2.0 ms, 1.0 of it without them).
+static void Gelu(const float* src, float* dst, int64_t n, int threads) {
   constexpr int64_t kBlock = 256;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t block = 0; block < blocks; ++block) {
-    float erfc_abs[kBlock];
+    float values[kBlock], erfc_abs[kBlock];
     const int64_t start = block * kBlock, len = n - start < kBlock ? n - start : kBlock;
-    const float* __restrict__ v = src + start;
+    std::memcpy(values, src + start, static_cast<size_t>(len) * sizeof(float));
+    const float* __restrict__ v = values;
     float* __restrict__ out = dst + start;
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) erfc_abs[i] = erfcf(std::fabs(ScaledBySqrtHalf(v[i])));
@@ -93,8 +98,26 @@ std::vector<paddle::Tensor> GeluForward(const paddle::Tensor& x, int threads) {
   return {out};
 }
 
+void GeluInPlace(paddle::Tensor& x, int threads) {  // NOLINT: in place, as Paddle's API wants
+  PD_CHECK(x.is_cpu() && x.dtype() == paddle::DataType::FLOAT32, "t2p_gelu_: float32 CPU tensors only");
+  Gelu(x.data<float>(), x.data<float>(), x.numel(), threads);
+}
+
+std::vector<std::vector<int64_t>> GeluShape(const std::vector<int64_t>& x) { return {x}; }
+
+std::vector<paddle::DataType> GeluDtype(const paddle::DataType& x) { return {x}; }
+
 PD_BUILD_OP(t2p_gelu)
     .Inputs({"X"})
     .Outputs({"Out"})
     .Attrs({"threads: int"})
     .SetKernelFn(PD_KERNEL(GeluForward));
+
+PD_BUILD_OP(t2p_gelu_)
+    .Inputs({"X"})
+    .Outputs({"Out"})
+    .Attrs({"threads: int"})
+    .SetInplaceMap({{"X", "Out"}})
+    .SetKernelFn(PD_KERNEL(GeluInPlace))
+    .SetInferShapeFn(PD_INFER_SHAPE(GeluShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(GeluDtype));
