@@ -162,8 +162,12 @@ class AttentionWithRelPos(nn.Layer):
             bias = paddle.index_select(self.rel_pos, self.rel_pos_index, axis=1).reshape([self.num_heads, n, n])
             # nothing added for the regional token; padded as 4-D (pad3d): oneDNN's all-axes pad of a
             # 3-D tensor corrupts memory (paddle_models/onednn.py)
-            # [heads, N, N], dense: Paddle's add broadcasts an explicit leading 1 by its slow path
-            attn = add_into(attn, F.pad(bias.unsqueeze(0), [N - n, 0, N - n, 0]).squeeze(0))
+            # [heads, N, N], dense: Paddle's add broadcasts an explicit leading 1 by its slow path; a
+            # traced graph expands it over the windows too: with oneDNN for its fused ops only the add is
+            # Paddle's, whose leading broadcast is slow (regionvit_small fused-only batch 1 / 8:
+            # 170.9 / 1124 -> 163.3 / 1058 ms; oneDNN on at batch 8 1093 -> 1137; bit for bit)
+            bias = F.pad(bias.unsqueeze(0), [N - n, 0, N - n, 0]).squeeze(0)
+            attn = add_into(attn, bias if paddle.in_dynamic_mode() else bias.expand_as(attn))
         if mask is not None:
             attn = paddle.masked_fill(attn, mask, paddle.finfo(attn.dtype).min)
         attn = self.attn_drop(softmax(attn))
