@@ -3,15 +3,16 @@
 ``kernels/depthwise_conv2d.cc``: a depthwise conv (odd k x k, stride 1, 'same' zero padding), which
 Paddle runs on CPU as one tiny im2col + GEMM per channel.  ``kernels/gelu.cc``: the exact GELU.
 ``kernels/statistics.cc``: ``numerics.GroupNorm``'s forward and ``numerics.mean``'s corrected row
-mean, the same float32 statistics in one pass each where Paddle's ops take ~15.  ``kernels/bias.cc``:
-a conv's bias and a Linear's added in place, where Paddle's broadcast add is ~3x / ~9x slower.
+mean, the same float32 statistics in one pass each where Paddle's ops take ~15, and RegionViT's
+LayerNorm2d (over an NCHW map's channels, its statistics from double sums).  ``kernels/bias.cc``: a
+conv's bias and a Linear's added in place, where Paddle's broadcast add is ~3x / ~9x slower.
 ``kernels/permute.cc``: a dense permutation that keeps the last axis, one copy per row on every
 thread (einsum's runs one).  ``kernels/softmax.cc``: the softmax over the last axis, each output
-rounded once from double precision.  ``kernels/statistics.cc`` also holds the LayerNorm over an
-NCHW map's channels (RegionViT's LayerNorm2d).  ``kernels/routing.cc``: BiFormer's routing, the gather of the
-routed regions' blocks and the region means (in double, without a float64 copy).  Each computes what the ports computed with Paddle's ops, within float32
-rounding and at least as close to float64 (the bias adds, the permutation and the gather: bit for bit)
-(tests/test_native.py); times and errors per shape: ``benchmarks/kernel_benchmark.py``.
+rounded once from double precision.  ``kernels/routing.cc``: BiFormer's routing, the gather of the
+routed regions' blocks and the region means (in double, without a float64 copy).  Each computes
+what the ports computed with Paddle's ops, within float32 rounding and at least as close to float64
+(the bias adds, the permutation and the gather: bit for bit; tests/test_native.py); times and
+errors per shape: ``benchmarks/kernel_benchmark.py``.
 
 They are compiled on first use (~15 s, with the gcc that Paddle's ``cpp_extension`` calls) into one
 library in a cache keyed by their sources, the flags, Paddle's version, Python's and the CPU's
@@ -35,6 +36,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -231,10 +233,7 @@ def native_axis_mean(x, axis: int):
     gradient.  The result drops ``axis``."""
     shape = list(x.shape)
     axis %= len(shape)
-    outer = 1
-    for size in shape[:axis]:
-        outer *= size
-    out = _run("t2p_axis_mean", x, int(outer), int(shape[axis]), threads())
+    out = _run("t2p_axis_mean", x, math.prod(shape[:axis]), shape[axis], threads())
     return out.reshape(shape[:axis] + shape[axis + 1:])
 
 

@@ -103,10 +103,6 @@ void GeluInPlace(paddle::Tensor& x, int threads) {  // NOLINT: in place, as Padd
   Gelu(x.data<float>(), x.data<float>(), x.numel(), threads);
 }
 
-std::vector<std::vector<int64_t>> GeluShape(const std::vector<int64_t>& x) { return {x}; }
-
-std::vector<paddle::DataType> GeluDtype(const paddle::DataType& x) { return {x}; }
-
 PD_BUILD_OP(t2p_gelu)
     .Inputs({"X"})
     .Outputs({"Out"})
@@ -118,6 +114,4 @@ PD_BUILD_OP(t2p_gelu_)
     .Outputs({"Out"})
     .Attrs({"threads: int"})
     .SetInplaceMap({{"X", "Out"}})
-    .SetKernelFn(PD_KERNEL(GeluInPlace))
-    .SetInferShapeFn(PD_INFER_SHAPE(GeluShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(GeluDtype));
+    .SetKernelFn(PD_KERNEL(GeluInPlace));  // one input: Paddle infers Out's shape and dtype from X
