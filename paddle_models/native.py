@@ -58,7 +58,7 @@ OPS = ("t2p_depthwise_conv2d", "t2p_gelu", "t2p_row_mean", "t2p_group_norm", "t2
 # The thread split runs on the OpenMP runtime Paddle ships and MKL runs on (Intel's libiomp5, which
 # takes gcc's OpenMP calls): on gcc's own libgomp, its idle threads spin against MKL's and fcvit_b12's
 # dygraph forward at two threads took 249 ms instead of 97 (70 with libiomp5).  A Paddle without it
-# gets the serial kernels (-fopenmp-simd: gelu.cc's vector erfc only).
+# gets the serial kernels (-fopenmp-simd: gelu.cc's vector exp only).
 _PADDLE_LIBS = Path(paddle.__file__).parent / "libs"
 _THREADED = (_PADDLE_LIBS / "libiomp5.so").is_file()
 COMPILER_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp" if _THREADED else "-fopenmp-simd"]

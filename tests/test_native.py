@@ -85,6 +85,19 @@ def test_gelu_equals_paddle_gelu_and_is_as_close_to_float64(scale):
     assert np.abs(ours - exact).mean() <= np.abs(paddle_gelu - exact).mean()
 
 
+def test_gelu_keeps_its_relative_precision_in_the_negative_tail():
+    # GELU(x) for x < 0 is x / 2 * erfc(|x| / sqrt(2)): computed as such, not as 1 + erf(x / sqrt(2)),
+    # which cancels (Paddle's and torch's give 0 below about -5.2); the error left is x / sqrt(2)'s
+    # rounding, amplified by erfc's slope (~1e-5 relative at x = -13, where GELU leaves the normal range)
+    from math import erfc, sqrt
+    x = -np.geomspace(0.6, 13.1, 20_001).astype(np.float32)
+    exact = np.array([v * 0.5 * erfc(-v / sqrt(2.0)) for v in x.astype(np.float64)])
+    with paddle.no_grad():
+        ours = native.native_gelu(paddle.to_tensor(x)).numpy()
+    relative = np.abs(ours / exact - 1)
+    assert relative.max() <= 2e-5 and relative[x > -4].max() <= 1e-6, (relative.max(), relative[x > -4].max())
+
+
 def test_gelu_in_place_writes_the_same_values_into_its_input():
     x = paddle.to_tensor((np.random.default_rng(9).standard_normal((3, 7, 11, 13)) * 3).astype(np.float32))
     layer = GELU(in_place=True)

@@ -2,21 +2,24 @@
 // used as paddle_models/native.py says.
 //
 // Paddle 3.3's CPU GELU on [8, 256, 56, 56]: 20-30 ms; this kernel ~0.7x that (torch ~4 ms).
-// The special function comes from glibc's vector math library (libmvec, glibc >= 2.35, errors of a
-// few ulp) through an OpenMP SIMD declaration, as glibc's own math.h declares it under -ffast-math,
-// while everything else keeps IEEE semantics.
-//
 // 1 + erf(x) is computed as erfc(-x) = erfc(|x|) for x < 0 and 2 - erfc(|x|) for x >= 0: for
 // x << 0 the sum 1 + erf(x) cancels, and erf's few-ulp error relative to 1 becomes the error of a
-// small value (the largest errors of the plain formula, ~5e-7 at |x| ~ 3).  Near 0, where erfc is
-// ~1 and its ulps are coarse against erf's, erf comes from its Taylor series instead.  Why erfc
-// rather than erf from libmvec: its 16-lane (AVX-512) erff is ~3x less accurate than its 8-lane
-// one (max 2.4e-7 vs 7.5e-8 off float64 on [-4, 4]), and -march=native picks the lane count; its
-// erfcf is as accurate in both (relative: max 1.2e-7, mean 2.9e-8).  Off float64 on N(0, 1) /
-// N(0, 9) inputs (tests/test_native.py's samples, an AVX-512 CPU): this kernel max 1.9e-7 / 2.4e-7,
-// mean 1.0e-8 / 2.3e-8; Paddle's GELU 2.5e-7 / 4.5e-7, 1.4e-8 / 3.6e-8 (7.3e-7 at N(0, 9) on an
-// AVX2 CPU); torch's 8.5e-7 / 1.1e-6, 1.8e-8 / 8.2e-8.  Whole models do not tell them apart
-// (fcvit_b12's and crossformer_small's logits: the same RMS distance from float64 either way).
+// small value (Paddle's and torch's GELU give 0 below x ~ -5.2).  Near 0, where erfc is ~1 and its
+// ulps are coarse against erf's, erf comes from its Taylor series instead.  erfc(z) itself is
+// exp(-z^2) N(z) / D(z): N and D polynomials with positive coefficients (no cancellation in float32),
+// fitted here to erfc(z) exp(z^2) on [0, 9.3] (max relative error 3.7e-8 with the coefficients
+// rounded to floats), z^2's rounding error carried by an FMA, exp from glibc's vector math library
+// (libmvec) through an OpenMP SIMD declaration, as glibc's own math.h declares it under -ffast-math,
+// while everything else keeps IEEE semantics.
+// Why not libmvec's erfcf (this kernel's first version): its vector code hands every lane whose
+// result is below float32's normal range (|x| > 13) to scalar code, ~17x slower at |x| > 15, and a
+// model's maps hold such values (fcvit_b12's token mixer, seeded weights: its 60 GELUs took 34 ms of
+// a batch-1 forward, 13 ms now); [1, 64, 56, 56] at N(0, 10^2) took 2.0 ms, torch 0.14, this 0.29.
+// Here z is clamped where GELU leaves the normal range (9.3), so exp stays in libmvec's fast range
+// (arguments >= -86.5).  Off float64 on N(0, 1) / N(0, 9) inputs (tests/test_native.py's samples,
+// an AVX-512 CPU): this kernel max 1.9e-7 / 2.4e-7, mean 1.1e-8 / 2.3e-8 (the erfcf version: 1.0e-8
+// / 2.3e-8); Paddle's GELU 4.6e-7 / 7.0e-7, 1.9e-8 / 5.7e-8; torch's 8.5e-7 / 1.1e-6, 1.8e-8 /
+// 8.2e-8.  Whole models do not tell them apart.
 //
 // (A softmax by the same means was tried: 1.9x faster than Paddle's, still 2.6x slower than torch's,
 // and further from float64 than Paddle's; left out.)
@@ -29,7 +32,7 @@
 #include "paddle/extension.h"
 
 #pragma omp declare simd notinbranch
-extern "C" float erfcf(float);
+extern "C" float expf(float);
 
 // Constants that one float rounds off by ~5e-8 relative are a float and the rest, so that the
 // products carry no bias of one sign: 1/sqrt(2) rounded to a float is 1.7e-8 too small, which pulls
@@ -57,14 +60,26 @@ static inline float ErfSeries(float x) {
   return y * kTwoOverSqrtPi + y * kTwoOverSqrtPiRest;
 }
 
+// erfc(z) exp(z^2) = N(z) / D(z) for z in [0, kLargest]: see the header.
+static inline float ScaledErfc(float z) {
+  const float n = (((0.03206091f * z + 0.225701973f) * z + 0.724210143f) * z + 1.23133063f) * z + 1.0f;
+  const float d = ((((0.0568256527f * z + 0.40007636f) * z + 1.31156826f) * z + 2.38685012f) * z + 2.35971022f) * z + 1.0f;
+  return n / d;
+}
+
+// |x / sqrt(2)| beyond which GELU(x) < 0 is below float32's normal range (9.2958); z is clamped there,
+// so that exp(-z^2) stays normal and in libmvec's fast range.
+constexpr float kLargest = 9.3f;
+
 // Outputs below float32's normal range (GELU(x) for x < -13 or so; and 0 near 0, which is also
 // subnormal at |x| < 2.4e-38) are flushed to a zero of x's sign, as torch's and Paddle's GELU give 0
 // there.  A subnormal operand makes every x86 multiply-add that reads it ~100x slower: fcvit_b12's
 // token-mixer 1x1 convs after a GELU took 2-5x longer with 0.01-1% subnormal inputs.
 constexpr float kSmallestNormal = 1.17549435e-38f;
 
-// In blocks, two loops each: gcc (12) vectorises a loop calling the SIMD erfc, and one selecting
-// between forms, but not both in one loop (the call stops its if-conversion).  Each block is read
+// In blocks, three loops each: gcc (12) vectorises a loop calling the SIMD exp, and one selecting
+// between forms, but not both in one loop (the call stops its if-conversion): the exp's clamped
+// argument, the exp, the rest.  Each block is read
 // into a local copy first, so that dst may be src (t2p_gelu_, in place: a fresh conv or Linear
 // output is overwritten instead of a new map allocated, whose page faults cost about as much as the
 // GELU itself on CPU: [1, 256, 56, 56] 2.0 ms, 1.0 of it without them).
@@ -73,19 +88,29 @@ static void Gelu(const float* src, float* dst, int64_t n, int threads) {
   const int64_t blocks = (n + kBlock - 1) / kBlock;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t block = 0; block < blocks; ++block) {
-    float values[kBlock], erfc_abs[kBlock];
+    float values[kBlock], gauss[kBlock];
     const int64_t start = block * kBlock, len = n - start < kBlock ? n - start : kBlock;
     std::memcpy(values, src + start, static_cast<size_t>(len) * sizeof(float));
     const float* __restrict__ v = values;
     float* __restrict__ out = dst + start;
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) erfc_abs[i] = erfcf(std::fabs(ScaledBySqrtHalf(v[i])));
+    for (int64_t i = 0; i < len; ++i) {
+      const float z = std::fabs(ScaledBySqrtHalf(v[i])), clamped = z < kLargest ? z : kLargest;
+      gauss[i] = -(clamped * clamped);
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) gauss[i] = expf(gauss[i]);
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
       // h (1 + erf(t)), each form with one rounding after its product (contracted to an FMA)
-      const float t = ScaledBySqrtHalf(v[i]), c = erfc_abs[i], h = 0.5f * v[i];
-      const float near_zero = h + h * ErfSeries(t), negative = h * c, positive = v[i] - h * c;
-      const float value = std::fabs(t) < kSmall ? near_zero : (t < 0.0f ? negative : positive);
+      const float t = ScaledBySqrtHalf(v[i]), h = 0.5f * v[i], z = std::fabs(t);
+      const float clamped = z < kLargest ? z : kLargest, square = clamped * clamped;
+      const float residual = __builtin_fmaf(clamped, clamped, -square);  // z^2 - square, exactly
+      const float scaled = ScaledErfc(clamped), corrected = scaled - scaled * residual;  // exp(-residual)
+      // h erfc(z), multiplied in the order that keeps it normal; 0 where GELU(x) underflows
+      const float tail = ((z < kLargest ? h : 0.0f) * corrected) * gauss[i];
+      const float near_zero = h + h * ErfSeries(t), negative = tail, positive = v[i] - tail;
+      const float value = z < kSmall ? near_zero : (t < 0.0f ? negative : positive);
       out[i] = std::fabs(value) < kSmallestNormal ? 0.0f * v[i] : value;  // see kSmallestNormal
     }
   }
