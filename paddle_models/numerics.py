@@ -11,7 +11,8 @@ drift by ~2e-6 over a 56x56 map.  So:
   correction is left out of autograd: the gradient of a mean is 1/N either way, and through the
   blocked mean alone it stays exact.  Half inputs are reduced in float32.  Other axes (BiFormer's
   region means, which only route) are reduced in float64, rounded once: faster on CPU than a
-  permutation and a float32 mean, and correctly rounded.
+  permutation and a float32 mean, and correctly rounded; in a traced graph, over the second-to-last
+  axis, by one batched matmul with a row of ones (Paddle Inference's casts and reduction cost more).
 * ``GroupNorm`` in float32 the same way: corrected blocked mean, then the biased variance as the
   blocked mean of the centred squares.  Its backward is written out (``_NormalizeRows``) so the two
   row means it needs are blocked too; autograd would take them with Paddle's naive float32 sum (a
