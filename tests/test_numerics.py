@@ -122,6 +122,26 @@ def test_traced_group_norm_and_mean_are_as_accurate_as_torch(shape, groups):
     assert np.abs(mean(x).numpy() - exact).max() <= 2 * np.spacing(np.float32(np.abs(exact).max()))
 
 
+@pytest.mark.parametrize("shape", [(2, 98, 64, 32), (8, 49, 4, 32), (3, 7, 1, 5)])
+def test_traced_mean_over_the_second_to_last_axis_is_as_accurate_as_torch(shape):
+    """BiFormer's region means as export traces them (a row of ones times each matrix, each output a
+    GEMM's sum of the tokens): within 2.5x torch float32's own error of the exact mean, as the traced
+    GroupNorm above (they route: an error that flipped a top-k pick would show downstream, in the
+    export's check against the dynamic model)."""
+    rng = np.random.default_rng(sum(shape))
+    x_np = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
+
+    def region_means(t):
+        return numerics.mean(t, axis=2)
+
+    traced = paddle.jit.to_static(region_means, full_graph=True)
+    exact = x_np.astype(np.float64).mean(axis=2)
+    torch_error = np.abs(torch.tensor(x_np).mean(dim=2).numpy() - exact).max()
+    ours = traced(paddle.to_tensor(x_np)).numpy()
+    assert ours.shape == exact.shape
+    assert np.abs(ours - exact).max() <= max(2.5 * torch_error, np.spacing(np.float32(np.abs(exact).max())))
+
+
 @pytest.mark.parametrize("shape", [(2, 56, 56, 64), (2, 7, 7, 512), (3, 5, 96)])
 def test_layer_norm_in_float32_is_as_accurate_as_torch(shape):
     """numerics.layer_norm (BiFormer's training LayerNorm): output and the input, weight and bias
