@@ -201,9 +201,11 @@ class R2LAttentionPlusFFN(nn.Layer):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
-    def forward(self, x, batch: int, mask=None):
+    def forward(self, x, windows: int, mask=None):
         C = x.shape[-1]
-        regional = x[:, 0:1].reshape([batch, -1, C])  # (B, windows, C)
+        # (B, windows, C); the batch as -1 and the window count a constant: a traced graph then builds
+        # no reshape targets per forward (the attention's too, whose token count this is)
+        regional = x[:, 0:1].reshape([-1, windows, C])
         regional = regional + self.drop_path(self.attn(self.norm0(regional)))
         x = _with_regional_tokens(x, regional.reshape([-1, 1, C]))
         x = x + self.drop_path(self.attn(self.norm1(x), patch_attn=True, mask=mask))
@@ -279,7 +281,7 @@ class ConvAttBlock(nn.Layer):
         size = tuple(local.shape[2:])
         x, mask = to_flat_layout(regional, local, ws)
         for i in range(1, len(self.block)):
-            x = self.block[i](x, B, mask)
+            x = self.block[i](x, rows * cols, mask)
             if self.peg is not None and i == 1:
                 regional, local = to_spatial_layout(x, B, rows, cols, size, ws)
                 x, mask = to_flat_layout(regional + self.peg(regional), local + self.peg(local), ws)
