@@ -75,13 +75,10 @@ def _as_chunks(x, n: int):
     return x.reshape([-1, chunk]), n // chunk
 
 
-def _ones_column(chunks):
-    return paddle.ones([chunks.shape[-1], 1], dtype=chunks.dtype)
-
-
-def _mean_of_chunk_sums(sums, per_row: int, n: int):
-    """Each row's mean [M, 1] from its chunks' sums [M x per_row, 1]."""
-    sums = sums.reshape([-1, per_row])
+def _mean_of_chunks(chunks, per_row: int, n: int):
+    """Each row's mean [M, 1] from its chunks [M x per_row, chunk] (``_as_chunks``): each chunk summed
+    by a matrix-vector product with a column of ones, then the chunks' sums."""
+    sums = paddle.matmul(chunks, paddle.ones([chunks.shape[-1], 1], dtype=chunks.dtype)).reshape([-1, per_row])
     return (sums.sum(axis=1, keepdim=True) if per_row > 1 else sums) * (1.0 / n)
 
 
@@ -98,8 +95,7 @@ def _blocked_mean(rows, n: int):
     a [1, 200704] map: 0.18 ms; the product 0.06), where oneDNN is slow on the nested form's short
     axes and reshapes (a [8, 64, 56, 56] GroupNorm under oneDNN: 35 ms nested, ~20 ms chunked)."""
     if not paddle.in_dynamic_mode():
-        chunks, per_row = _as_chunks(rows, n)
-        return _mean_of_chunk_sums(paddle.matmul(chunks, _ones_column(chunks)), per_row, n)
+        return _mean_of_chunks(*_as_chunks(rows, n), n)
     partial = rows
     for size in _levels(n):
         partial = partial.reshape([-1, size]).mean(axis=-1)
@@ -323,11 +319,10 @@ class GroupNorm(nn.GroupNorm):
         pass but run ~4x slower under oneDNN on."""
         c, groups = x.shape[1], self._num_groups
         chunks, per_group = _as_chunks(x if x.dtype == paddle.float32 else x.astype("float32"), n)
-        ones = _ones_column(chunks)
-        mean = _mean_of_chunk_sums(paddle.matmul(chunks, ones), per_group, n)  # [B * G, 1]
+        mean = _mean_of_chunks(chunks, per_group, n)  # [B * G, 1]
         centred = chunks - paddle.expand(mean, [-1, per_group]).reshape([-1, 1])
-        correction = _mean_of_chunk_sums(paddle.matmul(centred, ones), per_group, n)
-        squares = _mean_of_chunk_sums(paddle.matmul(centred * centred, ones), per_group, n)
+        correction = _mean_of_chunks(centred, per_group, n)
+        squares = _mean_of_chunks(centred * centred, per_group, n)
         inv_std = paddle.rsqrt(squares - correction * correction + self._epsilon)
         scale = inv_std.reshape([-1, groups, 1]) * self.weight.reshape([groups, c // groups])  # [B, G, C/G]
         shift = self.bias.reshape([groups, c // groups]) - correction.reshape([-1, groups, 1]) * scale
