@@ -88,26 +88,53 @@ class GlobalContext(nn.Layer):
         self.rescale_bias = self.create_parameter([cfg.gc_heads], default_initializer=_constant(0.0))
 
     def channel_gate(self, gap):
-        t = self.fc1(gap).reshape([-1, 2, self.fc1.weight.shape[1] // 2])
-        return self.fc2(t.max(axis=1))  # the max over pairs is the only non-linearity
+        """The gate [B, C] from the channel means ``gap`` [B, C]."""
+        width = self.fc2.weight.shape[0]
+        if paddle.in_dynamic_mode():
+            return self.fc2(self.fc1(gap).reshape([-1, 2, width]).max(axis=1))  # the max over pairs: the only non-linearity
+        # A traced graph runs the two Linears on [B, 1, 1, features]: Paddle Inference keeps a Linear
+        # of 4-D input on its own fc, where oneDNN's took ~0.16 ms a call on these [1, C] rows and a
+        # layout conversion after each (fcvit_b12 batch 1, oneDNN fused ops only: 7.8 ms of 49 calls,
+        # Paddle's fc 3.1 ms).  The same products and sums.
+        t = self.fc1(gap.reshape([-1, 1, 1, gap.shape[-1]])).reshape([-1, 2, width]).max(axis=1)
+        return self.fc2(t.reshape([-1, 1, 1, width])).reshape([-1, gap.shape[-1]])
 
     def forward(self, x):
         _, c, h, w = x.shape
         x = x.reshape([-1, c, h * w])
         gap = numerics.mean(x, axis=-1, keepdim=True)
         q = x.reshape([-1, self.heads, c // self.heads, h * w])
-        g = gap.reshape([-1, self.heads, c // self.heads, 1])
+        return self._context(q, gap.reshape([-1, self.heads, c // self.heads, 1])).reshape([-1, c, h, w])
+
+    def added_to(self, x):
+        """``x + self(x)``, the token mixer's residual step.  A traced graph reshapes ``x`` once, to the
+        heads' [B, heads, d, H * W], and adds there (the same sums): Paddle's static reshape copies a
+        tensor that is read again, and ``x`` then is not (fcvit_b12 exported: its GlobalContexts copied
+        their input map three times each)."""
+        if paddle.in_dynamic_mode():
+            return x + self(x)
+        _, c, h, w = x.shape
+        q = x.reshape([-1, self.heads, c // self.heads, h * w])
+        context = self._context(q, numerics.mean(q, axis=-1, keepdim=True))
+        # added as [B, C, H, W], both views by then: an add right after the matmul would be fused into
+        # oneDNN's matmul, which runs slower here (and converts its output's layout)
+        return q.reshape([-1, c, h, w]) + context.reshape([-1, c, h, w])
+
+    def _context(self, q, g):
+        """The context [B, heads, d, H * W] of the map ``q`` [B, heads, d, H * W], given ``g``, its mean
+        over positions [B, heads, d, 1]."""
+        heads, d, positions = q.shape[1:]
         # the official einsum("bhdi,bhjd->bhij") as the GEMM it is: Paddle's einsum copies q transposed
         # first (52 ms of fcvit_b12's batch-8 forward), a matmul reads it transposed in place
         sim = paddle.matmul(q, g, transpose_x=True).squeeze(-1) * self.scale
         std, mean = numerics.std_mean(sim, axis=[1, 2], keepdim=True)  # unbiased, over heads and positions
         sim = (sim - mean) / (std + self.eps)
         sim = sim * self.rescale_weight[None, :, None] + self.rescale_bias[None, :, None]
-        gate = self.channel_gate(gap.squeeze(-1)).reshape([-1, self.heads, c // self.heads, 1])
+        gate = self.channel_gate(g.reshape([-1, heads * d])).reshape([-1, heads, d, 1])
         # sim x gate, the outer product per head, as a matmul over an axis of 1: the same products, bit
         # for bit, where Paddle's broadcasting multiply of [B, heads, 1, H, W] by [B, heads, d, 1, 1]
         # takes its slow path (19 ms vs 1.3 ms on fcvit_tiny's first stage at batch 8)
-        return paddle.matmul(gate, sim.reshape([-1, self.heads, 1, h * w])).reshape([-1, c, h, w])
+        return paddle.matmul(gate, sim.reshape([-1, heads, 1, positions]))
 
 
 def _pointwise_bottleneck(dim, width):
@@ -130,9 +157,9 @@ class TokenMixer(nn.Layer):
         self.fc2 = _pointwise_bottleneck(dim, width)
 
     def forward(self, x):
-        x = x + self.gc1(x)
+        x = self.gc1.added_to(x)  # x + gc1(x)
         x = self.act(self.fc1(self.dw1(x)))
-        x = x + self.gc2(x)
+        x = self.gc2.added_to(x)  # x + gc2(x)
         return self.act(self.fc2(self.dw2(x)))
 
 

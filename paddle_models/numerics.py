@@ -82,6 +82,30 @@ def _mean_of_chunks(chunks, per_row: int, n: int):
     return (sums.sum(axis=1, keepdim=True) if per_row > 1 else sums) * (1.0 / n)
 
 
+def _chunk_columns(n: int, dtype):
+    """[n, k]: column j is 1 over the j-th of the k chunks ``_chunk_length`` cuts n into, 0 elsewhere, so
+    a matmul by it sums each row's chunks where the row lies (a constant: Paddle Inference folds it)."""
+    chunk = _chunk_length(n)
+    if chunk == n:
+        return paddle.ones([n, 1], dtype=dtype)
+    return paddle.repeat_interleave(paddle.eye(n // chunk, dtype=dtype), chunk, axis=0)
+
+
+def _traced_last_axis_mean(x):
+    """``x``'s mean over its last axis (keepdim) in a traced graph, without reshaping ``x``: each row's
+    chunks summed by one matmul with ``_chunk_columns`` (the sums ``_mean_of_chunks`` forms), then the
+    chunks' sums.  Paddle's static reshape copies a tensor that is read again, and a mean's input
+    usually is (FCViT's GlobalContext reads its map three more times: the rows and chunks ``_as_rows``
+    and ``_as_chunks`` made were two copies of it per call).  No correction pass: x - mu over a 4-D map
+    broadcast along its last axis runs ~10x slower under oneDNN (fcvit_b12 batch 1, oneDNN on: 136 ms of
+    its subtracts).  The GEMM's sums land within ~2x torch float32's error of the exact mean (on
+    [512, 3136]: RMS 6.8e-8 vs 3.6e-8 of mean |x|), as ``_penultimate_mean``'s."""
+    n = x.shape[-1]
+    # the sum over the chunks' sums even where there is one: a scale right after the matmul would be
+    # fused into oneDNN's matmul, slower on these products (and a layout conversion after it)
+    return paddle.matmul(x, _chunk_columns(n, x.dtype)).sum(axis=-1, keepdim=True) * (1.0 / n)
+
+
 def _blocked_mean(rows, n: int):
     """The mean of each row of ``rows`` [M, n], keepdim [M, 1].
 
@@ -163,8 +187,17 @@ def _penultimate_mean(x, keepdim: bool):
     return means if keepdim else means.squeeze(-2)
 
 
+def _traced_last_axis(x, axis) -> bool:
+    """Whether ``mean(x, axis)`` is, in a traced graph, over a float32 ``x``'s last axis of a known size."""
+    return (not paddle.in_dynamic_mode() and isinstance(axis, int) and axis % len(x.shape) == len(x.shape) - 1
+            and x.dtype == paddle.float32 and isinstance(x.shape[-1], int) and x.shape[-1] > 0)
+
+
 def mean(x, axis, keepdim=False):
     """``x.mean(axis, keepdim)`` within rounding of the exact mean, in float32 (half inputs too)."""
+    if _traced_last_axis(x, axis):
+        means = _traced_last_axis_mean(x)
+        return means if keepdim else means.squeeze(-1)
     as_rows = _as_rows(x, axis, keepdim)
     if as_rows is None:
         # Axes that are not trailing (BiFormer's region means, which only route: never differentiated)

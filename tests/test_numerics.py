@@ -122,21 +122,23 @@ def test_traced_group_norm_and_mean_are_as_accurate_as_torch(shape, groups):
     assert np.abs(mean(x).numpy() - exact).max() <= 2 * np.spacing(np.float32(np.abs(exact).max()))
 
 
-@pytest.mark.parametrize("shape", [(2, 98, 64, 32), (8, 49, 4, 32), (3, 7, 1, 5)])
-def test_traced_mean_over_the_second_to_last_axis_is_as_accurate_as_torch(shape):
-    """BiFormer's region means as export traces them (a row of ones times each matrix, each output a
-    GEMM's sum of the tokens): within 2.5x torch float32's own error of the exact mean, as the traced
-    GroupNorm above (they route: an error that flipped a top-k pick would show downstream, in the
-    export's check against the dynamic model)."""
+@pytest.mark.parametrize("shape, axis", [((2, 98, 64, 32), 2), ((8, 49, 4, 32), 2), ((3, 7, 1, 5), 2),
+                                         ((1, 8, 8, 3136), 3), ((2, 8, 40, 196), -1), ((2, 3, 4100), -1), ((3, 5, 1), 2)])
+def test_traced_mean_over_one_trailing_axis_is_as_accurate_as_torch(shape, axis):
+    """The means export traces over the second-to-last axis (BiFormer's region means: a row of ones
+    times each matrix) and the last (FCViT's GlobalContext: the map times a column of ones per chunk,
+    4100 values in 4 chunks): each a GEMM's sums, within 2.5x torch float32's own error of the exact
+    mean, as the traced GroupNorm above (an error that flipped a BiFormer top-k pick would show
+    downstream too, in the export's check against the dynamic model)."""
     rng = np.random.default_rng(sum(shape))
     x_np = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
 
-    def region_means(t):
-        return numerics.mean(t, axis=2)
+    def trailing_means(t):
+        return numerics.mean(t, axis=axis)
 
-    traced = paddle.jit.to_static(region_means, full_graph=True)
-    exact = x_np.astype(np.float64).mean(axis=2)
-    torch_error = np.abs(torch.tensor(x_np).mean(dim=2).numpy() - exact).max()
+    traced = paddle.jit.to_static(trailing_means, full_graph=True)
+    exact = x_np.astype(np.float64).mean(axis=axis)
+    torch_error = np.abs(torch.tensor(x_np).mean(dim=axis).numpy() - exact).max()
     ours = traced(paddle.to_tensor(x_np)).numpy()
     assert ours.shape == exact.shape
     assert np.abs(ours - exact).max() <= max(2.5 * torch_error, np.spacing(np.float32(np.abs(exact).max())))
