@@ -82,28 +82,25 @@ def _mean_of_chunks(chunks, per_row: int, n: int):
     return (sums.sum(axis=1, keepdim=True) if per_row > 1 else sums) * (1.0 / n)
 
 
-def _chunk_columns(n: int, dtype):
-    """[n, k]: column j is 1 over the j-th of the k chunks ``_chunk_length`` cuts n into, 0 elsewhere, so
-    a matmul by it sums each row's chunks where the row lies (a constant: Paddle Inference folds it)."""
-    chunk = _chunk_length(n)
-    if chunk == n:
-        return paddle.ones([n, 1], dtype=dtype)
-    return paddle.repeat_interleave(paddle.eye(n // chunk, dtype=dtype), chunk, axis=0)
-
-
-def _traced_last_axis_mean(x):
-    """``x``'s mean over its last axis (keepdim) in a traced graph, without reshaping ``x``: each row's
-    chunks summed by one matmul with ``_chunk_columns`` (the sums ``_mean_of_chunks`` forms), then the
-    chunks' sums.  Paddle's static reshape copies a tensor that is read again, and a mean's input
-    usually is (FCViT's GlobalContext reads its map three more times: the rows and chunks ``_as_rows``
-    and ``_as_chunks`` made were two copies of it per call).  No correction pass: x - mu over a 4-D map
-    broadcast along its last axis runs ~10x slower under oneDNN (fcvit_b12 batch 1, oneDNN on: 136 ms of
-    its subtracts).  The GEMM's sums land within ~2x torch float32's error of the exact mean (on
-    [512, 3136]: RMS 6.8e-8 vs 3.6e-8 of mean |x|), as ``_penultimate_mean``'s."""
-    n = x.shape[-1]
-    # the sum over the chunks' sums even where there is one: a scale right after the matmul would be
-    # fused into oneDNN's matmul, slower on these products (and a layout conversion after it)
-    return paddle.matmul(x, _chunk_columns(n, x.dtype)).sum(axis=-1, keepdim=True) * (1.0 / n)
+def _traced_trailing_mean(x, axes: list):
+    """``x``'s mean over its trailing ``axes`` (keepdim) in a traced graph, without reshaping ``x``: a
+    matrix-vector product sums each row of the last axis, a second one (over a reshape of those sums,
+    fresh, so a view) sums the rest; the last product's vector holds 1/n, so no scale follows it.
+    Paddle's static reshape copies a tensor that is read again, and a mean's input usually is (FCViT's
+    GlobalContext reads its map three more times: the rows and chunks ``_as_rows`` and ``_as_chunks``
+    made were two copies of it per call).  No correction pass: x - mu over a 4-D map broadcast along its
+    last axis runs ~10x slower under oneDNN (fcvit_b12 batch 1, oneDNN on: 136 ms of its subtracts).
+    The products' sums (MKL's, in vector lanes) land within ~2x torch float32's error of the exact mean,
+    as ``_penultimate_mean``'s; Paddle's sum over the row sums would be ~20x (naive over C x H values).
+    A scale or add right after a matmul would be fused into oneDNN's matmul, slower on these products."""
+    n = math.prod(x.shape[a] for a in axes)
+    last = x.shape[-1]
+    if len(axes) == 1:
+        return paddle.matmul(x, paddle.full([last, 1], 1.0 / n, dtype=x.dtype))
+    kept = constant_shape(x.shape[:axes[0]])
+    row_sums = paddle.matmul(x, paddle.ones([last, 1], dtype=x.dtype)).reshape(kept + [n // last])
+    means = paddle.matmul(row_sums, paddle.full([n // last, 1], 1.0 / n, dtype=x.dtype))
+    return means.reshape(kept + [1] * len(axes))
 
 
 def _blocked_mean(rows, n: int):
@@ -187,17 +184,26 @@ def _penultimate_mean(x, keepdim: bool):
     return means if keepdim else means.squeeze(-2)
 
 
-def _traced_last_axis(x, axis) -> bool:
-    """Whether ``mean(x, axis)`` is, in a traced graph, over a float32 ``x``'s last axis of a known size."""
-    return (not paddle.in_dynamic_mode() and isinstance(axis, int) and axis % len(x.shape) == len(x.shape) - 1
-            and x.dtype == paddle.float32 and isinstance(x.shape[-1], int) and x.shape[-1] > 0)
+@paddle.jit.not_to_static  # plain Python over the traced shape
+def _traced_trailing_axes(x, axis):
+    """For ``mean(x, axis)`` / ``std_mean`` in a traced graph over a float32 ``x``'s trailing axes of
+    known sizes: those axes, ascending; None otherwise (dygraph included)."""
+    if paddle.in_dynamic_mode() or x.dtype != paddle.float32:
+        return None
+    rank = len(x.shape)
+    axes = sorted(a % rank for a in ([axis] if isinstance(axis, int) else axis))
+    if axes != list(range(rank - len(axes), rank)) or not all(isinstance(x.shape[a], int) and x.shape[a] > 0 for a in axes):
+        return None
+    return axes
 
 
 def mean(x, axis, keepdim=False):
-    """``x.mean(axis, keepdim)`` within rounding of the exact mean, in float32 (half inputs too)."""
-    if _traced_last_axis(x, axis):
-        means = _traced_last_axis_mean(x)
-        return means if keepdim else means.squeeze(-1)
+    """``x.mean(axis, keepdim)`` within rounding of the exact mean, in float32 (half inputs too).  A
+    traced graph over trailing axes: ``_traced_trailing_mean``, within ~2x torch float32's error."""
+    axes = _traced_trailing_axes(x, axis)
+    if axes is not None:
+        means = _traced_trailing_mean(x, axes)
+        return means if keepdim else means.squeeze(axes)
     as_rows = _as_rows(x, axis, keepdim)
     if as_rows is None:
         # Axes that are not trailing (BiFormer's region means, which only route: never differentiated)
@@ -217,7 +223,16 @@ def mean(x, axis, keepdim=False):
 def std_mean(x, axis, keepdim=False):
     """(unbiased std, mean), like ``torch.std_mean``, in float32: the corrected mean, then the
     blocked mean of the centred squares times n / (n - 1); the square as a product (``paddle.std``
-    squares through a ``pow`` that breaks under oneDNN: see onednn.py)."""
+    squares through a ``pow`` that breaks under oneDNN: see onednn.py).  A traced graph over trailing
+    axes: the mean and the centred squares' mean by ``_traced_trailing_mean``, x not reshaped (9 ops
+    where the rows form took 22: fcvit_b12's GlobalContexts call it 24 times per forward)."""
+    axes = _traced_trailing_axes(x, axis)
+    if axes is not None and math.prod(x.shape[a] for a in axes) > 1:
+        n = math.prod(x.shape[a] for a in axes)
+        mu = _traced_trailing_mean(x, axes)
+        centred = x - mu
+        std = paddle.sqrt(_traced_trailing_mean(centred * centred, axes) * (n / (n - 1)))
+        return (std, mu) if keepdim else (std.squeeze(axes), mu.squeeze(axes))
     as_rows = _as_rows(x, axis, keepdim)
     if as_rows is None or as_rows[1] <= 1:  # as mean's; or one value (std nan): Paddle's own, float64
         x64 = x.astype("float64")

@@ -95,8 +95,8 @@ def test_group_norm_in_float32_is_as_accurate_as_torch(shape, groups):
                                            ((2, 64, 13, 17), 1), ((2, 96, 35, 35), 1)])
 def test_traced_group_norm_and_mean_are_as_accurate_as_torch(shape, groups):
     """The static-graph forms that export traces (chunked means; GroupNorm applied as a per-channel
-    scale and shift): GroupNorm within 2.5x torch float32's own error of torch float64, the mean
-    within 2 ulp of the exact one."""
+    scale and shift): GroupNorm and the mean over (C, H, W) within 2.5x torch float32's own error of
+    torch float64."""
     rng = np.random.default_rng(sum(shape) + 1)
     x_np = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
     weight, bias = (rng.standard_normal(shape[1]).astype(np.float32) for _ in range(2))
@@ -119,17 +119,20 @@ def test_traced_group_norm_and_mean_are_as_accurate_as_torch(shape, groups):
     y64 = torch_gn(torch.float64)
     assert _rel(traced(x).numpy(), y64) <= 2.5 * _rel(torch_gn(torch.float32), y64)
     exact = x_np.reshape(shape[0], -1).astype(np.float64).mean(axis=1)
-    assert np.abs(mean(x).numpy() - exact).max() <= 2 * np.spacing(np.float32(np.abs(exact).max()))
+    torch_error = np.abs(torch.tensor(x_np).mean(dim=[1, 2, 3]).numpy() - exact).max()
+    assert np.abs(mean(x).numpy() - exact).max() <= max(2.5 * torch_error, np.spacing(np.float32(np.abs(exact).max())))
 
 
 @pytest.mark.parametrize("shape, axis", [((2, 98, 64, 32), 2), ((8, 49, 4, 32), 2), ((3, 7, 1, 5), 2),
-                                         ((1, 8, 8, 3136), 3), ((2, 8, 40, 196), -1), ((2, 3, 4100), -1), ((3, 5, 1), 2)])
-def test_traced_mean_over_one_trailing_axis_is_as_accurate_as_torch(shape, axis):
+                                         ((1, 8, 8, 3136), 3), ((2, 8, 40, 196), -1), ((2, 3, 4100), -1), ((3, 5, 1), 2),
+                                         ((2, 8, 3136), [1, 2]), ((2, 512, 7, 7), [-2, -1])])
+def test_traced_mean_over_trailing_axes_is_as_accurate_as_torch(shape, axis):
     """The means export traces over the second-to-last axis (BiFormer's region means: a row of ones
-    times each matrix) and the last (FCViT's GlobalContext: the map times a column of ones per chunk,
-    4100 values in 4 chunks): each a GEMM's sums, within 2.5x torch float32's own error of the exact
-    mean, as the traced GroupNorm above (an error that flipped a BiFormer top-k pick would show
-    downstream too, in the export's check against the dynamic model)."""
+    times each matrix) and over trailing axes (FCViT's GlobalContext and the heads' pooling: the map
+    times a column of ones per chunk of its last axis, 4100 values in 4 chunks, then Paddle's sum of
+    those sums): each within 2.5x torch float32's own error of the exact mean, as the traced GroupNorm
+    above (an error that flipped a BiFormer top-k pick would show downstream too, in the export's
+    check against the dynamic model)."""
     rng = np.random.default_rng(sum(shape))
     x_np = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
 
@@ -137,11 +140,29 @@ def test_traced_mean_over_one_trailing_axis_is_as_accurate_as_torch(shape, axis)
         return numerics.mean(t, axis=axis)
 
     traced = paddle.jit.to_static(trailing_means, full_graph=True)
-    exact = x_np.astype(np.float64).mean(axis=axis)
+    exact = x_np.astype(np.float64).mean(axis=tuple(axis) if isinstance(axis, list) else axis)
     torch_error = np.abs(torch.tensor(x_np).mean(dim=axis).numpy() - exact).max()
     ours = traced(paddle.to_tensor(x_np)).numpy()
     assert ours.shape == exact.shape
     assert np.abs(ours - exact).max() <= max(2.5 * torch_error, np.spacing(np.float32(np.abs(exact).max())))
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 3136), (2, 8, 196), (3, 8, 49)])
+def test_traced_std_mean_is_as_accurate_as_torch(shape):
+    """std_mean as export traces it (FCViT's GlobalContext standardises its [B, heads, H * W] map over
+    heads and positions): std and mean each within 2.5x torch float32's own error of torch float64."""
+    rng = np.random.default_rng(sum(shape) + 7)
+    x_np = (rng.standard_normal(shape) * 0.5 + 2).astype(np.float32)
+
+    def statistics(t):
+        return numerics.std_mean(t, axis=[1, 2], keepdim=True)
+
+    std, mu = paddle.jit.to_static(statistics, full_graph=True)(paddle.to_tensor(x_np))
+    std32, mu32 = torch.std_mean(torch.tensor(x_np), dim=[1, 2], keepdim=True)
+    std64, mu64 = (t.numpy() for t in torch.std_mean(torch.tensor(x_np, dtype=torch.float64), dim=[1, 2], keepdim=True))
+    for ours, theirs, exact in ((std.numpy(), std32.numpy(), std64), (mu.numpy(), mu32.numpy(), mu64)):
+        assert ours.shape == exact.shape
+        assert np.abs(ours - exact).max() <= max(2.5 * np.abs(theirs - exact).max(), np.spacing(np.float32(np.abs(exact).max())))
 
 
 @pytest.mark.parametrize("shape", [(2, 56, 56, 64), (2, 7, 7, 512), (3, 5, 96)])
