@@ -25,6 +25,10 @@ drift by ~2e-6 over a 56x56 map.  So:
 * ``std_mean`` (FCViT's GlobalContext, a [B, heads, positions] map): the corrected mean, then the
   blocked mean of the centred squares, scaled to the unbiased variance; its square is a product
   (``paddle.std`` breaks under oneDNN: see onednn.py).
+* In a traced graph (an export, run by Paddle Inference) a mean over the last axis and ``std_mean``
+  over trailing axes take matrix-vector products of the map as it lies (``_traced_trailing_mean``):
+  a static reshape copies its input where that is read again, and the ops of the rows form cost
+  more than their precision buys there (within ~2x torch float32's error instead of ~1x).
 """
 from __future__ import annotations
 
