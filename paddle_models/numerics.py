@@ -86,27 +86,39 @@ def _mean_of_chunks(chunks, per_row: int, n: int):
     return (sums.sum(axis=1, keepdim=True) if per_row > 1 else sums) * (1.0 / n)
 
 
+def _column_blocks(n: int) -> int:
+    """How many blocks a traced sum splits a last axis of ``n`` values into: the largest divisor of
+    ``n`` up to 16 that leaves each block at least 64 values (1: one column, for short or prime axes)."""
+    return max((k for k in range(1, 17) if n % k == 0 and n // k >= 64), default=1)
+
+
 def _traced_trailing_mean(x, axes: list):
     """``x``'s mean over its trailing ``axes`` (keepdim) in a traced graph, without reshaping ``x``: a
-    matrix-vector product sums each row of the last axis, a second one (over a reshape of those sums,
-    fresh, so a view) sums the rest; the last product's vector holds 1/n, so no scale follows it.
-    Paddle's static reshape copies a tensor that is read again, and a mean's input usually is (FCViT's
-    GlobalContext reads its map three more times: the rows and chunks ``_as_rows`` and ``_as_chunks``
-    made were two copies of it per call).  No correction pass: x - mu over a 4-D map broadcast along its
-    last axis runs ~10x slower under oneDNN (fcvit_b12 batch 1, oneDNN on: 136 ms of its subtracts).
-    The products' sums (MKL's, in vector lanes) land within ~2x torch float32's error of the exact mean,
-    as ``_penultimate_mean``'s; Paddle's sum over the row sums would be ~20x (naive over C x H values).
-    A scale or add right after a matmul would be fused into oneDNN's matmul, slower on these products."""
+    matrix product with a block column of ones per ``_column_blocks`` sums each block of every row of
+    the last axis, a matrix-vector product over those sums (reshaped, fresh, so a view) holding 1/n
+    sums the rest, so no scale follows it.  Blocks, not one column of ones: a GEMV's running sum
+    depends on MKL's code path, and on an AMD CPU's generic one a single column over 3136 values landed
+    3.7-4.4x torch float32's error of the exact mean, blocks of >= 64 values 0.7-1.1x (AVX2 path 1.2-1.6x
+    and 0.6-1.0x).  Paddle's static reshape copies a tensor that is read again, and a mean's input
+    usually is (FCViT's GlobalContext reads its map three more times).  No correction pass: x - mu over
+    a 4-D map broadcast along its last axis runs ~10x slower under oneDNN (fcvit_b12 batch 1, oneDNN on:
+    136 ms of its subtracts).  A scale or add right after a matmul would be fused into oneDNN's matmul,
+    slower on these products."""
     n = math.prod(x.shape[a] for a in axes)
     last = x.shape[-1]
-    if len(axes) == 1:
+    blocks = _column_blocks(last)
+    if len(axes) == 1 and blocks == 1:
         return paddle.matmul(x, paddle.full([last, 1], 1.0 / n, dtype=x.dtype))
+    block_ones = paddle.kron(paddle.eye(blocks, dtype=x.dtype), paddle.ones([last // blocks, 1], dtype=x.dtype))
+    sums = paddle.matmul(x, block_ones)  # [..., blocks]
+    if len(axes) == 1:
+        return paddle.matmul(sums, paddle.full([blocks, 1], 1.0 / n, dtype=x.dtype))
     # the targets keep the first axis as a 0 ("as the input's"): under oneDNN a matmul followed by a
     # reshape to an all-constant target (a fixed-batch export's) is fused into one op that comes out
     # wrong (biformer_stl_nchw's pooled features at batch 3: logits 1.85 off); the pass skips a 0
     kept = [0] + constant_shape(x.shape[1:axes[0]]) if axes[0] > 0 else []
-    row_sums = paddle.matmul(x, paddle.ones([last, 1], dtype=x.dtype)).reshape(kept + [n // last])
-    means = paddle.matmul(row_sums, paddle.full([n // last, 1], 1.0 / n, dtype=x.dtype))
+    count = n // last * blocks
+    means = paddle.matmul(sums.reshape(kept + [count]), paddle.full([count, 1], 1.0 / n, dtype=x.dtype))
     return means.reshape(kept + [1] * len(axes))
 
 

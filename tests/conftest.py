@@ -30,6 +30,14 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     _cores_per_worker = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores_per_worker)))
 
+# Paddle's bundled MKL takes its AVX2 kernels on an AMD CPU only when told to; the CLI tells it before
+# Paddle first runs (converter.cli.prefer_mkl_avx2_on_amd), and the tests run Paddle as the CLI does.
+# Its generic path rounds differently: on an AMD EPYC, biformer_base_det's seeded detector file then
+# routed 207 near-tied rows the other way (0 real mismatches) and its stage-3 features ended 2e-3 off.
+from converter.cli import prefer_mkl_avx2_on_amd  # noqa: E402  (after sys.path holds the checkout)
+
+prefer_mkl_avx2_on_amd()
+
 MAX_ABS_ERR = 1e-5  # the user's gate is 1e-4; we hold ourselves ten times tighter
 ONE_PER_FAMILY = ["fcvit_tiny", "biformer_tiny", "crossformer_tiny", "regionvit_tiny"]
 
