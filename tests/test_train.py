@@ -6,6 +6,7 @@ import paddle
 import pytest
 import torch
 
+from converter.train import ACCURACY_FACTOR
 from paddle_models import layers as paddle_layers
 from paddle_models.numerics import BatchNorm2D
 from reference_torch import layers as torch_layers
@@ -135,7 +136,14 @@ def test_verify_train_cli_passes_and_reports(official_checkpoint, tmp_path, caps
     assert "step 2" in out and "PASS" in out
     report = json.loads((tmp_path / "t.json").read_text())
     assert report["passed"] and report["failed_grads"] == 0 and report["num_params"] > 400
-    assert report["max_loss_rel_err"] < 1e-6
+    # Each step's loss within the reference's own float32 error of the float64 loss, times the factor the
+    # gradients are held to.  Not a fixed bound: after one AdamW step the weights carry float32 noise
+    # that Adam's normalisation of near-zero gradients amplifies (torch float32's own weights 6.4e-3
+    # relative off float64's), so step 2's loss moves with the CPU's kernels (Paddle 1.02e-6 off
+    # torch's with MKL's AVX2 path on an AMD EPYC, 7.4e-7 on its generic path; torch's own 1.8e-7).
+    for row in report["losses"]:
+        own = max(abs(row["torch"] - row["float64"]), 1e-7 * abs(row["float64"]))
+        assert abs(row["paddle"] - row["float64"]) <= ACCURACY_FACTOR * own, row
     assert report["running_stats_err"] < 1e-5
 
 
