@@ -128,7 +128,7 @@ def test_traced_group_norm_and_mean_are_as_accurate_as_torch(shape, groups):
                                          ((2, 8, 3136), [1, 2]), ((2, 512, 7, 7), [-2, -1])])
 def test_traced_mean_over_trailing_axes_is_as_accurate_as_torch(shape, axis):
     """The means export traces over the second-to-last axis (BiFormer's region means: a row of ones
-    times each matrix), the last (FCViT's GlobalContext: the map times a column holding 1/n) and
+    times each matrix), the last (FCViT's GlobalContext: the map times block columns of ones) and
     several trailing axes (the heads' pooling, in chunked rows): each within 2.5x torch float32's own
     error of the exact mean, as the traced GroupNorm above (an error that flipped a BiFormer top-k
     pick would show downstream too, in the export's check against the dynamic model)."""
