@@ -3,10 +3,10 @@ models run: the per-op profile behind issue 15's remaining batch-1 ratios.
 
     python benchmarks/inference_op_benchmark.py [--onednn fused] [--repeat 15]
 
-Each candidate is a chain of ten calls of one op in a saved static graph under a Paddle Inference CPU
-predictor (converter.export's configuration ``--onednn``: "fused", the fastest, by default), one
-thread; torch runs the same chain in eager mode.  Call i reads its input plus i (so no pass merges the
-calls); that add is part of every candidate's time, torch's too.  Time: median of --repeat runs of the
+Each candidate is a chain of ten calls of one op in a saved static graph under a Paddle Inference
+CPU predictor in export's configuration ``--onednn`` ("fused", the fastest, by default), one thread; torch
+runs the same chain in eager mode.  Call i reads its input plus i (so no pass merges the calls); that
+add is part of every candidate's time, torch's too; a second operand is a constant of the graph.  Time: median of --repeat runs of the
 chain after a warm-up, divided by ten (µs per call); error: max abs error of the first call's output
 against the same op in float64, relative to that output's max |value|.  One markdown table.
 
@@ -21,24 +21,25 @@ NHWC map, as an NCHW conv between two transposes (what the models export) and as
 FCViT's GroupNorm (one group, plus the block's residual add) as the models export it
 (numerics.GroupNorm, as accurate as torch's) and by Paddle's single ``group_norm`` op.
 
-A candidate faster here is not yet faster in a model: the softmax by primitives, 0.6-0.8x Paddle's
+A candidate faster here is not yet faster in a model: the softmax by primitives, 0.4-0.8x Paddle's
 kernel in these chains, came out even inside biformer_small's exported graph (Paddle's profiler, batch
-1: the softmax 14.7 ms per forward, its replacement's ops 16.2 ms in a run ~10% slower), so the models
-keep Paddle's softmax; the README's Benchmarks gives what came of each row.
+1: the softmax 14.7 ms per forward, its replacement's ops 16.2 ms in a run ~10% slower; interleaved
+A/B of the two exports over twenty rounds 194.3 vs 195.2 ms), so the models keep Paddle's softmax;
+the README's Benchmarks gives what came of each row.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.kernel_benchmark import median_ms  # noqa: E402
 
 CHAIN = 10
 ATTENTION = [(2, 49, 64, 64), (4, 49, 16, 64), (8, 49, 4, 64), (1, 8, 49, 49),  # biformer_small, batch 1
@@ -78,84 +79,72 @@ def _group_norm64(x):
 # Chains
 # --------------------------------------------------------------------------------------------------
 
-def paddle_chain(op, shapes, onednn: str, directory: str, layers=()):
-    """A predictor running ``op`` CHAIN times (call i on the inputs plus i): a function from numpy
-    inputs to (first call's output, the chain's time)."""
+def paddle_chain(op, x, operands, onednn: str, directory: str, layers=()):
+    """``op(x + i, *operands)`` for i < CHAIN, saved as a static graph with ``x``'s shape as its one
+    input (``operands``, numpy arrays, held as the graph's buffers) and loaded by a predictor in
+    export's configuration ``onednn`` (``converter.export.configure_cpu``), one thread: a function
+    from a batch to the first call's output.  Not ``converter.export.inference_runner``: it discards
+    the C++ stdout around every run, ~0.25 ms that would swamp the small ops' rows."""
     import paddle
     from paddle import inference
 
-    from converter.export import configure_cpu
+    from converter.export import configure_cpu, graph_file
 
     class Chain(paddle.nn.Layer):
         def __init__(self):
             super().__init__()
             self.parts = paddle.nn.LayerList(layers)
+            for i, operand in enumerate(operands):
+                self.register_buffer(f"operand{i}", paddle.to_tensor(operand))
             # a saved graph needs one parameter at least
             self.zero = self.create_parameter([1], default_initializer=paddle.nn.initializer.Constant(0.0))
 
-        def calls(self, x, *rest):
+        def forward(self, x):
+            rest = [getattr(self, f"operand{i}") for i in range(len(operands))]
             outs = [op(x + float(i), *rest) for i in range(CHAIN)]
             return outs[0], paddle.concat([o.reshape([-1])[:1] for o in outs[1:]]) + self.zero
 
-    class UnaryChain(Chain):
-        def forward(self, x):  # dy2static takes no *args
-            return self.calls(x)
-
-    class BinaryChain(Chain):
-        def forward(self, x, y):
-            return self.calls(x, y)
-
-    prefix = os.path.join(directory, f"chain{len(os.listdir(directory))}")
-    spec = [paddle.static.InputSpec(list(s), "float32") for s in shapes]
-    chain = UnaryChain() if len(shapes) == 1 else BinaryChain()
-    paddle.jit.save(paddle.jit.to_static(chain, input_spec=spec, full_graph=True), prefix)
-    config = inference.Config(prefix + ".json", prefix + ".pdiparams")
+    prefix = Path(directory) / f"chain{len(os.listdir(directory))}"
+    spec = [paddle.static.InputSpec(list(x.shape), "float32")]
+    paddle.jit.save(paddle.jit.to_static(Chain(), input_spec=spec, full_graph=True), str(prefix))
+    config = inference.Config(str(graph_file(prefix)), str(prefix.with_suffix(".pdiparams")))
     configure_cpu(config, onednn)
     config.set_cpu_math_library_num_threads(1)
     config.disable_glog_info()
     predictor = inference.create_predictor(config)
+    feed = predictor.get_input_handle(predictor.get_input_names()[0])
+    fetch = predictor.get_output_handle(predictor.get_output_names()[0])
 
-    def run(*arrays):
-        for name, array in zip(predictor.get_input_names(), arrays):
-            feed = predictor.get_input_handle(name)
-            feed.reshape(list(array.shape))
-            feed.copy_from_cpu(array)
+    def run(batch):
+        feed.reshape(list(batch.shape))
+        feed.copy_from_cpu(batch)
         predictor.run()
-        return predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
+        return fetch.copy_to_cpu()
     return run
 
 
-def torch_chain(op):
+def torch_chain(op, operands):
     import torch
 
-    def run(*arrays):
-        tensors = [torch.from_numpy(a) for a in arrays]
+    rest = [torch.from_numpy(a) for a in operands]
+
+    def run(x):
         with torch.no_grad():
-            outs = [op(tensors[0] + float(i), *tensors[1:]) for i in range(CHAIN)]
+            outs = [op(torch.from_numpy(x) + float(i), *rest) for i in range(CHAIN)]
             torch.cat([o.reshape(-1)[:1] for o in outs[1:]])
         return outs[0].numpy()
     return run
 
 
-def per_call_us(run, arrays, repeat: int) -> float:
-    run(*arrays)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run(*arrays)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) / CHAIN * 1e6
-
-
-def table_row(what, shape, runs, arrays, exact, repeat) -> str:
-    """``runs``: (label, run) pairs, torch's last; each cell the time per call, its ratio to torch's
-    and the relative error."""
-    timed = [(label, per_call_us(run, arrays, repeat), run(*arrays)) for label, run in runs]
+def table_row(what, x, runs, exact, repeat) -> str:
+    """``runs``: (label, run) pairs, torch's last; each cell the time per call (``median_ms`` of the
+    chain over CHAIN), its ratio to torch's and the relative error."""
+    timed = [(label, median_ms(lambda: run(x), repeat) * 1e3 / CHAIN, run(x)) for label, run in runs]
     torch_us = timed[-1][1]
     scale = max(float(np.abs(exact).max()), 1e-30)
     cells = [f"{label} {us:.0f} µs ({us / torch_us:.2f}x, {np.abs(out - exact).max() / scale:.1e})"
              for label, us, out in timed]
-    return f"| {what} | {list(shape)} | " + " | ".join(cells) + " |"
+    return f"| {what} | {list(x.shape)} | " + " | ".join(cells) + " |"
 
 
 def main() -> None:
@@ -179,14 +168,13 @@ def main() -> None:
              f"max abs error / max |float64 output|)", "",
              "| op | shape | candidates |", "|---|---|---|"]
     with tempfile.TemporaryDirectory() as directory:
-        def paddle_run(op, arrays, layers=()):
-            return paddle_chain(op, [a.shape for a in arrays], args.onednn, directory, layers)
-
         def add(what, op_pd, op_torch, exact_fn, arrays, layers=(), extra=()):
-            runs = [(label, paddle_run(fn, arrays, lay)) for label, fn, lay in (("Paddle", op_pd, layers),) + tuple(extra)]
-            runs.append(("torch", torch_chain(op_torch)))
+            x, operands = arrays[0], arrays[1:]
+            runs = [(label, paddle_chain(fn, x, operands, args.onednn, directory, lay))
+                    for label, fn, lay in (("Paddle", op_pd, layers),) + tuple(extra)]
+            runs.append(("torch", torch_chain(op_torch, operands)))
             exact = exact_fn(*[a.astype(np.float64) for a in arrays])
-            lines.append(table_row(what, arrays[0].shape, runs, arrays, exact, args.repeat))
+            lines.append(table_row(what, x, runs, exact, args.repeat))
 
         small = rng.standard_normal((1, 8)).astype(np.float32)
         add("scale (per-op cost)", lambda x: x * 1.0, lambda x: x * 1.0, lambda x: x, [small])
